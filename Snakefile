@@ -1,0 +1,22 @@
+# Multi-site data-release production campaign: placement, transfers, BPS stages, QA.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/setup.smk"
+include: "rules/placement.smk"
+include: "rules/handoffs.smk"
+include: "rules/bps.smk"
+include: "rules/stages.smk"
+include: "rules/qa.smk"
+
+
+rule all:
+    input:
+        campaign_targets(),
+    default_target: True

@@ -1,0 +1,252 @@
+"""BPS: each site's submit YAML per stage, and running a stage until verified.
+
+`submit_config` builds the YAML an operator would write by hand for one site and
+stage; `run_stage` builds the quantum graph of what is still missing, submits it
+with ``bps submit``, and verifies the outputs, because ``bps submit`` exits 0 even
+when quanta fail.
+"""
+
+from __future__ import annotations
+
+__all__ = ("StageFailed", "run_stage", "stage_inputs", "submit_config", "write_submit_yaml")
+
+import logging
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from lsst.daf.butler import Butler
+from lsst.pipe.base import Pipeline
+from lsst.pipe.base.all_dimensions_quantum_graph_builder import AllDimensionsQuantumGraphBuilder
+
+from .butler_utils import collection_exists, open_butler, repo_write_lock
+from .config import Campaign
+from .flow import stage_dependencies
+from .markers import provenance
+from .pipeline import PipelineFlow
+from .placement import SiteSelection
+
+_LOG = logging.getLogger(__name__)
+
+
+class StageFailed(RuntimeError):
+    """Quanta of a stage failed; the message names them and their logs."""
+
+
+def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def stage_inputs(campaign: Campaign, site: str, stage: str) -> list[str]:
+    """Input collections of a stage at a site: its earlier stages there, then what was handed to it."""
+    same_place, _ = stage_dependencies(campaign, campaign.stage(stage))
+    return [campaign.stage_chain(site, s) for s in reversed(same_place)] + [campaign.handoff_chain(site)]
+
+
+def _data_query(
+    campaign: Campaign, flow: PipelineFlow, site: str, stage: str, placement: pd.DataFrame
+) -> str:
+    if campaign.stage(stage).is_central:
+        return f"instrument = '{campaign.instrument}'"
+    selection = SiteSelection.from_placement(campaign, placement, site)
+    return selection.data_query(campaign, flow.task_dimensions(stage))
+
+
+def submit_config(
+    campaign: Campaign, flow: PipelineFlow, site: str, stage: str, placement: pd.DataFrame
+) -> dict[str, Any]:
+    """Return the BPS submit configuration of one stage at one site.
+
+    Settings merge in this order, later winning: the campaign's ``bps``, the site's
+    ``bps`` (its WMS, compute site, queues), the stage's ``bps`` (e.g. clustering).
+    """
+    generated = {
+        "pipelineYaml": flow.subset_uri(stage),
+        "project": campaign.name,
+        "campaign": campaign.name,
+        "submitPath": str(campaign.workdir / "submit" / site / stage / "{timestamp}"),
+        "payload": {
+            "payloadName": f"{campaign.name}_{site}_{stage}",
+            "butlerConfig": campaign.sites[site].repo,
+            "inCollection": ",".join(stage_inputs(campaign, site, stage)),
+            "output": campaign.stage_chain(site, stage),
+            "outputRun": "{output}/{timestamp}",
+            "dataQuery": _data_query(campaign, flow, site, stage, placement),
+        },
+    }
+    merged = _merge(_merge(campaign.bps, campaign.sites[site].bps), campaign.stage(stage).bps)
+    return _merge(merged, generated)
+
+
+def write_submit_yaml(config: Mapping[str, Any], path: str | Path, header: str) -> None:
+    """Write a BPS submit configuration as YAML with a comment header."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(f"# {line}\n" for line in header.splitlines())
+    path.write_text(text + yaml.safe_dump(dict(config), sort_keys=False))
+
+
+def _present(butler: Butler, dataset_type: str, chain: str) -> set:
+    if not butler.registry.queryDatasetTypes(dataset_type):
+        return set()
+    return {
+        ref.dataId
+        for ref in butler.query_datasets(dataset_type, collections=chain, limit=None, explain=False)
+    }
+
+
+def _check_outputs(
+    butler: Butler, chain: str, quanta: Mapping[str, Any], submit_dir: str | None
+) -> list[str]:
+    """Return a line per quantum whose metadata (its success flag) is missing in ``chain``."""
+    failures = []
+    for label, by_data_id in quanta.items():
+        done = _present(butler, f"{label}_metadata", chain)
+        missing = [data_id for data_id in by_data_id if data_id not in done]
+        logs = _present(butler, f"{label}_log", chain) if missing else set()
+        for data_id in missing:
+            if data_id in logs:
+                ref = butler.find_dataset(f"{label}_log", data_id, collections=chain)
+                where = f"log: {butler.getURI(ref)}"
+            else:
+                where = f"logs under {submit_dir}/logs" if submit_dir else "no log (not run)"
+            failures.append(f"{label} {data_id.required} -- {where}")
+    return failures
+
+
+def run_stage(
+    campaign: Campaign, site: str, stage: str, submit_yaml: str | Path, placement: pd.DataFrame
+) -> dict[str, Any]:
+    """Run what is missing of one stage at one site through BPS, and verify it.
+
+    Quanta whose outputs already exist in the stage's output chain are skipped, so
+    a rerun after a failure runs only the failed quanta, in a new RUN collection
+    prepended to the chain, and never duplicates a dataset.
+
+    Parameters
+    ----------
+    campaign : `Campaign`
+        The campaign.
+    site, stage : `str`
+        Where and what to run.
+    submit_yaml : `str` or `pathlib.Path`
+        The stage's BPS submit YAML (written by `write_submit_yaml`).
+    placement : `pandas.DataFrame`
+        The campaign's placement table.
+
+    Returns
+    -------
+    marker : `dict`
+        Provenance for the stage markers.
+
+    Raises
+    ------
+    StageFailed
+        Raised naming each failed quantum and its log when outputs are missing.
+    """
+    started = datetime.now(UTC)
+    flow = PipelineFlow(campaign)
+    repo = campaign.sites[site].repo
+    chain = campaign.stage_chain(site, stage)
+    config = yaml.safe_load(Path(submit_yaml).read_text())
+    inputs = config["payload"]["inCollection"].split(",")
+    where = config["payload"]["dataQuery"]
+    stamp = started.strftime("%Y%m%dT%H%M%S%fZ")
+    submit_dir = None
+    with repo_write_lock(repo):
+        butler = open_butler(repo)
+        resumed = collection_exists(butler, chain)
+        builder = AllDimensionsQuantumGraphBuilder(
+            Pipeline.from_uri(flow.subset_uri(stage)).to_graph(),
+            butler,
+            where=where,
+            input_collections=[chain, *inputs] if resumed else inputs,
+            output_run=f"{chain}/{stamp}",
+            skip_existing_in=[chain] if resumed else [],
+        )
+        components = builder.finish(chain, metadata={"campaign": campaign.name, "site": site, "stage": stage})
+        graph = components.assemble()
+        quanta = {label: dict(by_id) for label, by_id in graph.quanta_by_task.items() if by_id}
+        n_quanta = sum(len(by_id) for by_id in quanta.values())
+        if n_quanta == 0 and not resumed:
+            raise StageFailed(
+                f"{stage} at {site}: the quantum graph is empty; no inputs matched {where!r} in {inputs}. "
+                "Check the hand-offs into this site and the units table."
+            )
+        if n_quanta:
+            qgraph = campaign.workdir / "qgraph" / site / stage / f"{stamp}.qg"
+            qgraph.parent.mkdir(parents=True, exist_ok=True)
+            components.write(str(qgraph))
+            _LOG.info("%s at %s: submitting %d quanta (%s).", stage, site, n_quanta, qgraph)
+            submit_dir = _bps_submit(submit_yaml, qgraph)
+        else:
+            _LOG.info("%s at %s: every quantum already has its outputs in %s.", stage, site, chain)
+        butler = open_butler(repo)
+        failures = _check_outputs(butler, chain, quanta, submit_dir)
+    if failures:
+        listing = "\n".join(f"    {line}" for line in failures[:50])
+        raise StageFailed(
+            f"{stage} at {site}: {len(failures)} of {n_quanta} quanta failed (bps submit dir {submit_dir}):\n"
+            f"{listing}\nFix the cause and rerun: only the failed quanta run again."
+        )
+    counts = {name: len(_present(butler, name, chain)) for name in sorted(flow.outputs(stage))}
+    return {
+        "site": site,
+        "stage": stage,
+        "repo": repo,
+        "output_chain": chain,
+        "runs": list(butler.collections.get_info(chain).children),
+        "input_collections": inputs,
+        "data_query": where,
+        "quanta_run": n_quanta,
+        "datasets": counts,
+        "bps_submit_dir": submit_dir,
+        "submit_yaml": str(submit_yaml),
+        **provenance(started),
+    }
+
+
+def _bps_submit(submit_yaml: str | Path, qgraph: Path) -> str | None:
+    """Run ``bps submit`` on a prebuilt quantum graph; return its submit directory."""
+    env = dict(os.environ)
+    # BPS and the pipetask jobs it starts must come from this same environment.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    command = ["bps", "submit", str(submit_yaml), "-g", str(qgraph)]
+    _LOG.info("Running %s", " ".join(command))
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    output = result.stdout + result.stderr
+    log_path = qgraph.with_suffix(".bps.log")
+    log_path.write_text(output)
+    match = re.search(r"^Submit dir: (.+)$", output, re.MULTILINE)
+    if result.returncode != 0:
+        tail = "\n".join(output.splitlines()[-15:])
+        raise StageFailed(f"bps submit failed (exit {result.returncode}); full output in {log_path}:\n{tail}")
+    return match.group(1).strip() if match else None
+
+
+def write_stage_yaml(
+    campaign: Campaign, site: str, stage: str, placement: pd.DataFrame, path: str | Path
+) -> dict[str, Any]:
+    """Write the BPS submit YAML of one stage at one site; return a summary."""
+    flow = PipelineFlow(campaign)
+    config = submit_config(campaign, flow, site, stage, placement)
+    header = (
+        f"BPS submit configuration for campaign {campaign.name}, stage {stage} at site {site}.\n"
+        "Generated by multisite from the campaign config; edit the config, not this file.\n"
+        f"By hand: bps submit {Path(path).name}"
+    )
+    write_submit_yaml(config, path, header)
+    return {"site": site, "stage": stage, "submit_yaml": str(path), "wms": config.get("wmsServiceClass")}

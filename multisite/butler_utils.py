@@ -1,0 +1,67 @@
+"""Small Butler helpers shared by hand-offs, stages and QA."""
+
+from __future__ import annotations
+
+__all__ = ("collection_exists", "ensure_in_chain", "open_butler", "repo_write_lock")
+
+import contextlib
+import fcntl
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from lsst.daf.butler import Butler, CollectionType, MissingCollectionError
+
+_LOG = logging.getLogger(__name__)
+
+
+def open_butler(repo: str, writeable: bool = False) -> Butler:
+    """Open a repository, with an error that names it when it is not there."""
+    try:
+        return Butler.from_config(repo, writeable=writeable)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"No Butler repository at {repo}: {err}") from None
+
+
+def collection_exists(butler: Butler, name: str) -> bool:
+    """Whether a collection of any type exists."""
+    try:
+        butler.collections.get_info(name)
+    except MissingCollectionError:
+        return False
+    return True
+
+
+def ensure_in_chain(butler: Butler, chain: str, children: Iterable[str]) -> None:
+    """Put ``children`` at the front of CHAINED collection ``chain``, creating it if needed.
+
+    Children already in the chain are left where they are, so calling this again
+    changes nothing.
+    """
+    butler.collections.register(chain, CollectionType.CHAINED)
+    present = set(butler.collections.get_info(chain).children)
+    new = [child for child in dict.fromkeys(children) if child not in present]
+    if new:
+        butler.collections.prepend_chain(chain, new)
+
+
+@contextlib.contextmanager
+def repo_write_lock(repo: str) -> Iterator[None]:
+    """Serialise writers of a local SQLite repository across processes.
+
+    SQLite allows one writer at a time; campaign rules that write the same
+    repository (hand-offs arriving together at the central site) take turns.
+    Repositories behind a database server need no lock and get none.
+    """
+    root = Path(repo)
+    if root.name == "butler.yaml":
+        root = root.parent
+    if "://" in repo or not (root / "gen3.sqlite3").exists():
+        yield
+        return
+    with open(root / ".campaign-write.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -1,0 +1,84 @@
+"""The campaign's flow: which stage runs where, and the hand-offs between sites.
+
+The shape follows from the stage locations alone (no pipeline import), so the
+Snakemake DAG and its dry run are cheap; which dataset types each hand-off moves
+follows from the pipeline (`multisite.pipeline`).
+
+Hand-offs, named as in marker paths:
+
+- ``raws``: the pipeline's overall inputs, central site -> each processing site;
+- ``fanin_<stage>``: before a central stage, each processing site -> central site;
+- ``fanout_<stage>``: before a site stage that follows a central stage,
+  central site -> each processing site;
+- ``final``: the products of the last stages, each processing site -> central site.
+"""
+
+from __future__ import annotations
+
+__all__ = ("Handoff", "handoffs", "stage_dependencies")
+
+from dataclasses import dataclass
+
+from .config import Campaign, Stage
+
+TO_SITES = "to_sites"
+TO_CENTRAL = "to_central"
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """One kind of data movement between the central site and the processing sites.
+
+    Attributes
+    ----------
+    name : `str`
+        ``raws``, ``fanin_<stage>``, ``fanout_<stage>`` or ``final``.
+    direction : `str`
+        ``to_sites`` (central -> each site) or ``to_central`` (each site -> central).
+    producers : `tuple` [`str`, ...]
+        Stages whose outputs move (empty for ``raws``: the raw collection moves).
+    consumer : `str` or `None`
+        Stage that reads what arrives (`None` for ``final``).
+    """
+
+    name: str
+    direction: str
+    producers: tuple[str, ...]
+    consumer: str | None
+
+    @property
+    def to_central(self) -> bool:
+        return self.direction == TO_CENTRAL
+
+
+def handoffs(campaign: Campaign) -> list[Handoff]:
+    """Return every hand-off of the campaign, in the order they happen."""
+    stages = campaign.stages
+    result = [Handoff("raws", TO_SITES, (), stages[0].name)]
+    for index, stage in enumerate(stages[1:], start=1):
+        earlier = stages[:index]
+        if stage.is_central:
+            producers = tuple(s.name for s in earlier if not s.is_central)
+            result.append(Handoff(f"fanin_{stage.name}", TO_CENTRAL, producers, stage.name))
+        elif any(s.is_central for s in earlier):
+            producers = tuple(s.name for s in earlier if s.is_central)
+            result.append(Handoff(f"fanout_{stage.name}", TO_SITES, producers, stage.name))
+    site_stages = tuple(s.name for s in stages if not s.is_central)
+    result.append(Handoff("final", TO_CENTRAL, site_stages, None))
+    return result
+
+
+def stage_dependencies(campaign: Campaign, stage: Stage) -> tuple[list[str], list[Handoff]]:
+    """Return what a stage waits for at the site that runs it.
+
+    Returns
+    -------
+    stages : `list` [`str`]
+        Earlier stages that run at the same site (or centrally, for a central stage).
+    incoming : `list` [`Handoff`]
+        Hand-offs that deliver this stage's inputs.
+    """
+    index = campaign.stages.index(stage)
+    same_place = [s.name for s in campaign.stages[:index] if s.is_central == stage.is_central]
+    incoming = [h for h in handoffs(campaign) if h.consumer == stage.name]
+    return same_place, incoming

@@ -1,0 +1,245 @@
+"""Placement: which raws each site needs, and which site owns each piece of data.
+
+A raw is needed at every site holding a unit (patch or tract) that its detector
+region overlaps; so a raw on a boundary goes to two sites. Each raw still has one
+*owner* (the first of its sites in configuration order): hand-offs towards the
+central site carry only owned data, so the central site never receives the same
+data ID twice.
+"""
+
+from __future__ import annotations
+
+__all__ = ("SiteSelection", "compute_placement", "read_placement", "units_query", "write_placement")
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from lsst.daf.butler import Butler, DataCoordinate
+
+from .config import Campaign
+
+_LOG = logging.getLogger(__name__)
+
+COLUMNS = ["exposure", "visit", "detector", "site", "owner"]
+
+
+def compute_placement(butler: Butler, campaign: Campaign) -> pd.DataFrame:
+    """Find the raws each site needs from the central repository's regions.
+
+    Parameters
+    ----------
+    butler : `lsst.daf.butler.Butler`
+        Butler of the central repository, holding the raws and their visits.
+    campaign : `Campaign`
+        The campaign; its units say which site processes which part of the sky.
+
+    Returns
+    -------
+    placement : `pandas.DataFrame`
+        One row per (raw, site that needs it): ``exposure``, ``visit``,
+        ``detector``, ``site`` and ``owner`` (the raw's owning site).
+    """
+    unit_site = {(u.tract, u.patch): u.site for u in campaign.units}
+    tract_site = {u.tract: u.site for u in campaign.units if u.patch is None}
+    tracts = sorted({u.tract for u in campaign.units})
+    with butler.query() as query:
+        query = query.join_dataset_search("raw", [campaign.raw_collection]).where(
+            "tract IN (:tracts)",
+            bind={"tracts": tracts},
+            instrument=campaign.instrument,
+            skymap=campaign.skymap,
+        )
+        rows = [
+            (d["exposure"], d["visit"], d["detector"], d["tract"], d["patch"])
+            for d in query.data_ids(["exposure", "visit", "detector", "tract", "patch"])
+        ]
+    order = {site.name: index for index, site in enumerate(campaign.processing_sites)}
+    needed: dict[tuple[int, int, int], set[str]] = {}
+    for exposure, visit, detector, tract, patch in rows:
+        site = unit_site.get((tract, patch)) or tract_site.get(tract)
+        if site is not None:
+            needed.setdefault((exposure, visit, detector), set()).add(site)
+    records = []
+    for (exposure, visit, detector), sites in sorted(needed.items()):
+        owner = min(sites, key=order.__getitem__)
+        records += [(exposure, visit, detector, site, owner) for site in sorted(sites, key=order.__getitem__)]
+    placement = pd.DataFrame.from_records(records, columns=COLUMNS)
+    _LOG.info(
+        "%d raws needed by %d sites; %d site copies in all.",
+        len(needed),
+        placement["site"].nunique(),
+        len(placement),
+    )
+    return placement
+
+
+@dataclass(frozen=True)
+class SiteSelection:
+    """The data IDs that belong to one site, for choosing what a hand-off moves.
+
+    A data ID is *needed* by a site when the site processes it, and *owned* when
+    the site is the one that reports it to the central site.
+    """
+
+    site: str
+    units: frozenset[tuple[int, int | None]]
+    raws_needed: frozenset[tuple[int, int]]
+    raws_owned: frozenset[tuple[int, int]]
+    visit_detectors_needed: frozenset[tuple[int, int]]
+    visit_detectors_owned: frozenset[tuple[int, int]]
+    visits_needed: frozenset[int]
+    visits_owned: frozenset[int]
+
+    @classmethod
+    def from_placement(cls, campaign: Campaign, placement: pd.DataFrame, site: str) -> SiteSelection:
+        mine = placement[placement["site"] == site]
+        owned = mine[mine["owner"] == site]
+
+        def pairs(frame: pd.DataFrame, first: str) -> frozenset[tuple[int, int]]:
+            return frozenset(zip(frame[first].astype(int), frame["detector"].astype(int), strict=True))
+
+        # A visit is owned by the site owning its lowest-numbered detector held anywhere.
+        first_detector = placement.sort_values(["visit", "detector"]).drop_duplicates("visit")
+        visits_owned = frozenset(first_detector[first_detector["owner"] == site]["visit"].astype(int))
+        return cls(
+            site=site,
+            units=frozenset((u.tract, u.patch) for u in campaign.units_of(site)),
+            raws_needed=pairs(mine, "exposure"),
+            raws_owned=pairs(owned, "exposure"),
+            visit_detectors_needed=pairs(mine, "visit"),
+            visit_detectors_owned=pairs(owned, "visit"),
+            visits_needed=frozenset(mine["visit"].astype(int)),
+            visits_owned=visits_owned,
+        )
+
+    def accepts(self, data_id: DataCoordinate, owned: bool) -> bool:
+        """Whether a dataset with this data ID belongs to the site.
+
+        Parameters
+        ----------
+        data_id : `lsst.daf.butler.DataCoordinate`
+            The dataset's data ID.
+        owned : `bool`
+            Ask whether the site owns it (for hand-offs to the central site)
+            rather than whether it needs it (for hand-offs to the site).
+        """
+        keys = data_id.dimensions.names
+        if "patch" in keys:
+            return (data_id["tract"], data_id["patch"]) in self.units or (
+                data_id["tract"],
+                None,
+            ) in self.units
+        if "tract" in keys:
+            return any(tract == data_id["tract"] for tract, _ in self.units)
+        if "exposure" in keys and "detector" in keys:
+            raws = self.raws_owned if owned else self.raws_needed
+            return (data_id["exposure"], data_id["detector"]) in raws
+        if "visit" in keys and "detector" in keys:
+            pairs = self.visit_detectors_owned if owned else self.visit_detectors_needed
+            return (data_id["visit"], data_id["detector"]) in pairs
+        if "visit" in keys:
+            return data_id["visit"] in (self.visits_owned if owned else self.visits_needed)
+        # Global datasets (instrument-level): the central site's, needed everywhere.
+        return not owned
+
+    def data_query(self, campaign: Campaign, dimensions: set[str]) -> str:
+        """Butler query expression selecting this site's units for a stage's quanta."""
+        return units_query(campaign, self.units, dimensions)
+
+
+def units_query(campaign: Campaign, units: Iterable[tuple[int, int | None]], dimensions: set[str]) -> str:
+    """Butler query expression restricting quanta of ``dimensions`` to some units.
+
+    Values are integers and schema-checked names, so the expression carries no
+    free text from configuration.
+    """
+    terms = [f"instrument = '{campaign.instrument}'"]
+    if "tract" in dimensions or "patch" in dimensions:
+        terms.append(f"skymap = '{campaign.skymap}'")
+        whole_tracts = sorted({int(t) for t, p in units if p is None})
+        by_tract: dict[int, list[int]] = {}
+        for tract, patch in units:
+            if patch is not None and tract not in whole_tracts:
+                by_tract.setdefault(int(tract), []).append(int(patch))
+        cells = [f"tract = {t}" for t in whole_tracts]
+        if "patch" in dimensions:
+            cells += [
+                f"(tract = {t} AND patch IN ({', '.join(map(str, sorted(p)))}))"
+                for t, p in sorted(by_tract.items())
+            ]
+        else:
+            cells += [f"tract = {t}" for t in sorted(by_tract)]
+        terms.append("(" + " OR ".join(cells) + ")")
+    return " AND ".join(terms)
+
+
+def write_placement(placement: pd.DataFrame, path: Path) -> None:
+    """Write the placement table as TSV."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    placement.to_csv(path, sep="\t", index=False)
+
+
+def read_placement(path: Path) -> pd.DataFrame:
+    """Read a placement table written by `write_placement`."""
+    return pd.read_csv(path, sep="\t")
+
+
+def plan_placement(campaign: Campaign, placement_path: str | Path, summary_path: str | Path) -> dict:
+    """Compute and write the placement table and its per-site summary.
+
+    Parameters
+    ----------
+    campaign : `Campaign`
+        The campaign.
+    placement_path, summary_path : `str` or `pathlib.Path`
+        TSV outputs: one row per (raw, site); one row per site.
+
+    Returns
+    -------
+    marker : `dict`
+        The per-site summary, for the plan marker.
+    """
+    from datetime import UTC, datetime
+
+    from .butler_utils import open_butler
+    from .markers import provenance
+
+    started = datetime.now(UTC)
+    with open_butler(campaign.central.repo) as butler:
+        placement = compute_placement(butler, campaign)
+        refs = butler.query_datasets("raw", collections=campaign.raw_collection, limit=None, explain=False)
+        uris = butler.get_many_uris(refs)
+        sizes = {
+            (ref.dataId["exposure"], ref.dataId["detector"]): uris[ref].primaryURI.size() for ref in refs
+        }
+    placement["bytes"] = [
+        sizes[(e, d)] for e, d in zip(placement["exposure"], placement["detector"], strict=True)
+    ]
+    write_placement(placement, Path(placement_path))
+    rows = []
+    for site in campaign.processing_sites:
+        mine = placement[placement["site"] == site.name]
+        rows.append(
+            {
+                "site": site.name,
+                "units": len(campaign.units_of(site.name)),
+                "raws": len(mine),
+                "raws_owned": int((mine["owner"] == site.name).sum()),
+                "visits": mine["visit"].nunique(),
+                "bytes": int(mine["bytes"].sum()),
+            }
+        )
+    summary = pd.DataFrame(rows)
+    unique_bytes = int(placement.drop_duplicates(["exposure", "detector"])["bytes"].sum())
+    summary.to_csv(summary_path, sep="\t", index=False)
+    return {
+        "sites": rows,
+        "unique_raws": int(placement[["exposure", "detector"]].drop_duplicates().shape[0]),
+        "duplication_factor": round(float(placement["bytes"].sum()) / unique_bytes, 4)
+        if unique_bytes
+        else None,
+        **provenance(started),
+    }

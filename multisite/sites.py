@@ -1,0 +1,74 @@
+"""Site repositories: create the ones a demo or test campaign owns, and seed the demo survey."""
+
+from __future__ import annotations
+
+__all__ = ("prepare_repo", "make_demo_survey")
+
+import dataclasses
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from lsst.daf.butler import Butler, Config
+
+from .butler_utils import collection_exists, open_butler, repo_write_lock
+from .config import Campaign
+from .markers import provenance
+
+_LOG = logging.getLogger(__name__)
+
+
+def prepare_repo(campaign: Campaign, site: str) -> dict[str, Any]:
+    """Make sure a site's repository exists, creating it when the config allows.
+
+    Raises
+    ------
+    FileNotFoundError
+        Raised when the repository is missing and ``create_repo`` is false.
+    """
+    started = datetime.now(UTC)
+    repo = campaign.sites[site].repo
+    created = False
+    if "://" not in repo and not (Path(repo) / "butler.yaml").exists():
+        if not campaign.sites[site].create_repo:
+            raise FileNotFoundError(
+                f"sites.{site}.repo: no Butler repository at {repo}; create it or set create_repo: true"
+            )
+        seed = Config(campaign.repo_seed) if campaign.repo_seed else None
+        Butler.makeRepo(repo, config=seed)
+        created = True
+        _LOG.info("Created Butler repository %s for %s.", repo, site)
+    with open_butler(repo) as butler:
+        n_datasets_types = len(butler.registry.queryDatasetTypes())
+    return {
+        "site": site,
+        "repo": repo,
+        "created": created,
+        "dataset_types": n_datasets_types,
+        **provenance(started),
+    }
+
+
+def make_demo_survey(campaign: Campaign) -> dict[str, Any]:
+    """Write the synthetic demo survey into the central repository (once)."""
+    from .demo.survey import SurveySpec, make_survey
+
+    started = datetime.now(UTC)
+    central = campaign.central
+    spec = SurveySpec(**campaign.demo.get("survey", {}))
+    truth = campaign.truth_collection or f"{campaign.instrument}/truth"
+    with repo_write_lock(central.repo), open_butler(central.repo, writeable=True) as butler:
+        if collection_exists(butler, campaign.raw_collection):
+            n_raws = len(butler.query_datasets("raw", collections=campaign.raw_collection, limit=None))
+            _LOG.info("%s already holds %d raws; not generating again.", campaign.raw_collection, n_raws)
+        else:
+            n_raws = make_survey(butler, spec, campaign.raw_collection, truth)
+    return {
+        "repo": central.repo,
+        "raw_collection": campaign.raw_collection,
+        "truth_collection": truth,
+        "raws": n_raws,
+        "survey": dataclasses.asdict(spec),
+        **provenance(started),
+    }

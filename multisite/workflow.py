@@ -1,0 +1,51 @@
+"""The bridge between Snakemake rules and the package: one call per script.
+
+Scripts under ``scripts/`` are one-liners over `run_rule`: it logs to the rule's
+log file, loads the validated campaign, runs the step and writes its provenance
+to every marker the rule declares, atomically and only if the step succeeded.
+"""
+
+from __future__ import annotations
+
+__all__ = ("run_rule",)
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .config import Campaign, load_campaign
+from .markers import write_marker
+
+
+def run_rule(snakemake: Any, step: Callable[[Campaign], dict[str, Any] | None]) -> None:
+    """Run one workflow step from a Snakemake ``script:``.
+
+    Parameters
+    ----------
+    snakemake : `snakemake.script.Snakemake`
+        The object Snakemake hands to scripts.
+    step : `~collections.abc.Callable`
+        Function of the campaign returning the provenance for the rule's markers
+        (``.json`` outputs), or `None` when the step writes its outputs itself.
+    """
+    log_path = Path(snakemake.log[0])
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler, logging.StreamHandler(sys.stderr)], force=True)
+    log = logging.getLogger("multisite.rule")
+    try:
+        campaign = load_campaign(snakemake.config)
+        content = step(campaign)
+    except Exception as err:
+        log.error("%s failed: %s", snakemake.rule, err)
+        # One clear line for the operator instead of a traceback through Snakemake's script wrapper.
+        print(f"\n{snakemake.rule}: {err}\n(log: {log_path})", file=sys.stderr)
+        sys.exit(1)
+    if content is not None:
+        for output in snakemake.output:
+            if output.endswith(".json"):
+                write_marker(output, content | {"rule": snakemake.rule, "marker": str(output)})
+    log.info("%s done.", snakemake.rule)

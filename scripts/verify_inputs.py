@@ -1,0 +1,14 @@
+"""Snakemake shim: verify every input a site needs is in its repository."""
+
+from multisite.placement import read_placement
+from multisite.transfer import verify_site_inputs
+from multisite.workflow import run_rule
+
+run_rule(
+    snakemake,
+    lambda campaign: verify_site_inputs(
+        campaign,
+        snakemake.wildcards.site,
+        read_placement(snakemake.input.placement),
+    ),
+)
