@@ -11,10 +11,7 @@ from __future__ import annotations
 __all__ = ("StageFailed", "run_stage", "stage_inputs", "submit_config", "write_submit_yaml")
 
 import logging
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,12 +23,12 @@ from lsst.daf.butler import Butler
 from lsst.pipe.base import Pipeline
 from lsst.pipe.base.all_dimensions_quantum_graph_builder import AllDimensionsQuantumGraphBuilder
 
-from .butler_utils import collection_exists, open_butler, repo_write_lock
+from .butler_utils import collection_exists, open_butler, repo_write_lock, run_tool
 from .config import Campaign
 from .flow import stage_dependencies
 from .markers import provenance
 from .pipeline import PipelineFlow
-from .placement import SiteSelection
+from .placement import SiteSelection, units_query
 
 _LOG = logging.getLogger(__name__)
 
@@ -56,13 +53,10 @@ def stage_inputs(campaign: Campaign, site: str, stage: str) -> list[str]:
     return [campaign.stage_chain(site, s) for s in reversed(same_place)] + [campaign.handoff_chain(site)]
 
 
-def _data_query(
-    campaign: Campaign, flow: PipelineFlow, site: str, stage: str, placement: pd.DataFrame
-) -> str:
+def _data_query(campaign: Campaign, site: str, stage: str, placement: pd.DataFrame) -> str:
     if campaign.stage(stage).is_central:
-        return f"instrument = '{campaign.instrument}'"
-    selection = SiteSelection.from_placement(campaign, placement, site)
-    return selection.data_query(campaign, flow.task_dimensions(stage))
+        return units_query(campaign, [(u.tract, u.patch) for u in campaign.units])
+    return SiteSelection.from_placement(campaign, placement, site).data_query(campaign)
 
 
 def submit_config(
@@ -84,7 +78,7 @@ def submit_config(
             "inCollection": ",".join(stage_inputs(campaign, site, stage)),
             "output": campaign.stage_chain(site, stage),
             "outputRun": "{output}/{timestamp}",
-            "dataQuery": _data_query(campaign, flow, site, stage, placement),
+            "dataQuery": _data_query(campaign, site, stage, placement),
         },
     }
     merged = _merge(_merge(campaign.bps, campaign.sites[site].bps), campaign.stage(stage).bps)
@@ -166,6 +160,7 @@ def run_stage(
     where = config["payload"]["dataQuery"]
     stamp = started.strftime("%Y%m%dT%H%M%S%fZ")
     submit_dir = None
+    command: list[str] | None = None
     with repo_write_lock(repo):
         butler = open_butler(repo)
         resumed = collection_exists(butler, chain)
@@ -191,7 +186,8 @@ def run_stage(
             qgraph.parent.mkdir(parents=True, exist_ok=True)
             components.write(str(qgraph))
             _LOG.info("%s at %s: submitting %d quanta (%s).", stage, site, n_quanta, qgraph)
-            submit_dir = _bps_submit(submit_yaml, qgraph)
+            command = ["bps", "submit", str(submit_yaml), "-g", str(qgraph)]
+            submit_dir = _bps_submit(command, qgraph.with_suffix(".bps.log"))
         else:
             _LOG.info("%s at %s: every quantum already has its outputs in %s.", stage, site, chain)
         butler = open_butler(repo)
@@ -215,25 +211,17 @@ def run_stage(
         "datasets": counts,
         "bps_submit_dir": submit_dir,
         "submit_yaml": str(submit_yaml),
-        **provenance(started),
+        **provenance(started, command),
     }
 
 
-def _bps_submit(submit_yaml: str | Path, qgraph: Path) -> str | None:
-    """Run ``bps submit`` on a prebuilt quantum graph; return its submit directory."""
-    env = dict(os.environ)
-    # BPS and the pipetask jobs it starts must come from this same environment.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    command = ["bps", "submit", str(submit_yaml), "-g", str(qgraph)]
-    _LOG.info("Running %s", " ".join(command))
-    result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    output = result.stdout + result.stderr
-    log_path = qgraph.with_suffix(".bps.log")
-    log_path.write_text(output)
-    match = re.search(r"^Submit dir: (.+)$", output, re.MULTILINE)
-    if result.returncode != 0:
+def _bps_submit(command: list[str], log_path: Path) -> str | None:
+    """Run ``bps submit``; return its submit directory."""
+    returncode, output = run_tool(command, log_path)
+    if returncode != 0:
         tail = "\n".join(output.splitlines()[-15:])
-        raise StageFailed(f"bps submit failed (exit {result.returncode}); full output in {log_path}:\n{tail}")
+        raise StageFailed(f"bps submit failed (exit {returncode}); full output in {log_path}:\n{tail}")
+    match = re.search(r"^Submit dir: (.+)$", output, re.MULTILINE)
     return match.group(1).strip() if match else None
 
 
@@ -241,8 +229,7 @@ def write_stage_yaml(
     campaign: Campaign, site: str, stage: str, placement: pd.DataFrame, path: str | Path
 ) -> dict[str, Any]:
     """Write the BPS submit YAML of one stage at one site; return a summary."""
-    flow = PipelineFlow(campaign)
-    config = submit_config(campaign, flow, site, stage, placement)
+    config = submit_config(campaign, PipelineFlow(campaign), site, stage, placement)
     header = (
         f"BPS submit configuration for campaign {campaign.name}, stage {stage} at site {site}.\n"
         "Generated by multisite from the campaign config; edit the config, not this file.\n"

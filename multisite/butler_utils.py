@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ("collection_exists", "ensure_in_chain", "open_butler", "repo_write_lock")
+__all__ = ("collection_exists", "ensure_in_chain", "open_butler", "repo_write_lock", "run_tool")
 
 import contextlib
 import fcntl
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -65,3 +68,26 @@ def repo_write_lock(repo: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def run_tool(command: list[str], log_path: str | Path) -> tuple[int, str]:
+    """Run a middleware command-line tool (``bps``, ``pipetask``) from this environment.
+
+    The command is a list (no shell), so no configuration value is ever parsed by
+    a shell. Its output goes to ``log_path`` and is returned.
+
+    Returns
+    -------
+    returncode : `int`
+        The tool's exit code.
+    output : `str`
+        What it printed (stdout and stderr).
+    """
+    # The tool, and every job it starts, must come from this same environment.
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    _LOG.info("Running %s (output in %s)", " ".join(command), log_path)
+    result = subprocess.run(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False
+    )
+    Path(log_path).write_text(result.stdout)
+    return result.returncode, result.stdout

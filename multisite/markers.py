@@ -12,23 +12,23 @@ __all__ = ("read_marker", "write_marker", "provenance")
 import getpass
 import json
 import os
+import shlex
 import socket
-import sys
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 
-def provenance(started: datetime) -> dict[str, Any]:
-    """Return the provenance fields every marker has: who, where and when."""
-    return {
+def provenance(started: datetime, command: list[str] | None = None) -> dict[str, Any]:
+    """Return the provenance fields every marker has: who, where, when, and the tool command run."""
+    fields = {"command": shlex.join(command)} if command else {}
+    return fields | {
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "duration_s": round((datetime.now(UTC) - started).total_seconds(), 3),
         "host": socket.gethostname(),
         "user": getpass.getuser(),
-        "command": " ".join(sys.argv),
     }
 
 

@@ -66,13 +66,6 @@ class PipelineFlow:
         """Regular output dataset types of a stage (no configs, metadata or logs)."""
         return {name for name, producer in self._producer.items() if producer == stage}
 
-    def task_dimensions(self, stage: str) -> set[str]:
-        """Union of the quantum dimensions of a stage's tasks."""
-        return {name for label in self.tasks(stage) for name in self.graph.tasks[label].dimensions.names}
-
-    def dimensions(self, dataset_type: str) -> set[str]:
-        return set(self.graph.dataset_types[dataset_type].dimensions.names)
-
     def handoff_types(self, handoff: Handoff) -> list[str]:
         """Dataset types that a hand-off moves, as the pipeline dictates.
 

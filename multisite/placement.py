@@ -145,35 +145,28 @@ class SiteSelection:
         # Global datasets (instrument-level): the central site's, needed everywhere.
         return not owned
 
-    def data_query(self, campaign: Campaign, dimensions: set[str]) -> str:
-        """Butler query expression selecting this site's units for a stage's quanta."""
-        return units_query(campaign, self.units, dimensions)
+    def data_query(self, campaign: Campaign) -> str:
+        """Butler query expression selecting the quanta of this site's units."""
+        return units_query(campaign, self.units)
 
 
-def units_query(campaign: Campaign, units: Iterable[tuple[int, int | None]], dimensions: set[str]) -> str:
-    """Butler query expression restricting quanta of ``dimensions`` to some units.
+def units_query(campaign: Campaign, units: Iterable[tuple[int, int | None]]) -> str:
+    """Butler query expression restricting quanta to those touching some units.
 
-    Values are integers and schema-checked names, so the expression carries no
-    free text from configuration.
+    Quanta without sky-map dimensions (per visit and detector, say) are selected
+    through their regions' overlap with the units, the same spatial join that
+    decides placement. Values are integers and schema-checked names, so the
+    expression carries no free text from configuration.
     """
-    terms = [f"instrument = '{campaign.instrument}'"]
-    if "tract" in dimensions or "patch" in dimensions:
-        terms.append(f"skymap = '{campaign.skymap}'")
-        whole_tracts = sorted({int(t) for t, p in units if p is None})
-        by_tract: dict[int, list[int]] = {}
-        for tract, patch in units:
-            if patch is not None and tract not in whole_tracts:
-                by_tract.setdefault(int(tract), []).append(int(patch))
-        cells = [f"tract = {t}" for t in whole_tracts]
-        if "patch" in dimensions:
-            cells += [
-                f"(tract = {t} AND patch IN ({', '.join(map(str, sorted(p)))}))"
-                for t, p in sorted(by_tract.items())
-            ]
-        else:
-            cells += [f"tract = {t}" for t in sorted(by_tract)]
-        terms.append("(" + " OR ".join(cells) + ")")
-    return " AND ".join(terms)
+    whole_tracts = sorted({int(t) for t, p in units if p is None})
+    by_tract: dict[int, list[int]] = {}
+    for tract, patch in units:
+        if patch is not None and tract not in whole_tracts:
+            by_tract.setdefault(int(tract), []).append(int(patch))
+    cells = [f"tract = {t}" for t in whole_tracts]
+    for tract, patches in sorted(by_tract.items()):
+        cells.append(f"(tract = {tract} AND patch IN ({', '.join(map(str, sorted(patches)))}))")
+    return f"instrument = '{campaign.instrument}' AND skymap = '{campaign.skymap}' AND ({' OR '.join(cells)})"
 
 
 def write_placement(placement: pd.DataFrame, path: Path) -> None:

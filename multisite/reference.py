@@ -9,14 +9,11 @@ from __future__ import annotations
 __all__ = ("run_reference",)
 
 import logging
-import os
-import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .butler_utils import collection_exists, open_butler, repo_write_lock
+from .butler_utils import collection_exists, open_butler, repo_write_lock, run_tool
 from .config import Campaign
 from .markers import provenance
 from .pipeline import PipelineFlow
@@ -43,8 +40,7 @@ def run_reference(campaign: Campaign, log_path: str | Path) -> dict[str, Any]:
     started = datetime.now(UTC)
     flow = PipelineFlow(campaign)
     repo = campaign.central.repo
-    dimensions = {name for node in flow.graph.tasks.values() for name in node.dimensions.names}
-    where = units_query(campaign, [(u.tract, u.patch) for u in campaign.units], dimensions)
+    where = units_query(campaign, [(u.tract, u.patch) for u in campaign.units])
     chain = campaign.reference_chain
     with repo_write_lock(repo):
         with open_butler(repo) as butler:
@@ -70,12 +66,9 @@ def run_reference(campaign: Campaign, log_path: str | Path) -> dict[str, Any]:
             if resume
             else ["-i", campaign.raw_collection]
         )
-        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-        _LOG.info("Running %s", " ".join(command))
-        with open(log_path, "a") as log:
-            result = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"Reference pipetask run failed (exit {result.returncode}); see {log_path}.")
+        returncode, _ = run_tool(command, log_path)
+    if returncode != 0:
+        raise RuntimeError(f"Reference pipetask run failed (exit {returncode}); see {log_path}.")
     with open_butler(repo) as butler:
         counts = {
             name: len(butler.query_datasets(name, collections=chain, limit=None, explain=False))
@@ -87,5 +80,5 @@ def run_reference(campaign: Campaign, log_path: str | Path) -> dict[str, Any]:
         "output_chain": chain,
         "data_query": where,
         "datasets": counts,
-        **provenance(started),
+        **provenance(started, command),
     }
