@@ -4,7 +4,11 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The demo config unless another one is given (--configfile): configs are not merged.
+if not config:
+
+    configfile: "config/config.yaml"
+
 
 
 include: "rules/common.smk"

@@ -90,7 +90,7 @@ def write_submit_yaml(config: Mapping[str, Any], path: str | Path, header: str) 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(f"# {line}\n" for line in header.splitlines())
-    path.write_text(text + yaml.safe_dump(dict(config), sort_keys=False))
+    path.write_text(text + yaml.safe_dump(dict(config), sort_keys=False, width=1_000_000))
 
 
 def _present(butler: Butler, dataset_type: str, chain: str) -> set:
@@ -210,7 +210,7 @@ def run_stage(
         "quanta_run": n_quanta,
         "datasets": counts,
         "bps_submit_dir": submit_dir,
-        "submit_yaml": str(submit_yaml),
+        "submit_yaml": str(Path(submit_yaml).resolve()),
         **provenance(started, command),
     }
 

@@ -2,7 +2,8 @@
 
 Everything is checked here, before any rule touches a repository: the YAML against
 ``schemas/config.schema.yaml``, the units table, and the relations between them
-(one central site, every unit at exactly one known site, repositories present).
+(one central site, every unit at exactly one known site). Repositories are
+checked by the first rule that opens them, since a site's instance sees only its own.
 Errors name the field and say how to fix it.
 """
 
@@ -18,6 +19,7 @@ __all__ = (
     "load_config_file",
 )
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -235,19 +237,6 @@ def _read_units(path: Path, sites: Mapping[str, Any]) -> tuple[list[Unit], list[
     return units, problems
 
 
-def _repo_problem(name: str, site: Mapping[str, Any], base: Path) -> str | None:
-    repo = site["repo"]
-    if "://" in repo or site.get("create_repo", False):
-        return None
-    path = (base / repo) if not Path(repo).is_absolute() else Path(repo)
-    if not (path / "butler.yaml").exists() and not path.name.endswith(".yaml"):
-        return (
-            f"sites.{name}.repo: no Butler repository at {path}; create it with 'butler create' "
-            "or set create_repo: true for a demo site"
-        )
-    return None
-
-
 def load_campaign(config: Mapping[str, Any] | str | Path, base: str | Path = ".") -> Campaign:
     """Validate a campaign configuration and return it as a `Campaign`.
 
@@ -286,7 +275,6 @@ def load_campaign(config: Mapping[str, Any] | str | Path, base: str | Path = "."
         problems.append(f"stages: stage names must be unique, got {stage_names}")
     if data["stages"][0]["location"] != "site":
         problems.append("stages: the first stage must run at the sites (location: site), where the raws are")
-    problems += [p for name, site in sites_cfg.items() if (p := _repo_problem(name, site, base))]
     units, unit_problems = _read_units(base / data["units"], sites_cfg)
     problems += unit_problems
     if problems:
@@ -296,7 +284,11 @@ def load_campaign(config: Mapping[str, Any] | str | Path, base: str | Path = "."
     transfer = data.get("transfer", {})
 
     def resolve(path: str) -> str:
-        return path if "://" in path or Path(path).is_absolute() else str((base / path).resolve())
+        # Environment variables (e.g. $DRP_PIPE_DIR in a stack) expand where they are set.
+        path = os.path.expandvars(path)
+        if "://" in path or path.startswith("$") or Path(path).is_absolute():
+            return path
+        return str((base / path).resolve())
 
     return Campaign(
         name=data["campaign"],

@@ -37,14 +37,14 @@ class Handoff:
         ``to_sites`` (central -> each site) or ``to_central`` (each site -> central).
     producers : `tuple` [`str`, ...]
         Stages whose outputs move (empty for ``raws``: the raw collection moves).
-    consumer : `str` or `None`
-        Stage that reads what arrives (`None` for ``final``).
+    consumers : `tuple` [`str`, ...]
+        Stages that read what arrives (empty for ``final``).
     """
 
     name: str
     direction: str
     producers: tuple[str, ...]
-    consumer: str | None
+    consumers: tuple[str, ...]
 
     @property
     def to_central(self) -> bool:
@@ -52,19 +52,29 @@ class Handoff:
 
 
 def handoffs(campaign: Campaign) -> list[Handoff]:
-    """Return every hand-off of the campaign, in the order they happen."""
+    """Return every hand-off of the campaign, in the order they happen.
+
+    A run of consecutive central stages gets one fan-in before it; the site stages
+    after it (up to the next central stage) get one fan-out before them.
+    """
     stages = campaign.stages
-    result = [Handoff("raws", TO_SITES, (), stages[0].name)]
-    for index, stage in enumerate(stages[1:], start=1):
+    site_stages = tuple(s.name for s in stages if not s.is_central)
+    result = [Handoff("raws", TO_SITES, (), site_stages)]
+    index = 1
+    while index < len(stages):
+        run_end = index
+        while run_end < len(stages) and stages[run_end].is_central == stages[index].is_central:
+            run_end += 1
+        run = tuple(s.name for s in stages[index:run_end])
         earlier = stages[:index]
-        if stage.is_central:
+        if stages[index].is_central:
             producers = tuple(s.name for s in earlier if not s.is_central)
-            result.append(Handoff(f"fanin_{stage.name}", TO_CENTRAL, producers, stage.name))
+            result.append(Handoff(f"fanin_{run[0]}", TO_CENTRAL, producers, run))
         elif any(s.is_central for s in earlier):
             producers = tuple(s.name for s in earlier if s.is_central)
-            result.append(Handoff(f"fanout_{stage.name}", TO_SITES, producers, stage.name))
-    site_stages = tuple(s.name for s in stages if not s.is_central)
-    result.append(Handoff("final", TO_CENTRAL, site_stages, None))
+            result.append(Handoff(f"fanout_{run[0]}", TO_SITES, producers, run))
+        index = run_end
+    result.append(Handoff("final", TO_CENTRAL, site_stages, ()))
     return result
 
 
@@ -76,9 +86,9 @@ def stage_dependencies(campaign: Campaign, stage: Stage) -> tuple[list[str], lis
     stages : `list` [`str`]
         Earlier stages that run at the same site (or centrally, for a central stage).
     incoming : `list` [`Handoff`]
-        Hand-offs that deliver this stage's inputs.
+        Hand-offs that deliver this stage's inputs (``raws`` included for site stages).
     """
     index = campaign.stages.index(stage)
     same_place = [s.name for s in campaign.stages[:index] if s.is_central == stage.is_central]
-    incoming = [h for h in handoffs(campaign) if h.consumer == stage.name]
+    incoming = [h for h in handoffs(campaign) if stage.name in h.consumers]
     return same_place, incoming

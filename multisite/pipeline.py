@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
-__all__ = ("PipelineFlow",)
+__all__ = ("PipelineFlow", "missing_subsets")
 
 from functools import cached_property
 
 from lsst.daf.butler import DimensionUniverse
 from lsst.pipe.base import Pipeline
 from lsst.pipe.base.pipeline_graph import PipelineGraph
+from lsst.pipe.base.pipelineIR import PipelineIR
+from lsst.resources import ResourcePath
 
 from .config import Campaign
 from .flow import Handoff
+
+
+def missing_subsets(campaign: Campaign) -> list[str] | None:
+    """Return the stages' subsets that the pipeline lacks.
+
+    Reads the pipeline YAML only (no task is imported). Returns `None` when the
+    pipeline cannot be read here, e.g. a production pipeline previewed on a
+    machine without that stack.
+    """
+    uri = ResourcePath(campaign.pipeline)
+    if not uri.exists():
+        return None
+    subsets = PipelineIR.from_uri(uri).labeled_subsets
+    return [stage.subset for stage in campaign.stages if stage.subset not in subsets]
 
 
 class PipelineFlow:
@@ -69,15 +85,14 @@ class PipelineFlow:
     def handoff_types(self, handoff: Handoff) -> list[str]:
         """Dataset types that a hand-off moves, as the pipeline dictates.
 
-        ``raws`` moves the consumer's overall inputs; a fan-in or fan-out moves
-        what its consumer reads from the producing stages; ``final`` moves the
-        producing stages' outputs that no stage reads.
+        ``raws`` moves the overall inputs its consumers read; a fan-in or fan-out
+        moves what its consumers read from the producing stages; ``final`` moves
+        the producing stages' outputs that no stage reads.
         """
+        read = set().union(*(self.inputs(s) for s in handoff.consumers))
         if handoff.name == "raws":
-            return sorted(n for n in self.inputs(handoff.consumer) if n not in self._producer)
-        if handoff.consumer is not None:
-            return sorted(
-                n for n in self.inputs(handoff.consumer) if self._producer.get(n) in handoff.producers
-            )
-        read = set().union(*(self.inputs(s.name) for s in self.campaign.stages))
-        return sorted(n for s in handoff.producers for n in self.outputs(s) if n not in read)
+            return sorted(n for n in read if n not in self._producer)
+        if handoff.consumers:
+            return sorted(n for n in read if self._producer.get(n) in handoff.producers)
+        read_anywhere = set().union(*(self.inputs(s.name) for s in self.campaign.stages))
+        return sorted(n for s in handoff.producers for n in self.outputs(s) if n not in read_anywhere)

@@ -180,7 +180,12 @@ def run_qa(campaign: Campaign, table_path: str | Path) -> dict[str, Any]:
             for r in failed.head(30).itertuples()
         )
         raise QAFailed(f"QA failed: {len(failed)} of {len(table)} checks (table: {table_path}):\n{listing}")
-    return {"checks": len(table), "summary": summary, "table": str(table_path), **provenance(started)}
+    return {
+        "checks": len(table),
+        "summary": summary,
+        "table": str(Path(table_path).resolve()),
+        **provenance(started),
+    }
 
 
 def _science_checks(campaign: Campaign, butler, collections: list[str]) -> list[QARow]:

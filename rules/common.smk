@@ -3,12 +3,18 @@ import os
 
 from multisite.config import CampaignConfigError, load_campaign
 from multisite.flow import handoffs, stage_dependencies
+from multisite.pipeline import missing_subsets
 from snakemake.exceptions import WorkflowError
 
 try:
     campaign = load_campaign(config, base=os.getcwd())
 except CampaignConfigError as err:
     raise WorkflowError(str(err)) from None
+if missing := missing_subsets(campaign):
+    raise WorkflowError(
+        f"stages[].subset: pipeline {campaign.pipeline} has no subset(s) {missing}; "
+        "name subsets defined in the pipeline YAML"
+    )
 
 MARKERS = os.path.relpath(campaign.markers)
 LOGS = os.path.relpath(campaign.workdir / "logs")

@@ -1,0 +1,176 @@
+"""The whole demo campaign, end to end, through real Butler repositories and real ``bps submit``.
+
+One campaign is run through the failures an operator meets: a failing quantum at
+one site (others go on), a run killed mid-way, reruns of finished rules. At the end
+the multi-site products must equal the single-site reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from lsst.daf.butler import Butler
+
+from multisite.config import load_campaign
+from multisite.markers import read_marker
+from multisite.placement import read_placement
+from multisite.transfer import run_handoff
+
+from .conftest import BIN, REPO, demo_config, snakemake
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """Parse Snakemake's 'Job stats' table."""
+    table = output.split("Job stats:", 1)[1]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.MULTILINE)}
+
+
+@pytest.fixture(scope="module")
+def campaign_dir(tmp_path_factory) -> Path:
+    """One demo campaign shared by the tests of this module, which run in order."""
+    directory = tmp_path_factory.mktemp("campaign")
+    demo_config(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def campaign(campaign_dir):
+    """Return the validated campaign config."""
+    return load_campaign(campaign_dir / "config.yaml")
+
+
+def markers(campaign_dir: Path) -> Path:
+    """Marker directory of a campaign."""
+    return campaign_dir / "work" / "markers"
+
+
+def test_1_dry_run_lists_the_whole_campaign(campaign_dir):
+    result = snakemake(campaign_dir, "-n")
+    counts = job_counts(result.stdout)
+    assert counts == {
+        "prepare_repo": 3,
+        "demo_survey": 1,
+        "plan": 1,
+        "reference": 1,
+        "bps_yaml": 7,
+        "handoff": 12,
+        "verify_inputs": 3,
+        "step1_in2p3": 1,
+        "step1_ral": 1,
+        "step1_usdf": 1,
+        "step2_usdf": 1,
+        "step3_in2p3": 1,
+        "step3_ral": 1,
+        "step3_usdf": 1,
+        "qa": 1,
+        "all": 1,
+        "total": 37,
+    }
+    assert not (campaign_dir / "work").exists()
+
+
+def test_2_failed_quantum_fails_its_site_only(campaign_dir, campaign):
+    result = snakemake(
+        campaign_dir, "--keep-going", env={"MULTISITE_DEMO_FAIL": "makeCoadd:patch=4"}, check=False
+    )
+    assert result.returncode != 0
+    error = result.stderr
+    assert "step3 at in2p3: 1 of 2 quanta failed" in error
+    assert re.search(
+        r"makeCoadd \{skymap: 'demo', tract: 0, patch: 4\} -- log: file://\S+makeCoadd_log", error
+    )
+    done = markers(campaign_dir)
+    for site, unit in [("usdf", "t0p0"), ("ral", "t0p2")]:
+        assert (done / "stage" / site / "step3" / f"{unit}.json").exists()
+        assert (done / "handoff" / "final" / f"{site}.json").exists()
+    assert not (done / "stage" / "in2p3" / "step3" / "t0p4.json").exists()
+    assert not (done / "handoff" / "final" / "in2p3.json").exists()
+    assert not (done / "qa" / "qa.json").exists()
+    # The BPS YAML an operator would submit by hand is there, for every site and stage.
+    submit = (campaign_dir / "work" / "bps" / "in2p3" / "step3.yaml").read_text()
+    assert "pipelineYaml: resource://multisite/demo/pipeline.yaml#step3" in submit
+    assert "(tract = 0 AND patch IN (1, 4))" in submit
+
+
+def test_3_killed_run_finishes_with_rerun_incomplete(campaign_dir):
+    submit_root = campaign_dir / "work" / "submit" / "in2p3" / "step3"
+    before = set(submit_root.iterdir())
+    command = [
+        str(BIN / "snakemake"),
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(campaign_dir),
+        "--configfile",
+        str(campaign_dir / "config.yaml"),
+        "--cores",
+        "2",
+    ]
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 300
+    while not (set(submit_root.iterdir()) - before) and time.monotonic() < deadline:
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.5)
+    time.sleep(3)  # mid-way through bps submit
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (markers(campaign_dir) / "stage" / "in2p3" / "step3" / "t0p4.json").exists()
+
+    # What the README tells an operator after a crash: release the lock, then resume.
+    snakemake(campaign_dir, "--unlock")
+    resumed = snakemake(campaign_dir, "--rerun-incomplete")
+    assert "step3_in2p3" in resumed.stderr + resumed.stdout
+    assert (markers(campaign_dir) / "qa" / "qa.json").exists()
+
+
+def test_4_results_equal_the_single_site_reference(campaign_dir, campaign):
+    qa = read_marker(markers(campaign_dir) / "qa" / "qa.json")
+    assert qa["summary"]["site_independence"] == {"pass": 72}
+    assert qa["summary"]["completeness"] == {"pass": 72}
+    assert qa["summary"]["science"] == {"pass": 1}
+    table = pd.read_csv(qa["table"])
+    coadds = table[(table.check == "completeness") & (table.dataset_type == "deep_coadd")]
+    assert sorted(coadds.site) == ["in2p3", "in2p3", "ral", "ral", "usdf", "usdf"]
+
+
+def test_5_reruns_duplicate_nothing(campaign_dir, campaign):
+    in2p3 = Butler.from_config(campaign.sites["in2p3"].repo)
+    chain = campaign.stage_chain("in2p3", "step3")
+    runs = [c for c in in2p3.collections.get_info(chain).children if c.startswith(chain)]
+    assert len(runs) >= 2, runs  # the failed attempt and the one that finished it
+    all_coadds = in2p3.query_datasets("deep_coadd", collections=runs, find_first=False)
+    assert sorted(ref.dataId["patch"] for ref in all_coadds) == [1, 4]
+    # The attempt after the failure ran only the failed quantum (or nothing, if the killed one finished it).
+    marker = read_marker(markers(campaign_dir) / "stage" / "in2p3" / "step3" / "t0p4.json")
+    assert marker["quanta_run"] in (0, 1)
+
+    # Forcing a finished stage again redoes nothing and adds no RUN collection.
+    step1 = markers(campaign_dir) / "stage" / "ral" / "step1" / "t0p2.json"
+    ral = Butler.from_config(campaign.sites["ral"].repo)
+    runs_before = ral.collections.get_info(campaign.stage_chain("ral", "step1")).children
+    snakemake(campaign_dir, "--forcerun", "step1_ral", "--", str(step1.relative_to(campaign_dir)))
+    assert json.loads(step1.read_text())["quanta_run"] == 0
+    ral = Butler.from_config(campaign.sites["ral"].repo)
+    assert ral.collections.get_info(campaign.stage_chain("ral", "step1")).children == runs_before
+
+    # A hand-off run again moves nothing twice.
+    placement = read_placement(markers(campaign_dir) / "placement" / "raws.tsv")
+    again = run_handoff(campaign, "fanin_step2", "in2p3", placement)
+    usdf = Butler.from_config(campaign.central.repo)
+    stars = usdf.query_datasets("single_visit_star", collections=again["runs"], find_first=False)
+    assert len(stars) == len({ref.dataId for ref in stars}) == again["datasets"]["single_visit_star"]
+
+    # Everything is done: the dry run has nothing left but the re-forced stage's dependants.
+    result = snakemake(campaign_dir, "-n", "--rerun-triggers", "input")
+    assert "Nothing to be done" in result.stdout + result.stderr or "step1_ral" not in result.stdout
