@@ -94,7 +94,8 @@ def write_submit_yaml(config: Mapping[str, Any], path: str | Path, header: str) 
 
 
 def _present(butler: Butler, dataset_type: str, chain: str) -> set:
-    if not butler.registry.queryDatasetTypes(dataset_type):
+    """Return the data IDs of ``dataset_type`` in ``chain`` (none if either is missing)."""
+    if not butler.registry.queryDatasetTypes(dataset_type) or not collection_exists(butler, chain):
         return set()
     return {
         ref.dataId
