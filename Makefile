@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup system-deps demo test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -24,7 +24,11 @@ demo: setup
 	time $(BIN)/snakemake --cores $(CORES)
 	$(BIN)/multisite summary config/config.yaml
 
-test: setup
+# Debian packages the tests use (run as root): Chromium renders the campaign report.
+system-deps:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+
+test: setup system-deps
 	$(BIN)/pytest
 
 lint: setup

@@ -24,3 +24,12 @@ rule all:
     input:
         campaign_targets(),
     default_target: True
+
+
+# Refresh the campaign report after every run, successful or not.
+onsuccess:
+    write_report()
+
+
+onerror:
+    write_report()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = ("StageFailed", "run_stage", "stage_inputs", "submit_config", "write_submit_yaml")
 
+import json
 import logging
 import re
 from collections.abc import Mapping
@@ -122,6 +123,46 @@ def _check_outputs(
     return failures
 
 
+def _write_expected(path: Path, graph: Any, outputs: set[str]) -> None:
+    """Record the outputs a quantum graph predicts, for completeness checks after every attempt."""
+    expected = {
+        name: sorted(json.dumps(dict(data_id.required), sort_keys=True) for data_id in by_id)
+        for name, by_id in graph.datasets_by_type.items()
+        if name in outputs
+    }
+    path.write_text(json.dumps(expected))
+
+
+def _read_expected(directory: Path) -> dict[str, set[str]]:
+    """Union of the outputs predicted by every attempt's quantum graph of a stage at a site."""
+    expected: dict[str, set[str]] = {}
+    for path in sorted(directory.glob("*.expected.json")):
+        for name, data_ids in json.loads(path.read_text()).items():
+            expected.setdefault(name, set()).update(data_ids)
+    return expected
+
+
+def _unit_counts(
+    campaign: Campaign, site: str, expected: dict[str, set[str]], produced: dict[str, set]
+) -> dict[str, dict[str, list[int]]]:
+    """Return expected and produced counts per unit, for dataset types with sky-map dimensions."""
+    keys = {
+        name: {json.dumps(dict(d.required), sort_keys=True) for d in ids} for name, ids in produced.items()
+    }
+    result: dict[str, dict[str, list[int]]] = {}
+    for unit in campaign.units_of(site):
+        for name, data_ids in expected.items():
+            mine = [
+                d
+                for d in data_ids
+                if (v := json.loads(d)).get("tract") == unit.tract and unit.patch in (None, v.get("patch"))
+            ]
+            if mine:
+                found = sum(1 for d in mine if d in keys.get(name, ()))
+                result.setdefault(unit.name, {})[name] = [len(mine), found]
+    return result
+
+
 def run_stage(
     campaign: Campaign, site: str, stage: str, submit_yaml: str | Path, placement: pd.DataFrame
 ) -> dict[str, Any]:
@@ -186,6 +227,7 @@ def run_stage(
             qgraph = campaign.workdir / "qgraph" / site / stage / f"{stamp}.qg"
             qgraph.parent.mkdir(parents=True, exist_ok=True)
             components.write(str(qgraph))
+            _write_expected(qgraph.with_suffix(".expected.json"), graph, flow.outputs(stage))
             _LOG.info("%s at %s: submitting %d quanta (%s).", stage, site, n_quanta, qgraph)
             command = ["bps", "submit", str(submit_yaml), "-g", str(qgraph)]
             submit_dir = _bps_submit(command, qgraph.with_suffix(".bps.log"))
@@ -199,8 +241,12 @@ def run_stage(
             f"{stage} at {site}: {len(failures)} of {n_quanta} quanta failed (bps submit dir {submit_dir}):\n"
             f"{listing}\nFix the cause and rerun: only the failed quanta run again."
         )
-    counts = {name: len(_present(butler, name, chain)) for name in sorted(flow.outputs(stage))}
+    produced = {name: _present(butler, name, chain) for name in sorted(flow.outputs(stage))}
+    expected = _read_expected(campaign.workdir / "qgraph" / site / stage)
+    units = _unit_counts(campaign, site, expected, produced)
     return {
+        "expected": {name: len(ids) for name, ids in sorted(expected.items())},
+        "units": units,
         "site": site,
         "stage": stage,
         "repo": repo,
@@ -209,7 +255,7 @@ def run_stage(
         "input_collections": inputs,
         "data_query": where,
         "quanta_run": n_quanta,
-        "datasets": counts,
+        "datasets": {name: len(ids) for name, ids in produced.items()},
         "bps_submit_dir": submit_dir,
         "submit_yaml": str(Path(submit_yaml).resolve()),
         **provenance(started, command),

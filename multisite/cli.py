@@ -1,4 +1,4 @@
-"""``multisite`` command: check a campaign config and summarise a campaign from its markers."""
+"""``multisite`` command: check a campaign config, show its status, write its report."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 from .config import CampaignConfigError, load_campaign
 from .flow import handoffs
 from .markers import read_marker
+from .report import render_report
+from .status import campaign_status, format_status
 
 
 def _summary(config: str) -> int:
@@ -42,14 +44,30 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``multisite`` command."""
     parser = argparse.ArgumentParser(prog="multisite", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, text in [("validate", "check a campaign config"), ("summary", "what is done, by the markers")]:
-        sub = commands.add_parser(name, help=text)
+    subs = {
+        name: commands.add_parser(name, help=text)
+        for name, text in [
+            ("validate", "check a campaign config"),
+            ("summary", "hand-offs and stages done, by the markers"),
+            ("status", "the campaign grid: site and unit by stage, with what runs, waits or failed"),
+            ("report", "write the static HTML campaign report"),
+        ]
+    }
+    for sub in subs.values():
         sub.add_argument("config", type=Path, help="campaign config YAML")
+    subs["status"].add_argument("--site", help="show one site's view only")
+    subs["report"].add_argument("-o", "--output", type=Path, help="HTML file (default <workdir>/report.html)")
     args = parser.parse_args(argv)
     try:
+        campaign = load_campaign(args.config)
         if args.command == "validate":
-            campaign = load_campaign(args.config)
             print(f"{args.config}: valid; {len(campaign.sites)} sites, {len(campaign.units)} units")
+            return 0
+        if args.command == "status":
+            print(format_status(campaign_status(campaign, site=args.site), campaign))
+            return 0
+        if args.command == "report":
+            print(render_report(campaign, args.output or campaign.workdir / "report.html"))
             return 0
         return _summary(str(args.config))
     except CampaignConfigError as err:

@@ -105,6 +105,8 @@ class Campaign:
     bps: Mapping[str, Any]
     qa: Mapping[str, Any]
     demo: Mapping[str, Any]
+    notify: Mapping[str, Any] = field(default_factory=dict)
+    rucio: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def central(self) -> Site:
@@ -142,6 +144,11 @@ class Campaign:
     @property
     def markers(self) -> Path:
         return self.workdir / "markers"
+
+    @property
+    def events(self) -> Path:
+        """Directory of the campaign's event logs."""
+        return self.workdir / "events"
 
 
 @cache
@@ -311,4 +318,6 @@ def load_campaign(config: Mapping[str, Any] | str | Path, base: str | Path = "."
         bps=data.get("bps", {}),
         qa=data.get("qa", {}),
         demo=data.get("demo", {}),
+        notify=data.get("notify", {}),
+        rucio=data.get("transfer", {}).get("rucio", {}),
     )

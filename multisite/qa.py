@@ -23,7 +23,7 @@ from astropy.table import Table
 from .butler_utils import open_butler
 from .config import Campaign
 from .flow import handoffs
-from .markers import provenance
+from .markers import provenance, read_marker
 from .pipeline import PipelineFlow
 
 _LOG = logging.getLogger(__name__)
@@ -167,6 +167,8 @@ def run_qa(campaign: Campaign, table_path: str | Path) -> dict[str, Any]:
                     detail=f"rtol={rtol:g}",
                 )
             )
+    rows += _stage_completeness(campaign)
+    rows += _multi_site_fraction(campaign)
     rows += _science_checks(campaign, butler, campaign_collections)
     table = pd.DataFrame([asdict(r) for r in rows])
     Path(table_path).parent.mkdir(parents=True, exist_ok=True)
@@ -188,8 +190,98 @@ def run_qa(campaign: Campaign, table_path: str | Path) -> dict[str, Any]:
     }
 
 
+def _stage_completeness(campaign: Campaign) -> list[QARow]:
+    """Compare outputs predicted by each site's quantum graphs with those produced.
+
+    Per stage, dataset type and unit.
+
+    Read from the stage markers, or from the ``done`` events that hand-offs carried
+    to the central site when the stage ran in another instance.
+    """
+    from .status import campaign_events
+
+    done = {}
+    for event in campaign_events(campaign):
+        if event.kind == "done" and "expected" in event.details.get("marker", {}):
+            done[(event.details["marker"]["site"], event.details["marker"]["stage"])] = event.details[
+                "marker"
+            ]
+    rows = []
+    for stage in campaign.stages:
+        for site in campaign.stage_sites(stage):
+            directory = campaign.markers / "stage" / site.name / stage.name
+            found = sorted(directory.glob("*.json")) if directory.exists() else []
+            marker = read_marker(found[0]) if found else done.get((site.name, stage.name))
+            if marker is None:
+                rows.append(
+                    QARow("stage_completeness", "", stage.name, site.name, "fail", detail="no marker")
+                )
+                continue
+            if not marker.get("expected"):
+                rows.append(
+                    QARow(
+                        "stage_completeness",
+                        "",
+                        stage.name,
+                        site.name,
+                        "fail",
+                        detail="no quantum-graph prediction in the marker; rerun the stage",
+                    )
+                )
+            for name, expected in marker.get("expected", {}).items():
+                produced = marker["datasets"].get(name, 0)
+                status = "pass" if produced >= expected > 0 else "fail"
+                rows.append(
+                    QARow(
+                        "stage_completeness",
+                        name,
+                        stage.name,
+                        site.name,
+                        status,
+                        value=produced,
+                        detail=f"{produced} of {expected} predicted by the quantum graphs",
+                    )
+                )
+            for unit, by_type in marker.get("units", {}).items():
+                for name, (expected, produced) in by_type.items():
+                    status = "pass" if produced == expected else "fail"
+                    rows.append(
+                        QARow(
+                            "unit_completeness",
+                            name,
+                            f"{stage.name} {unit}",
+                            site.name,
+                            status,
+                            value=produced,
+                            detail=f"{produced} of {expected}",
+                        )
+                    )
+    return rows
+
+
+def _multi_site_fraction(campaign: Campaign) -> list[QARow]:
+    """Report the fraction of raws processed at more than one site (information, never a failure)."""
+    path = campaign.markers / "placement" / "raws.tsv"
+    if not path.exists():
+        return []
+    placement = pd.read_csv(path, sep="\t")
+    sites_per_raw = placement.groupby(["exposure", "detector"])["site"].nunique()
+    fraction = float((sites_per_raw > 1).mean())
+    return [
+        QARow(
+            "multi_site_fraction",
+            "raw",
+            f"{len(sites_per_raw)} raws",
+            "all",
+            "pass",
+            value=fraction,
+            detail="fraction processed at more than one site",
+        )
+    ]
+
+
 def _science_checks(campaign: Campaign, butler, collections: list[str]) -> list[QARow]:
-    """Demo science: recovered visit zero points against the injected truth."""
+    """Check the demo science: recovered zero points and coadd photometry against the injected truth."""
     truth_collection = campaign.truth_collection
     if not truth_collection or not butler.registry.queryDatasetTypes("demo_truth_zeropoints"):
         return []
@@ -206,7 +298,7 @@ def _science_checks(campaign: Campaign, butler, collections: list[str]) -> list[
     # The solution fixes the mean offset to zero; compare offsets relative to the mean.
     rms = float(np.std((recovered - recovered.mean()) - (injected - injected.mean())))
     limit = float(campaign.qa.get("max_zeropoint_rms", 0.02))
-    return [
+    rows = [
         QARow(
             "science",
             "visit_zeropoint",
@@ -217,3 +309,29 @@ def _science_checks(campaign: Campaign, butler, collections: list[str]) -> list[
             detail=f"rms vs truth (mag), limit {limit}",
         )
     ]
+    # Calibrated magnitudes carry the mean injected offset (the solution fixes the mean to zero).
+    stars = butler.get("demo_truth_stars", instrument=campaign.instrument, collections=truth_collection)
+    offset_limit = float(campaign.qa.get("max_photometry_offset", 0.05))
+    for ref in butler.query_datasets("object_catalog", collections=collections, limit=None, explain=False):
+        objects = butler.get(ref)
+        bright = objects[objects["mag"] < 19.5]
+        distance = np.hypot(
+            np.asarray(bright["ra"])[:, None] - np.asarray(stars["ra"])[None, :],
+            np.asarray(bright["dec"])[:, None] - np.asarray(stars["dec"])[None, :],
+        )
+        matched = distance.min(axis=1, initial=np.inf) < 0.0015
+        nearest = distance.argmin(axis=1) if len(bright) else np.array([], dtype=int)
+        difference = np.asarray(bright["mag"])[matched] - np.asarray(stars["mag"])[nearest[matched]]
+        offset = float(np.median(difference) - injected.mean()) if matched.any() else float("inf")
+        rows.append(
+            QARow(
+                "science",
+                "object_catalog",
+                str(ref.dataId.required),
+                _site_of_run(campaign, ref.run),
+                "pass" if abs(offset) <= offset_limit else "fail",
+                value=offset,
+                detail=f"coadd photometry: median offset vs truth of {int(matched.sum())} bright stars (mag)",
+            )
+        )
+    return rows

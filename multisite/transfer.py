@@ -21,15 +21,16 @@ __all__ = (
 import abc
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import pandas as pd
-from lsst.daf.butler import Butler, DatasetRef, DimensionRecord
+from lsst.daf.butler import Butler, DatasetRef, DatasetType, DimensionRecord
 
 from .butler_utils import ensure_in_chain, open_butler, repo_write_lock
 from .config import Campaign, Site
+from .events import read_events
 from .flow import Handoff, handoffs
 from .markers import provenance
 from .pipeline import PipelineFlow
@@ -39,6 +40,9 @@ _LOG = logging.getLogger(__name__)
 
 # Dimension records a site needs beyond the data IDs of the datasets it receives:
 # visits (with their detector regions, for spatial joins) and its sky units.
+EVENTS_DATASET_TYPE = "campaign_events"
+"""Dataset type of an instance's event log, carried to the central site by hand-offs."""
+
 VISIT_ELEMENTS = (
     "visit_system",
     "visit",
@@ -131,7 +135,13 @@ def make_backend(campaign: Campaign) -> TransferBackend:
     """Return the transfer backend the campaign is configured for."""
     if campaign.transfer_backend == "butler":
         return ButlerBackend(campaign.transfer_mode)
-    raise ValueError(f"transfer.backend {campaign.transfer_backend!r} is not available; use 'butler'")
+    if campaign.transfer_backend == "rucio":
+        from .rucio_backend import RucioBackend
+
+        return RucioBackend(campaign.name, campaign.rucio)
+    raise ValueError(
+        f"transfer.backend {campaign.transfer_backend!r} is not available; use 'butler' or 'rucio'"
+    )
 
 
 def _site_records(butler: Butler, campaign: Campaign, selection: SiteSelection) -> dict[str, list]:
@@ -160,6 +170,17 @@ def _site_records(butler: Butler, campaign: Campaign, selection: SiteSelection) 
             ]
         records[element] = found
     return records
+
+
+def _snapshot_events(campaign: Campaign, site: Site, started: datetime) -> DatasetRef:
+    """Store this instance's event log in the site's repository, in a new RUN."""
+    events = [asdict(event) for event in read_events(sorted(campaign.events.glob("*.jsonl")))]
+    run = f"{campaign.root_collection}/{site.name}/events/{started.strftime('%Y%m%dT%H%M%S%fZ')}"
+    with repo_write_lock(site.repo), open_butler(site.repo, writeable=True) as butler:
+        dataset_type = DatasetType(EVENTS_DATASET_TYPE, (), "StructuredDataDict", universe=butler.dimensions)
+        butler.registry.registerDatasetType(dataset_type)
+        butler.registry.registerRun(run)
+        return butler.put({"events": events}, dataset_type, run=run)
 
 
 def _endpoints(campaign: Campaign, handoff: Handoff, site: str) -> tuple[Site, Site, list[str]]:
@@ -232,6 +253,9 @@ def run_handoff(
     if handoff.name == "raws":
         payload.records = _site_records(source_butler, campaign, selection)
     same_repo = source.repo == destination.repo
+    if handoff.to_central and not same_repo:
+        # The sending instance's event log travels with its data, for the central status.
+        payload.refs.append(_snapshot_events(campaign, source, started))
     _LOG.info(
         "Hand-off %s for %s: %d datasets %s -> %s%s.",
         handoff_name,
@@ -241,6 +265,8 @@ def run_handoff(
         destination.name,
         " (same repository)" if same_repo else "",
     )
+    uris = source_butler.get_many_uris(payload.refs)
+    n_bytes = sum(uris[ref].primaryURI.size() for ref in payload.refs)
     details = {} if same_repo else backend.deliver(source, destination, payload, f"{handoff_name}/{site}")
     with repo_write_lock(destination.repo), open_butler(destination.repo, writeable=True) as dest:
         stored = dest.stored_many(refs)
@@ -263,6 +289,7 @@ def run_handoff(
         "backend_details": details,
         "dataset_types": dataset_types,
         "datasets": payload.counts(),
+        "bytes": n_bytes,
         "dimension_records": {element: len(records) for element, records in payload.records.items()},
         "source_collections": collections,
         "destination_chain": campaign.handoff_chain(destination.name),

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Campaign, load_campaign
+from .events import EventLog, notify
 from .markers import write_marker
 
 
@@ -36,16 +37,41 @@ def run_rule(snakemake: Any, step: Callable[[Campaign], dict[str, Any] | None]) 
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler, logging.StreamHandler(sys.stderr)], force=True)
     log = logging.getLogger("multisite.rule")
+    campaign = load_campaign(snakemake.config)
+    wildcards = dict(snakemake.wildcards.items())
+    step_name = " ".join([snakemake.rule, *wildcards.values()])
+    site = wildcards.get("site") or getattr(snakemake.params, "site", None) or campaign.central.name
+    events = EventLog(campaign.events, "all")
+    events.record("started", step_name, site, log=str(log_path.resolve()))
     try:
-        campaign = load_campaign(snakemake.config)
         content = step(campaign)
     except Exception as err:
-        log.error("%s failed: %s", snakemake.rule, err)
-        # One clear line for the operator instead of a traceback through Snakemake's script wrapper.
+        log.error("%s failed: %s", step_name, err)
+        event = events.record(
+            "failed", step_name, site, str(err).splitlines()[0], log=str(log_path.resolve()), error=str(err)
+        )
+        notify(campaign.notify, event, campaign.name)
+        # One clear message for the operator instead of a traceback through Snakemake's script wrapper.
         print(f"\n{snakemake.rule}: {err}\n(log: {log_path})", file=sys.stderr)
         sys.exit(1)
     if content is not None:
         for output in snakemake.output:
             if output.endswith(".json"):
                 write_marker(output, content | {"rule": snakemake.rule, "marker": str(output)})
-    log.info("%s done.", snakemake.rule)
+    event = events.record("done", step_name, site, _summary(content), marker=content or {})
+    notify(campaign.notify, event, campaign.name)
+    log.info("%s done.", step_name)
+
+
+def _summary(content: dict[str, Any] | None) -> str:
+    """One line about a finished step, from its marker content."""
+    if not content:
+        return ""
+    parts = []
+    if "quanta_run" in content:
+        parts.append(f"{content['quanta_run']} quanta")
+    if "datasets" in content:
+        parts.append(f"{sum(content['datasets'].values())} datasets")
+    if "duration_s" in content:
+        parts.append(f"{content['duration_s']:.0f} s")
+    return ", ".join(parts)

@@ -95,3 +95,13 @@ def bps_yamls():
 def campaign_targets():
     """Everything: the QA at the central site, which needs the whole campaign, and every BPS YAML."""
     return [f"{MARKERS}/qa/qa.json", *bps_yamls()]
+
+
+def write_report():
+    """Write <workdir>/report.html; a report that cannot be written never fails the run."""
+    from multisite.report import render_report
+
+    try:
+        print(f"Campaign report: {render_report(campaign, campaign.workdir / 'report.html')}")
+    except Exception as err:
+        print(f"Campaign report not written: {err}")

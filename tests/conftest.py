@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -50,3 +55,49 @@ def campaign_dir(tmp_path: Path) -> Path:
     """Return a directory holding a demo campaign config."""
     demo_config(tmp_path)
     return tmp_path
+
+
+class Webhook:
+    """A local HTTP server that records what is posted to it."""
+
+    def __init__(self):
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/campaign"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def browser_dom(html_path: Path) -> str:
+    """Render a page in headless Chromium (Debian's package) and return the DOM it built."""
+    chromium = shutil.which("chromium")
+    assert chromium, "Chromium is needed to check the report: install it with 'make system-deps'"
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}",
+        "--dump-dom",
+        html_path.resolve().as_uri(),
+    ]
+    result = subprocess.run([chromium, *flags], capture_output=True, text=True, timeout=120, check=True)
+    return result.stdout

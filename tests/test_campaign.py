@@ -20,11 +20,14 @@ import pytest
 from lsst.daf.butler import Butler
 
 from multisite.config import load_campaign
+from multisite.demo.images import SkyImageFormatter
 from multisite.markers import read_marker
 from multisite.placement import read_placement
+from multisite.qa import QAFailed, run_qa
+from multisite.status import campaign_status, format_status
 from multisite.transfer import run_handoff
 
-from .conftest import BIN, REPO, demo_config, snakemake
+from .conftest import BIN, REPO, Webhook, browser_dom, demo_config, snakemake
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -34,10 +37,18 @@ def job_counts(output: str) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def campaign_dir(tmp_path_factory) -> Path:
+def webhook():
+    """Return a local webhook receiving the campaign's notifications."""
+    hook = Webhook()
+    yield hook
+    hook.close()
+
+
+@pytest.fixture(scope="module")
+def campaign_dir(tmp_path_factory, webhook) -> Path:
     """One demo campaign shared by the tests of this module, which run in order."""
     directory = tmp_path_factory.mktemp("campaign")
-    demo_config(directory)
+    demo_config(directory, notify={"webhook": webhook.url})
     return directory
 
 
@@ -77,7 +88,7 @@ def test_1_dry_run_lists_the_whole_campaign(campaign_dir):
     assert not (campaign_dir / "work").exists()
 
 
-def test_2_failed_quantum_fails_its_site_only(campaign_dir, campaign):
+def test_2_failed_quantum_fails_its_site_only(campaign_dir, campaign, webhook):
     result = snakemake(
         campaign_dir, "--keep-going", env={"MULTISITE_DEMO_FAIL": "makeCoadd:patch=4"}, check=False
     )
@@ -98,6 +109,28 @@ def test_2_failed_quantum_fails_its_site_only(campaign_dir, campaign):
     submit = (campaign_dir / "work" / "bps" / "in2p3" / "step3.yaml").read_text()
     assert "pipelineYaml: resource://multisite/demo/pipeline.yaml#step3" in submit
     assert "(tract = 0 AND patch IN (1, 4))" in submit
+
+    # Status and report show the failure, and the hand-off that waits for it.
+    cells = {(c.step, c.unit, c.site): c for c in campaign_status(campaign)}
+    failed = cells[("step3", "t0p4", "in2p3")]
+    assert (
+        failed.state == "failed" and "1 of 2 quanta failed" in failed.detail and failed.log.endswith(".log")
+    )
+    assert cells[("step3", "t0p0", "usdf")].state == "done"
+    waiting = cells[("handoff final in2p3", "final", "in2p3")]
+    assert waiting.state == "waiting" and waiting.detail == "from in2p3: waiting for step3 at in2p3"
+    text = format_status(list(cells.values()), campaign)
+    assert "FAILED: step3 t0p4 at in2p3" in text and "WAITING: handoff final in2p3" in text
+    dom = browser_dom(campaign_dir / "work" / "report.html")  # written by the workflow's onerror
+    assert re.search(r"<td>in2p3</td><td>t0p4</td>.*?>failed</td>", dom, re.S)
+    assert "failed: step3 t0p4 at in2p3" in dom and "waiting: handoff final in2p3" in dom
+
+    # The webhook heard about the failure, with what failed, and about finished stages.
+    failures = [p for p in webhook.received if p["event"]["kind"] == "failed"]
+    assert any(
+        p["event"]["step"] == "step3_in2p3" and "patch: 4" in p["event"]["details"]["error"] for p in failures
+    )
+    assert any(p["event"]["step"] == "step1_ral" and p["event"]["kind"] == "done" for p in webhook.received)
 
 
 def test_3_killed_run_finishes_with_rerun_incomplete(campaign_dir):
@@ -138,10 +171,40 @@ def test_4_results_equal_the_single_site_reference(campaign_dir, campaign):
     qa = read_marker(markers(campaign_dir) / "qa" / "qa.json")
     assert qa["summary"]["site_independence"] == {"pass": 72}
     assert qa["summary"]["completeness"] == {"pass": 72}
-    assert qa["summary"]["science"] == {"pass": 1}
+    assert qa["summary"]["science"] == {"pass": 7}  # zero points, and coadd photometry of 6 patches
+    assert qa["summary"]["stage_completeness"] == {"pass": 13}
+    assert qa["summary"]["unit_completeness"] == {"pass": 12}
     table = pd.read_csv(qa["table"])
     coadds = table[(table.check == "completeness") & (table.dataset_type == "deep_coadd")]
     assert sorted(coadds.site) == ["in2p3", "in2p3", "ral", "ral", "usdf", "usdf"]
+    assert (table[table.check == "science"].status == "pass").all() and len(
+        table[table.check == "science"]
+    ) == 7
+
+    assert all(c.state == "done" for c in campaign_status(campaign))
+    dom = browser_dom(campaign_dir / "work" / "report.html")
+    assert "Every QA check passed." in dom and ">failed<" not in dom
+    assert dom.count(">done</td>") == 18  # 6 units x 3 stages
+
+
+def test_6_qa_fails_when_a_site_output_is_altered(campaign_dir, campaign):
+    usdf = Butler.from_config(campaign.central.repo)
+    ref = usdf.find_dataset(
+        "deep_coadd", skymap="demo", tract=0, patch=4, collections=campaign.handoff_chain("usdf")
+    )
+    path = Path(usdf.getURI(ref).ospath)
+    original = path.read_bytes()
+    coadd = usdf.get(ref)
+    coadd.pixels[10:20, 10:20] *= 1.01
+    path.write_bytes(SkyImageFormatter.to_bytes(None, coadd))
+    try:
+        with pytest.raises(QAFailed) as caught:
+            run_qa(campaign, campaign_dir / "qa-altered.csv")
+    finally:
+        path.write_bytes(original)
+    message = str(caught.value)
+    assert "site_independence: deep_coadd {skymap: 'demo', tract: 0, patch: 4} site=in2p3" in message
+    assert "patch: 1}" not in message
 
 
 def test_5_reruns_duplicate_nothing(campaign_dir, campaign):
