@@ -6,9 +6,11 @@ PYTHON ?= $(shell for p in python3.12 python3.13 $$HOME/.pyenv/versions/3.12*/bi
 	$$p -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
 VENV := .venv
 BIN := $(VENV)/bin
+# The Rucio server (tests and `make rucio-up` only) has pins of its own: its own venv.
+RUCIO_VENV := .rucio-venv
 CORES ?= 2
 
-.PHONY: setup system-deps demo test lint bench clean
+.PHONY: setup system-deps rucio-setup rucio-up rucio-down demo test lint bench bench-rucio bench-planner clean
 
 setup: $(VENV)/.installed
 
@@ -24,11 +26,28 @@ demo: setup
 	time $(BIN)/snakemake --cores $(CORES)
 	$(BIN)/multisite summary config/config.yaml
 
-# Debian packages the tests use (run as root): Chromium renders the campaign report.
+# Debian packages the tests use (run as root): Chromium renders the campaign report;
+# PostgreSQL 15 backs the test Rucio server.
 system-deps:
-	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+	@command -v chromium >/dev/null && test -x /usr/lib/postgresql/15/bin/initdb || \
+		{ apt-get update -qq && apt-get install -y -qq chromium postgresql; }
 
-test: setup system-deps
+rucio-setup: $(RUCIO_VENV)/.installed
+
+$(RUCIO_VENV)/.installed: requirements-rucio-server.txt
+	test -x $(RUCIO_VENV)/bin/python || $(PYTHON) -m venv $(RUCIO_VENV)
+	$(RUCIO_VENV)/bin/pip install -q --upgrade pip
+	$(RUCIO_VENV)/bin/pip install -q -r requirements-rucio-server.txt
+	touch $@
+
+# A local, real Rucio (PostgreSQL, server, daemons) for running the demo with transfer.backend: rucio.
+rucio-up: setup system-deps rucio-setup
+	scripts/rucio_local.sh up
+
+rucio-down:
+	scripts/rucio_local.sh down
+
+test: setup system-deps rucio-setup
 	$(BIN)/pytest
 
 lint: setup
@@ -38,6 +57,12 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_demo.py
+
+bench-rucio: setup system-deps rucio-setup
+	$(BIN)/python benchmarks/bench_rucio.py
+
+bench-planner: setup
+	$(BIN)/python benchmarks/bench_planner.py
 
 clean:
 	rm -rf work .snakemake

@@ -8,28 +8,40 @@ when quanta fail.
 
 from __future__ import annotations
 
-__all__ = ("StageFailed", "run_stage", "stage_inputs", "submit_config", "write_submit_yaml")
+__all__ = (
+    "ChunkQuery",
+    "StageFailed",
+    "chunk_query",
+    "finish_stage",
+    "run_stage",
+    "stage_inputs",
+    "submit_config",
+    "write_stage_yaml",
+    "write_submit_yaml",
+)
 
 import json
 import logging
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import yaml
+from astropy.table import Table
 from lsst.daf.butler import Butler
 from lsst.pipe.base import Pipeline
 from lsst.pipe.base.all_dimensions_quantum_graph_builder import AllDimensionsQuantumGraphBuilder
 
-from .butler_utils import collection_exists, open_butler, repo_write_lock, run_tool
+from .butler_utils import collection_exists, ensure_in_chain, open_butler, repo_write_lock, run_tool
 from .config import Campaign
-from .flow import stage_dependencies
-from .markers import provenance
+from .flow import stage_chunks, stage_dependencies
+from .markers import provenance, read_marker
 from .pipeline import PipelineFlow
-from .placement import SiteSelection, units_query
+from .placement import chunk_data_ids, units_query
 
 _LOG = logging.getLogger(__name__)
 
@@ -54,35 +66,70 @@ def stage_inputs(campaign: Campaign, site: str, stage: str) -> list[str]:
     return [campaign.stage_chain(site, s) for s in reversed(same_place)] + [campaign.handoff_chain(site)]
 
 
-def _data_query(campaign: Campaign, site: str, stage: str, placement: pd.DataFrame) -> str:
-    if campaign.stage(stage).is_central:
-        return units_query(campaign, [(u.tract, u.patch) for u in campaign.units])
-    return SiteSelection.from_placement(campaign, placement, site).data_query(campaign)
+@dataclass(frozen=True)
+class ChunkQuery:
+    """What one chunk of a stage processes at a site.
+
+    Attributes
+    ----------
+    units : `tuple` [`str`, ...]
+        The chunk's units.
+    where : `str`
+        Butler query expression over the chunk's units.
+    data_ids : `astropy.table.Table` or `None`
+        For a per-visit stage, the (visit, detector) data IDs of the chunk, so that
+        the chunks of a stage never process a raw twice.
+    """
+
+    units: tuple[str, ...]
+    where: str
+    data_ids: Table | None
+
+
+def chunk_query(
+    campaign: Campaign, flow: PipelineFlow, site: str, stage: str, chunk: str, placement: pd.DataFrame
+) -> ChunkQuery:
+    """Return the data selection of one chunk of a stage at a site."""
+    units = stage_chunks(campaign, site, campaign.stage(stage))[chunk]
+    where = units_query(campaign, [(u.tract, u.patch) for u in campaign.units if u.name in units])
+    if campaign.stage(stage).is_central or flow.is_sky_stage(stage):
+        return ChunkQuery(units, where, None)
+    return ChunkQuery(units, where, chunk_data_ids(campaign, placement, site, units))
 
 
 def submit_config(
-    campaign: Campaign, flow: PipelineFlow, site: str, stage: str, placement: pd.DataFrame
+    campaign: Campaign,
+    flow: PipelineFlow,
+    site: str,
+    stage: str,
+    chunk: str,
+    query: ChunkQuery,
+    data_id_table: Path | None = None,
 ) -> dict[str, Any]:
-    """Return the BPS submit configuration of one stage at one site.
+    """Return the BPS submit configuration of one chunk of a stage at one site.
 
     Settings merge in this order, later winning: the campaign's ``bps``, the site's
     ``bps`` (its WMS, compute site, queues), the stage's ``bps`` (e.g. clustering).
+    A per-visit chunk's data IDs are passed to the graph builder as a table file.
     """
-    generated = {
+    merged = _merge(_merge(campaign.bps, campaign.sites[site].bps), campaign.stage(stage).bps)
+    generated: dict[str, Any] = {
         "pipelineYaml": flow.subset_uri(stage),
         "project": campaign.name,
         "campaign": campaign.name,
-        "submitPath": str(campaign.workdir / "submit" / site / stage / "{timestamp}"),
+        "submitPath": str(campaign.workdir / "submit" / site / stage / chunk / "{timestamp}"),
         "payload": {
-            "payloadName": f"{campaign.name}_{site}_{stage}",
+            "payloadName": f"{campaign.name}_{site}_{stage}_{chunk}",
             "butlerConfig": campaign.sites[site].repo,
             "inCollection": ",".join(stage_inputs(campaign, site, stage)),
-            "output": campaign.stage_chain(site, stage),
+            "output": campaign.stage_chain(site, stage, chunk),
             "outputRun": "{output}/{timestamp}",
-            "dataQuery": _data_query(campaign, site, stage, placement),
+            "dataQuery": query.where,
         },
     }
-    merged = _merge(_merge(campaign.bps, campaign.sites[site].bps), campaign.stage(stage).bps)
+    if data_id_table is not None:
+        extra = f"{merged.get('extraQgraphOptions', '')} --data-id-table {data_id_table}".strip()
+        generated["extraQgraphOptions"] = extra
     return _merge(merged, generated)
 
 
@@ -143,14 +190,14 @@ def _read_expected(directory: Path) -> dict[str, set[str]]:
 
 
 def _unit_counts(
-    campaign: Campaign, site: str, expected: dict[str, set[str]], produced: dict[str, set]
+    campaign: Campaign, units: tuple[str, ...], expected: dict[str, set[str]], produced: dict[str, set]
 ) -> dict[str, dict[str, list[int]]]:
     """Return expected and produced counts per unit, for dataset types with sky-map dimensions."""
     keys = {
         name: {json.dumps(dict(d.required), sort_keys=True) for d in ids} for name, ids in produced.items()
     }
     result: dict[str, dict[str, list[int]]] = {}
-    for unit in campaign.units_of(site):
+    for unit in (u for u in campaign.units if u.name in units):
         for name, data_ids in expected.items():
             mine = [
                 d
@@ -164,11 +211,11 @@ def _unit_counts(
 
 
 def run_stage(
-    campaign: Campaign, site: str, stage: str, submit_yaml: str | Path, placement: pd.DataFrame
+    campaign: Campaign, site: str, stage: str, chunk: str, submit_yaml: str | Path, placement: pd.DataFrame
 ) -> dict[str, Any]:
-    """Run what is missing of one stage at one site through BPS, and verify it.
+    """Run what is missing of one chunk of a stage at one site through BPS, and verify it.
 
-    Quanta whose outputs already exist in the stage's output chain are skipped, so
+    Quanta whose outputs already exist in the chunk's output chain are skipped, so
     a rerun after a failure runs only the failed quanta, in a new RUN collection
     prepended to the chain, and never duplicates a dataset.
 
@@ -176,31 +223,33 @@ def run_stage(
     ----------
     campaign : `Campaign`
         The campaign.
-    site, stage : `str`
+    site, stage, chunk : `str`
         Where and what to run.
     submit_yaml : `str` or `pathlib.Path`
-        The stage's BPS submit YAML (written by `write_submit_yaml`).
+        The chunk's BPS submit YAML (written by `write_stage_yaml`).
     placement : `pandas.DataFrame`
         The campaign's placement table.
 
     Returns
     -------
     marker : `dict`
-        Provenance for the stage markers.
+        Provenance for the chunk's marker.
 
     Raises
     ------
     StageFailed
-        Raised naming each failed quantum and its log when outputs are missing.
+        Raised naming each failed quantum and its log when outputs are missing,
+        or when the chunk is larger than the campaign's ``max_quanta``.
     """
     started = datetime.now(UTC)
     flow = PipelineFlow(campaign)
     repo = campaign.sites[site].repo
-    chain = campaign.stage_chain(site, stage)
-    config = yaml.safe_load(Path(submit_yaml).read_text())
-    inputs = config["payload"]["inCollection"].split(",")
-    where = config["payload"]["dataQuery"]
+    chain = campaign.stage_chain(site, stage, chunk)
+    inputs = stage_inputs(campaign, site, stage)
+    query = chunk_query(campaign, flow, site, stage, chunk, placement)
+    label = f"{stage} at {site} (chunk {chunk})"
     stamp = started.strftime("%Y%m%dT%H%M%S%fZ")
+    qgraph_dir = campaign.workdir / "qgraph" / site / stage / chunk
     submit_dir = None
     command: list[str] | None = None
     with repo_write_lock(repo):
@@ -209,56 +258,96 @@ def run_stage(
         builder = AllDimensionsQuantumGraphBuilder(
             Pipeline.from_uri(flow.subset_uri(stage)).to_graph(),
             butler,
-            where=where,
+            where=query.where,
+            data_id_tables=[query.data_ids] if query.data_ids is not None else (),
             input_collections=[chain, *inputs] if resumed else inputs,
             output_run=f"{chain}/{stamp}",
             skip_existing_in=[chain] if resumed else [],
         )
-        components = builder.finish(chain, metadata={"campaign": campaign.name, "site": site, "stage": stage})
+        components = builder.finish(
+            chain, metadata={"campaign": campaign.name, "site": site, "stage": stage, "chunk": chunk}
+        )
         graph = components.assemble()
-        quanta = {label: dict(by_id) for label, by_id in graph.quanta_by_task.items() if by_id}
+        quanta = {task: dict(by_id) for task, by_id in graph.quanta_by_task.items() if by_id}
         n_quanta = sum(len(by_id) for by_id in quanta.values())
         if n_quanta == 0 and not resumed:
             raise StageFailed(
-                f"{stage} at {site}: the quantum graph is empty; no inputs matched {where!r} in {inputs}. "
+                f"{label}: the quantum graph is empty; no inputs matched {query.where!r} in {inputs}. "
                 "Check the hand-offs into this site and the units table."
             )
+        if n_quanta > campaign.max_quanta:
+            raise StageFailed(
+                f"{label}: {n_quanta} quanta, more than max_quanta ({campaign.max_quanta}); "
+                f"set a smaller stages[{stage}].units_per_chunk (or a larger quanta_per_unit estimate)."
+            )
         if n_quanta:
-            qgraph = campaign.workdir / "qgraph" / site / stage / f"{stamp}.qg"
+            qgraph = qgraph_dir / f"{stamp}.qg"
             qgraph.parent.mkdir(parents=True, exist_ok=True)
             components.write(str(qgraph))
             _write_expected(qgraph.with_suffix(".expected.json"), graph, flow.outputs(stage))
-            _LOG.info("%s at %s: submitting %d quanta (%s).", stage, site, n_quanta, qgraph)
+            _LOG.info("%s: submitting %d quanta (%s).", label, n_quanta, qgraph)
             command = ["bps", "submit", str(submit_yaml), "-g", str(qgraph)]
             submit_dir = _bps_submit(command, qgraph.with_suffix(".bps.log"))
         else:
-            _LOG.info("%s at %s: every quantum already has its outputs in %s.", stage, site, chain)
+            _LOG.info("%s: every quantum already has its outputs in %s.", label, chain)
         butler = open_butler(repo)
         failures = _check_outputs(butler, chain, quanta, submit_dir)
     if failures:
         listing = "\n".join(f"    {line}" for line in failures[:50])
         raise StageFailed(
-            f"{stage} at {site}: {len(failures)} of {n_quanta} quanta failed (bps submit dir {submit_dir}):\n"
+            f"{label}: {len(failures)} of {n_quanta} quanta failed (bps submit dir {submit_dir}):\n"
             f"{listing}\nFix the cause and rerun: only the failed quanta run again."
         )
     produced = {name: _present(butler, name, chain) for name in sorted(flow.outputs(stage))}
-    expected = _read_expected(campaign.workdir / "qgraph" / site / stage)
-    units = _unit_counts(campaign, site, expected, produced)
+    expected = _read_expected(qgraph_dir)
     return {
-        "expected": {name: len(ids) for name, ids in sorted(expected.items())},
-        "units": units,
         "site": site,
         "stage": stage,
+        "chunk": chunk,
+        "chunk_units": list(query.units),
+        "expected": {name: len(ids) for name, ids in sorted(expected.items())},
+        "units": _unit_counts(campaign, query.units, expected, produced),
         "repo": repo,
         "output_chain": chain,
         "runs": list(butler.collections.get_info(chain).children),
         "input_collections": inputs,
-        "data_query": where,
+        "data_query": query.where,
+        "data_ids": None if query.data_ids is None else len(query.data_ids),
         "quanta_run": n_quanta,
         "datasets": {name: len(ids) for name, ids in produced.items()},
         "bps_submit_dir": submit_dir,
         "submit_yaml": str(Path(submit_yaml).resolve()),
         **provenance(started, command),
+    }
+
+
+def finish_stage(campaign: Campaign, site: str, stage: str, chunk_markers: list[str]) -> dict[str, Any]:
+    """Gather a stage's chunks at a site into its output chain, once every chunk is verified.
+
+    Returns
+    -------
+    marker : `dict`
+        The stage's totals over its chunks, for the stage marker.
+    """
+    started = datetime.now(UTC)
+    chunks = [read_marker(path) for path in chunk_markers]
+    chain = campaign.stage_chain(site, stage)
+    repo = campaign.sites[site].repo
+    with repo_write_lock(repo), open_butler(repo, writeable=True) as butler:
+        ensure_in_chain(butler, chain, [chunk["output_chain"] for chunk in chunks])
+    totals: dict[str, dict[str, int]] = {"datasets": {}, "expected": {}}
+    for chunk in chunks:
+        for key, counts in totals.items():
+            for name, count in chunk[key].items():
+                counts[name] = counts.get(name, 0) + count
+    return {
+        "site": site,
+        "stage": stage,
+        "output_chain": chain,
+        "chunks": [chunk["chunk"] for chunk in chunks],
+        "quanta_run": sum(chunk["quanta_run"] for chunk in chunks),
+        **totals,
+        **provenance(started),
     }
 
 
@@ -273,14 +362,29 @@ def _bps_submit(command: list[str], log_path: Path) -> str | None:
 
 
 def write_stage_yaml(
-    campaign: Campaign, site: str, stage: str, placement: pd.DataFrame, path: str | Path
+    campaign: Campaign, site: str, stage: str, chunk: str, placement: pd.DataFrame, path: str | Path
 ) -> dict[str, Any]:
-    """Write the BPS submit YAML of one stage at one site; return a summary."""
-    config = submit_config(campaign, PipelineFlow(campaign), site, stage, placement)
+    """Write the BPS submit YAML of one chunk of a stage at one site (and its data ID table)."""
+    flow = PipelineFlow(campaign)
+    path = Path(path)
+    query = chunk_query(campaign, flow, site, stage, chunk, placement)
+    table = None
+    if query.data_ids is not None:
+        table = path.with_suffix(".dataids.ecsv").resolve()
+        table.parent.mkdir(parents=True, exist_ok=True)
+        query.data_ids.write(table, overwrite=True)
+    config = submit_config(campaign, flow, site, stage, chunk, query, table)
     header = (
-        f"BPS submit configuration for campaign {campaign.name}, stage {stage} at site {site}.\n"
+        f"BPS submit configuration for campaign {campaign.name}, stage {stage} at site {site}, "
+        f"chunk {chunk} (units {', '.join(query.units)}).\n"
         "Generated by multisite from the campaign config; edit the config, not this file.\n"
-        f"By hand: bps submit {Path(path).name}"
+        f"By hand: bps submit {path.name}"
     )
     write_submit_yaml(config, path, header)
-    return {"site": site, "stage": stage, "submit_yaml": str(path), "wms": config.get("wmsServiceClass")}
+    return {
+        "site": site,
+        "stage": stage,
+        "chunk": chunk,
+        "submit_yaml": str(path),
+        "wms": config.get("wmsServiceClass"),
+    }

@@ -68,6 +68,8 @@ class Stage:
     subset: str
     location: str
     bps: Mapping[str, Any] = field(default_factory=dict)
+    units_per_chunk: int | None = None
+    quanta_per_unit: int = 1
 
     @property
     def is_central(self) -> bool:
@@ -105,6 +107,7 @@ class Campaign:
     bps: Mapping[str, Any]
     qa: Mapping[str, Any]
     demo: Mapping[str, Any]
+    max_quanta: int = 100_000
     notify: Mapping[str, Any] = field(default_factory=dict)
     rucio: Mapping[str, Any] = field(default_factory=dict)
 
@@ -128,9 +131,9 @@ class Campaign:
         """Sites that run ``stage``."""
         return [self.central] if stage.is_central else self.processing_sites
 
-    def stage_chain(self, site: str, stage: str) -> str:
-        """CHAINED collection holding a stage's outputs at a site (all its attempts' RUNs)."""
-        return f"{self.root_collection}/{site}/{stage}"
+    def stage_chain(self, site: str, stage: str, chunk: str | None = None) -> str:
+        """CHAINED collection of a stage's outputs at a site, or of one chunk (its attempts' RUNs)."""
+        return f"{self.root_collection}/{site}/{stage}" + (f"/{chunk}" if chunk else "")
 
     def handoff_chain(self, site: str) -> str:
         """CHAINED collection of every RUN handed to ``site`` by other sites."""
@@ -309,7 +312,18 @@ def load_campaign(config: Mapping[str, Any] | str | Path, base: str | Path = "."
         truth_collection=collections.get("truth"),
         transfer_backend=transfer.get("backend", "butler"),
         transfer_mode=transfer.get("mode", "copy"),
-        stages=tuple(Stage(s["name"], s["subset"], s["location"], s.get("bps", {})) for s in data["stages"]),
+        stages=tuple(
+            Stage(
+                s["name"],
+                s["subset"],
+                s["location"],
+                s.get("bps", {}),
+                s.get("units_per_chunk"),
+                s.get("quanta_per_unit", 1),
+            )
+            for s in data["stages"]
+        ),
+        max_quanta=data.get("max_quanta", 100_000),
         sites={
             name: Site(name, s["role"], resolve(s["repo"]), s.get("create_repo", False), s["bps"])
             for name, s in sites_cfg.items()

@@ -15,11 +15,14 @@ Hand-offs, named as in marker paths:
 
 from __future__ import annotations
 
-__all__ = ("Handoff", "handoffs", "stage_dependencies")
+__all__ = ("CENTRAL_CHUNK", "Handoff", "handoffs", "stage_chunks", "stage_dependencies")
 
 from dataclasses import dataclass
 
 from .config import Campaign, Stage
+
+CENTRAL_CHUNK = "global"
+"""The one chunk of a central stage: all units at once."""
 
 TO_SITES = "to_sites"
 TO_CENTRAL = "to_central"
@@ -92,3 +95,26 @@ def stage_dependencies(campaign: Campaign, stage: Stage) -> tuple[list[str], lis
     same_place = [s.name for s in campaign.stages[:index] if s.is_central == stage.is_central]
     incoming = [h for h in handoffs(campaign) if stage.name in h.consumers]
     return same_place, incoming
+
+
+def stage_chunks(campaign: Campaign, site: str, stage: Stage) -> dict[str, tuple[str, ...]]:
+    """Split a stage's units at a site into chunks, one BPS workflow each.
+
+    A chunk takes ``units_per_chunk`` consecutive units of the site, or as many
+    as keep its estimated quanta (``quanta_per_unit`` each) under the campaign's
+    ``max_quanta``. Chunks are named after their unit when each holds one unit
+    (the demo's per-patch markers), ``c0000``, ``c0001``, ... otherwise.
+
+    Returns
+    -------
+    chunks : `dict` [`str`, `tuple` [`str`, ...]]
+        Chunk name to unit names, in order (``global`` with all units for a central stage).
+    """
+    if stage.is_central:
+        return {CENTRAL_CHUNK: tuple(u.name for u in campaign.units)}
+    units = [u.name for u in campaign.units_of(site)]
+    per_chunk = stage.units_per_chunk or max(1, campaign.max_quanta // stage.quanta_per_unit)
+    groups = [tuple(units[i : i + per_chunk]) for i in range(0, len(units), per_chunk)]
+    if per_chunk == 1:
+        return {group[0]: group for group in groups}
+    return {f"c{index:04d}": group for index, group in enumerate(groups)}

@@ -82,6 +82,10 @@ class PipelineFlow:
         """Regular output dataset types of a stage (no configs, metadata or logs)."""
         return {name for name, producer in self._producer.items() if producer == stage}
 
+    def is_sky_stage(self, stage: str) -> bool:
+        """Whether a stage's quanta have sky-map dimensions (per patch or tract), not per visit."""
+        return any("tract" in self.graph.tasks[label].dimensions.names for label in self.tasks(stage))
+
     def handoff_types(self, handoff: Handoff) -> list[str]:
         """Dataset types that a hand-off moves, as the pipeline dictates.
 

@@ -9,21 +9,31 @@ data ID twice.
 
 from __future__ import annotations
 
-__all__ = ("SiteSelection", "compute_placement", "read_placement", "units_query", "write_placement")
+__all__ = (
+    "SiteSelection",
+    "chunk_data_ids",
+    "compute_placement",
+    "plan_placement",
+    "read_placement",
+    "units_query",
+    "write_placement",
+)
 
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from astropy.table import Table
 from lsst.daf.butler import Butler, DataCoordinate
 
 from .config import Campaign
 
 _LOG = logging.getLogger(__name__)
 
-COLUMNS = ["exposure", "visit", "detector", "site", "owner"]
+COLUMNS = ["exposure", "visit", "detector", "site", "owner", "unit"]
 
 
 def compute_placement(butler: Butler, campaign: Campaign) -> pd.DataFrame:
@@ -40,10 +50,10 @@ def compute_placement(butler: Butler, campaign: Campaign) -> pd.DataFrame:
     -------
     placement : `pandas.DataFrame`
         One row per (raw, site that needs it): ``exposure``, ``visit``,
-        ``detector``, ``site`` and ``owner`` (the raw's owning site).
+        ``detector``, ``site``, ``owner`` (the raw's owning site) and ``unit``
+        (the first of the site's units it overlaps, which decides its chunk).
     """
-    unit_site = {(u.tract, u.patch): u.site for u in campaign.units}
-    tract_site = {u.tract: u.site for u in campaign.units if u.patch is None}
+    unit_index = {(u.tract, u.patch): i for i, u in enumerate(campaign.units)}
     tracts = sorted({u.tract for u in campaign.units})
     with butler.query() as query:
         query = query.join_dataset_search("raw", [campaign.raw_collection]).where(
@@ -57,15 +67,21 @@ def compute_placement(butler: Butler, campaign: Campaign) -> pd.DataFrame:
             for d in query.data_ids(["exposure", "visit", "detector", "tract", "patch"])
         ]
     order = {site.name: index for index, site in enumerate(campaign.processing_sites)}
-    needed: dict[tuple[int, int, int], set[str]] = {}
+    # For each raw and each site needing it, the first of that site's units it overlaps.
+    needed: dict[tuple[int, int, int], dict[str, int]] = {}
     for exposure, visit, detector, tract, patch in rows:
-        site = unit_site.get((tract, patch)) or tract_site.get(tract)
-        if site is not None:
-            needed.setdefault((exposure, visit, detector), set()).add(site)
+        index = unit_index.get((tract, patch), unit_index.get((tract, None)))
+        if index is not None:
+            site = campaign.units[index].site
+            first = needed.setdefault((exposure, visit, detector), {})
+            first[site] = min(first.get(site, index), index)
     records = []
     for (exposure, visit, detector), sites in sorted(needed.items()):
         owner = min(sites, key=order.__getitem__)
-        records += [(exposure, visit, detector, site, owner) for site in sorted(sites, key=order.__getitem__)]
+        records += [
+            (exposure, visit, detector, site, owner, campaign.units[sites[site]].name)
+            for site in sorted(sites, key=order.__getitem__)
+        ]
     placement = pd.DataFrame.from_records(records, columns=COLUMNS)
     _LOG.info(
         "%d raws needed by %d sites; %d site copies in all.",
@@ -148,6 +164,22 @@ class SiteSelection:
     def data_query(self, campaign: Campaign) -> str:
         """Butler query expression selecting the quanta of this site's units."""
         return units_query(campaign, self.units)
+
+
+def chunk_data_ids(campaign: Campaign, placement: pd.DataFrame, site: str, units: Iterable[str]) -> Table:
+    """Return the (visit, detector) data IDs a per-visit stage's chunk processes at a site.
+
+    Each raw a site needs belongs to the chunk of the first of the site's units it
+    overlaps, so the chunks of a stage never process a raw twice.
+    """
+    mine = placement[(placement["site"] == site) & placement["unit"].isin(list(units))]
+    return Table(
+        {
+            "instrument": [campaign.instrument] * len(mine),
+            "visit": mine["visit"].to_numpy(dtype=np.int64),
+            "detector": mine["detector"].to_numpy(dtype=np.int64),
+        }
+    )
 
 
 def units_query(campaign: Campaign, units: Iterable[tuple[int, int | None]]) -> str:

@@ -22,7 +22,7 @@ from astropy.table import Table
 
 from .butler_utils import open_butler
 from .config import Campaign
-from .flow import handoffs
+from .flow import handoffs, stage_chunks
 from .markers import provenance, read_marker
 from .pipeline import PipelineFlow
 
@@ -202,60 +202,54 @@ def _stage_completeness(campaign: Campaign) -> list[QARow]:
 
     done = {}
     for event in campaign_events(campaign):
-        if event.kind == "done" and "expected" in event.details.get("marker", {}):
-            done[(event.details["marker"]["site"], event.details["marker"]["stage"])] = event.details[
-                "marker"
-            ]
+        marker = event.details.get("marker", {})
+        if event.kind == "done" and "chunk" in marker and "expected" in marker:
+            done[(marker["site"], marker["stage"], marker["chunk"])] = marker
     rows = []
     for stage in campaign.stages:
         for site in campaign.stage_sites(stage):
-            directory = campaign.markers / "stage" / site.name / stage.name
-            found = sorted(directory.glob("*.json")) if directory.exists() else []
-            marker = read_marker(found[0]) if found else done.get((site.name, stage.name))
-            if marker is None:
-                rows.append(
-                    QARow("stage_completeness", "", stage.name, site.name, "fail", detail="no marker")
-                )
-                continue
-            if not marker.get("expected"):
-                rows.append(
-                    QARow(
-                        "stage_completeness",
-                        "",
-                        stage.name,
-                        site.name,
-                        "fail",
-                        detail="no quantum-graph prediction in the marker; rerun the stage",
-                    )
-                )
-            for name, expected in marker.get("expected", {}).items():
-                produced = marker["datasets"].get(name, 0)
-                status = "pass" if produced >= expected > 0 else "fail"
-                rows.append(
-                    QARow(
-                        "stage_completeness",
-                        name,
-                        stage.name,
-                        site.name,
-                        status,
-                        value=produced,
-                        detail=f"{produced} of {expected} predicted by the quantum graphs",
-                    )
-                )
-            for unit, by_type in marker.get("units", {}).items():
-                for name, (expected, produced) in by_type.items():
-                    status = "pass" if produced == expected else "fail"
+            for chunk in stage_chunks(campaign, site.name, stage):
+                path = campaign.markers / "stage" / site.name / stage.name / f"{chunk}.json"
+                marker = read_marker(path) if path.exists() else done.get((site.name, stage.name, chunk))
+                where = f"{stage.name} {chunk}"
+                if not marker or not marker.get("expected"):
                     rows.append(
                         QARow(
-                            "unit_completeness",
-                            name,
-                            f"{stage.name} {unit}",
+                            "stage_completeness",
+                            "",
+                            where,
                             site.name,
-                            status,
-                            value=produced,
-                            detail=f"{produced} of {expected}",
+                            "fail",
+                            detail="no quantum-graph prediction for this chunk; rerun it",
                         )
                     )
+                    continue
+                for name, expected in marker["expected"].items():
+                    produced = marker["datasets"].get(name, 0)
+                    rows.append(
+                        QARow(
+                            "stage_completeness",
+                            name,
+                            where,
+                            site.name,
+                            "pass" if produced >= expected > 0 else "fail",
+                            value=produced,
+                            detail=f"{produced} of {expected} predicted by the quantum graphs",
+                        )
+                    )
+                for unit, by_type in marker.get("units", {}).items():
+                    for name, (expected, produced) in by_type.items():
+                        rows.append(
+                            QARow(
+                                "unit_completeness",
+                                name,
+                                f"{stage.name} {unit}",
+                                site.name,
+                                "pass" if produced == expected else "fail",
+                                value=produced,
+                                detail=f"{produced} of {expected}",
+                            )
+                        )
     return rows
 
 

@@ -18,7 +18,7 @@ import pandas as pd
 
 from .config import Campaign
 from .events import Event
-from .flow import handoffs
+from .flow import CENTRAL_CHUNK, handoffs, stage_chunks
 from .markers import read_marker
 from .status import FAILED, campaign_events, campaign_status
 
@@ -147,10 +147,10 @@ def render_report(campaign: Campaign, path: str | Path) -> Path:
         + "".join(f"<th>{_e(s)}</th>" for s in stages)
         + "</tr>"
     )
-    central = {c.step: c for c in cells if c.unit == "global"}
+    central = {c.step: c for c in cells if c.unit == CENTRAL_CHUNK}
     rows: dict[tuple[str, str], dict] = {}
     for cell in cells:
-        if cell.step in stages and cell.unit != "global":
+        if cell.step in stages and cell.unit != CENTRAL_CHUNK:
             rows.setdefault((cell.site, cell.unit), dict(central))[cell.step] = cell
     for (site, unit), by_stage in rows.items():
         body.append(f"<tr><td>{_e(site)}</td><td>{_e(unit)}</td>")
@@ -207,10 +207,11 @@ def render_report(campaign: Campaign, path: str | Path) -> Path:
     durations = []
     for stage in campaign.stages:
         for site in campaign.stage_sites(stage):
-            directory = markers / "stage" / site.name / stage.name
-            found = sorted(directory.glob("*.json")) if directory.exists() else []
-            if found:
-                durations.append((f"{stage.name} at {site.name}", read_marker(found[0])["duration_s"]))
+            for chunk in stage_chunks(campaign, site.name, stage):
+                chunk_marker = markers / "stage" / site.name / stage.name / f"{chunk}.json"
+                if chunk_marker.exists():
+                    duration = read_marker(chunk_marker)["duration_s"]
+                    durations.append((f"{stage.name} {chunk} at {site.name}", duration))
     body.append("<h2>Stage durations</h2>")
     body.append(_bars_svg(durations, "s"))
 

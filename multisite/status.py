@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .config import Campaign
 from .events import Event, read_events
-from .flow import handoffs, stage_dependencies
+from .flow import CENTRAL_CHUNK, handoffs, stage_chunks, stage_dependencies
 from .markers import read_marker
 
 _LOG = logging.getLogger(__name__)
@@ -120,17 +120,16 @@ def campaign_status(
     for stage in campaign.stages:
         earlier, incoming = stage_dependencies(campaign, stage)
         for runner in campaign.stage_sites(stage):
-            units = ["global"] if stage.is_central else [u.name for u in campaign.units_of(runner.name)]
-            step = f"{stage.name}_{runner.name}"
-            for unit in units:
-                cell = _state(
-                    markers / "stage" / runner.name / stage.name / f"{unit}.json", step, runner.name, latest
-                )
+            for chunk, units in stage_chunks(campaign, runner.name, stage).items():
+                step = f"run_stage {runner.name} {stage.name} {chunk}"
+                marker = markers / "stage" / runner.name / stage.name / f"{chunk}.json"
+                cell = _state(marker, step, runner.name, latest)
                 if cell is None:
                     cell = _waiting(campaign, stage.is_central, runner.name, incoming, done_at)
-                cells.append(
-                    Cell(runner.name, unit, stage.name, cell.state, cell.since, cell.detail, cell.log)
-                )
+                for unit in [CENTRAL_CHUNK] if stage.is_central else units:
+                    cells.append(
+                        Cell(runner.name, unit, stage.name, cell.state, cell.since, cell.detail, cell.log)
+                    )
     if site is not None:
         cells = [c for c in cells if c.site == site]
     return cells
@@ -141,8 +140,7 @@ def _handoff_waiting(campaign: Campaign, handoff, site: str, source: str, marker
     pending = []
     for name in handoff.producers:
         runner = campaign.central.name if campaign.stage(name).is_central else site
-        units = ["global"] if campaign.stage(name).is_central else [u.name for u in campaign.units_of(site)]
-        if not all((markers / "stage" / runner / name / f"{unit}.json").exists() for unit in units):
+        if not (markers / "stage" / runner / f"{name}.json").exists():
             pending.append(f"{name} at {runner}")
     if pending:
         return Cell(site, "", "", WAITING, detail=f"from {source}: waiting for {', '.join(pending)}")
@@ -165,10 +163,10 @@ def _waiting(campaign: Campaign, central: bool, site: str, incoming, done_at: di
 def format_status(cells: list[Cell], campaign: Campaign) -> str:
     """Format the status as a grid (site and unit by stage), then what runs, waits or failed."""
     stages = [s.name for s in campaign.stages]
-    central = {c.step: c.state for c in cells if c.unit == "global"}
+    central = {c.step: c.state for c in cells if c.unit == CENTRAL_CHUNK}
     rows: dict[tuple[str, str], dict[str, str]] = {}
     for cell in cells:
-        if cell.step in stages and cell.unit != "global":
+        if cell.step in stages and cell.unit != CENTRAL_CHUNK:
             rows.setdefault((cell.site, cell.unit), dict(central))[cell.step] = cell.state
     width = max([len(s) for s in stages] + [11])
     lines = [f"{'site':8s} {'unit':10s} " + " ".join(f"{s:{width}s}" for s in stages)]

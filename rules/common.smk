@@ -2,7 +2,7 @@
 import os
 
 from multisite.config import CampaignConfigError, load_campaign
-from multisite.flow import handoffs, stage_dependencies
+from multisite.flow import handoffs, stage_chunks, stage_dependencies
 from multisite.pipeline import missing_subsets
 from snakemake.exceptions import WorkflowError
 
@@ -28,19 +28,21 @@ wildcard_constraints:
     site="|".join(campaign.sites),
     stage="|".join(stage.name for stage in campaign.stages),
     handoff="|".join(HANDOFFS),
+    chunk="[A-Za-z0-9_-]+",
 
 
-def stage_unit_markers(site, stage):
-    """Per-unit markers of a stage at a site (one 'global' unit for a central stage)."""
-    units = ["global"] if campaign.stage(stage).is_central else [u.name for u in campaign.units_of(site)]
-    return [f"{MARKERS}/stage/{site}/{stage}/{unit}.json" for unit in units]
+def chunks(site, stage):
+    """Chunk names of a stage at a site (one BPS workflow each)."""
+    return list(stage_chunks(campaign, site, campaign.stage(stage)))
 
 
-def stage_done(site, stage):
-    """Markers that say a stage is complete (at every site that runs it)."""
-    if campaign.stage(stage).is_central:
-        return stage_unit_markers(CENTRAL, stage)
-    return stage_unit_markers(site, stage)
+def chunk_markers(site, stage):
+    return [f"{MARKERS}/stage/{site}/{stage}/{chunk}.json" for chunk in chunks(site, stage)]
+
+
+def stage_marker(site, stage):
+    """The marker of a stage complete at a site (the central site for a central stage)."""
+    return f"{MARKERS}/stage/{CENTRAL if campaign.stage(stage).is_central else site}/{stage}.json"
 
 
 def handoff_marker(name, site):
@@ -63,18 +65,19 @@ def handoff_inputs(wildcards):
         "repos": [f"{MARKERS}/repos/{site}.json", f"{MARKERS}/repos/{CENTRAL}.json"],
     }
     producer_site = site if handoff.to_central else CENTRAL
-    inputs["producers"] = [m for stage in handoff.producers for m in stage_done(producer_site, stage)]
+    inputs["producers"] = [stage_marker(producer_site, stage) for stage in handoff.producers]
     return inputs
 
 
-def stage_inputs(site, stage_name):
-    """A stage waits for its site's verified inputs, earlier stages there and incoming hand-offs."""
+def chunk_inputs(wildcards):
+    """A chunk waits for its site's verified inputs, earlier stages there and incoming hand-offs."""
+    site, stage_name = wildcards.site, wildcards.stage
     stage = campaign.stage(stage_name)
     earlier, incoming = stage_dependencies(campaign, stage)
     inputs = {
         "placement": f"{MARKERS}/placement/raws.tsv",
-        "submit_yaml": f"{BPS_DIR}/{site}/{stage_name}.yaml",
-        "earlier": [m for name in earlier for m in stage_unit_markers(site, name)],
+        "submit_yaml": f"{BPS_DIR}/{site}/{stage_name}/{wildcards.chunk}.yaml",
+        "earlier": [stage_marker(site, name) for name in earlier],
     }
     if stage.is_central:
         inputs["handoffs"] = [handoff_marker(h.name, s) for h in incoming for s in PROCESSING]
@@ -86,9 +89,10 @@ def stage_inputs(site, stage_name):
 
 def bps_yamls():
     return [
-        f"{BPS_DIR}/{site.name}/{stage.name}.yaml"
+        f"{BPS_DIR}/{site.name}/{stage.name}/{chunk}.yaml"
         for stage in campaign.stages
         for site in campaign.stage_sites(stage)
+        for chunk in chunks(site.name, stage.name)
     ]
 
 

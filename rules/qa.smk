@@ -17,7 +17,7 @@ rule qa:
     input:
         reference=f"{MARKERS}/reference/reference.json",
         final=[handoff_marker("final", site) for site in PROCESSING],
-        central=[m for stage in campaign.stages if stage.is_central for m in stage_done(CENTRAL, stage.name)],
+        central=[stage_marker(CENTRAL, stage.name) for stage in campaign.stages if stage.is_central],
     output:
         marker=f"{MARKERS}/qa/qa.json",
     params:

@@ -1,5 +1,18 @@
-# Step 5: every stage at every site that runs it, one BPS submission each; a marker per unit.
-# One rule per (stage, site), because each writes the markers of that site's own units.
+# Step 5: every stage at every site that runs it, one BPS workflow per chunk of units,
+# then one rule per stage and site (named <stage>_<site>) once all its chunks are verified.
+
+
+rule run_stage:
+    input:
+        unpack(chunk_inputs),
+    output:
+        marker=f"{MARKERS}/stage/{{site}}/{{stage}}/{{chunk}}.json",
+    log:
+        f"{LOGS}/stage/{{site}}/{{stage}}/{{chunk}}.log",
+    localrule: True
+    script:
+        "../scripts/run_stage.py"
+
 
 for _stage in campaign.stages:
     for _site in campaign.stage_sites(_stage):
@@ -8,9 +21,9 @@ for _stage in campaign.stages:
             name:
                 f"{_stage.name}_{_site.name}"
             input:
-                **stage_inputs(_site.name, _stage.name),
+                chunks=chunk_markers(_site.name, _stage.name),
             output:
-                stage_unit_markers(_site.name, _stage.name),
+                marker=stage_marker(_site.name, _stage.name),
             log:
                 f"{LOGS}/stage/{_site.name}/{_stage.name}.log",
             params:
@@ -18,4 +31,4 @@ for _stage in campaign.stages:
                 stage=_stage.name,
             localrule: True
             script:
-                "../scripts/run_stage.py"
+                "../scripts/finish_stage.py"

@@ -1,4 +1,4 @@
-"""Snakemake shim: write the BPS submit YAML of one stage at one site."""
+"""Snakemake shim: write the BPS submit YAML of one chunk of a stage at one site."""
 
 from multisite.bps import write_stage_yaml
 from multisite.placement import read_placement
@@ -10,6 +10,7 @@ run_rule(
         campaign,
         snakemake.wildcards.site,
         snakemake.wildcards.stage,
+        snakemake.wildcards.chunk,
         read_placement(snakemake.input.placement),
         snakemake.output.submit_yaml,
     ),

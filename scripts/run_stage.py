@@ -1,4 +1,4 @@
-"""Snakemake shim: run one stage at one site through BPS and verify its outputs."""
+"""Snakemake shim: run one chunk of a stage at one site through BPS and verify its outputs."""
 
 from multisite.bps import run_stage
 from multisite.placement import read_placement
@@ -8,8 +8,9 @@ run_rule(
     snakemake,
     lambda campaign: run_stage(
         campaign,
-        snakemake.params.site,
-        snakemake.params.stage,
+        snakemake.wildcards.site,
+        snakemake.wildcards.stage,
+        snakemake.wildcards.chunk,
         snakemake.input.submit_yaml,
         read_placement(snakemake.input.placement),
     ),

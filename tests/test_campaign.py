@@ -94,7 +94,7 @@ def test_2_failed_quantum_fails_its_site_only(campaign_dir, campaign, webhook):
     )
     assert result.returncode != 0
     error = result.stderr
-    assert "step3 at in2p3: 1 of 2 quanta failed" in error
+    assert "step3 at in2p3 (chunk t0p4): 1 of 1 quanta failed" in error
     assert re.search(
         r"makeCoadd \{skymap: 'demo', tract: 0, patch: 4\} -- log: file://\S+makeCoadd_log", error
     )
@@ -102,13 +102,16 @@ def test_2_failed_quantum_fails_its_site_only(campaign_dir, campaign, webhook):
     for site, unit in [("usdf", "t0p0"), ("ral", "t0p2")]:
         assert (done / "stage" / site / "step3" / f"{unit}.json").exists()
         assert (done / "handoff" / "final" / f"{site}.json").exists()
+    assert (done / "stage" / "in2p3" / "step3" / "t0p1.json").exists()  # the site's other chunk
     assert not (done / "stage" / "in2p3" / "step3" / "t0p4.json").exists()
     assert not (done / "handoff" / "final" / "in2p3.json").exists()
     assert not (done / "qa" / "qa.json").exists()
     # The BPS YAML an operator would submit by hand is there, for every site and stage.
-    submit = (campaign_dir / "work" / "bps" / "in2p3" / "step3.yaml").read_text()
+    submit = (campaign_dir / "work" / "bps" / "in2p3" / "step3" / "t0p4.yaml").read_text()
     assert "pipelineYaml: resource://multisite/demo/pipeline.yaml#step3" in submit
-    assert "(tract = 0 AND patch IN (1, 4))" in submit
+    assert "(tract = 0 AND patch IN (4))" in submit
+    step1 = (campaign_dir / "work" / "bps" / "in2p3" / "step1" / "c0000.yaml").read_text()
+    assert "--data-id-table" in step1 and "(tract = 0 AND patch IN (1, 4))" in step1
 
     # Status and report show the failure, and the hand-off that waits for it.
     cells = {(c.step, c.unit, c.site): c for c in campaign_status(campaign)}
@@ -134,7 +137,7 @@ def test_2_failed_quantum_fails_its_site_only(campaign_dir, campaign, webhook):
 
 
 def test_3_killed_run_finishes_with_rerun_incomplete(campaign_dir):
-    submit_root = campaign_dir / "work" / "submit" / "in2p3" / "step3"
+    submit_root = campaign_dir / "work" / "submit" / "in2p3" / "step3" / "t0p4"
     before = set(submit_root.iterdir())
     command = [
         str(BIN / "snakemake"),
@@ -163,7 +166,7 @@ def test_3_killed_run_finishes_with_rerun_incomplete(campaign_dir):
     # What the README tells an operator after a crash: release the lock, then resume.
     snakemake(campaign_dir, "--unlock")
     resumed = snakemake(campaign_dir, "--rerun-incomplete")
-    assert "step3_in2p3" in resumed.stderr + resumed.stdout
+    assert "wildcards: site=in2p3, stage=step3, chunk=t0p4" in resumed.stderr + resumed.stdout
     assert (markers(campaign_dir) / "qa" / "qa.json").exists()
 
 
@@ -172,7 +175,7 @@ def test_4_results_equal_the_single_site_reference(campaign_dir, campaign):
     assert qa["summary"]["site_independence"] == {"pass": 72}
     assert qa["summary"]["completeness"] == {"pass": 72}
     assert qa["summary"]["science"] == {"pass": 7}  # zero points, and coadd photometry of 6 patches
-    assert qa["summary"]["stage_completeness"] == {"pass": 13}
+    assert qa["summary"]["stage_completeness"] == {"pass": 19}  # 10 chunks, their output types
     assert qa["summary"]["unit_completeness"] == {"pass": 12}
     table = pd.read_csv(qa["table"])
     coadds = table[(table.check == "completeness") & (table.dataset_type == "deep_coadd")]
@@ -209,23 +212,24 @@ def test_6_qa_fails_when_a_site_output_is_altered(campaign_dir, campaign):
 
 def test_5_reruns_duplicate_nothing(campaign_dir, campaign):
     in2p3 = Butler.from_config(campaign.sites["in2p3"].repo)
-    chain = campaign.stage_chain("in2p3", "step3")
+    chain = campaign.stage_chain("in2p3", "step3", "t0p4")
     runs = [c for c in in2p3.collections.get_info(chain).children if c.startswith(chain)]
     assert len(runs) >= 2, runs  # the failed attempt and the one that finished it
-    all_coadds = in2p3.query_datasets("deep_coadd", collections=runs, find_first=False)
+    stage_runs = in2p3.collections.query(campaign.stage_chain("in2p3", "step3"), flatten_chains=True)
+    all_coadds = in2p3.query_datasets("deep_coadd", collections=stage_runs, find_first=False)
     assert sorted(ref.dataId["patch"] for ref in all_coadds) == [1, 4]
     # The attempt after the failure ran only the failed quantum (or nothing, if the killed one finished it).
     marker = read_marker(markers(campaign_dir) / "stage" / "in2p3" / "step3" / "t0p4.json")
     assert marker["quanta_run"] in (0, 1)
 
     # Forcing a finished stage again redoes nothing and adds no RUN collection.
-    step1 = markers(campaign_dir) / "stage" / "ral" / "step1" / "t0p2.json"
+    step1 = markers(campaign_dir) / "stage" / "ral" / "step1" / "c0000.json"
     ral = Butler.from_config(campaign.sites["ral"].repo)
-    runs_before = ral.collections.get_info(campaign.stage_chain("ral", "step1")).children
-    snakemake(campaign_dir, "--forcerun", "step1_ral", "--", str(step1.relative_to(campaign_dir)))
+    runs_before = ral.collections.get_info(campaign.stage_chain("ral", "step1", "c0000")).children
+    snakemake(campaign_dir, "--forcerun", "run_stage", "--", str(step1.relative_to(campaign_dir)))
     assert json.loads(step1.read_text())["quanta_run"] == 0
     ral = Butler.from_config(campaign.sites["ral"].repo)
-    assert ral.collections.get_info(campaign.stage_chain("ral", "step1")).children == runs_before
+    assert ral.collections.get_info(campaign.stage_chain("ral", "step1", "c0000")).children == runs_before
 
     # A hand-off run again moves nothing twice.
     placement = read_placement(markers(campaign_dir) / "placement" / "raws.tsv")
@@ -236,4 +240,4 @@ def test_5_reruns_duplicate_nothing(campaign_dir, campaign):
 
     # Everything is done: the dry run has nothing left but the re-forced stage's dependants.
     result = snakemake(campaign_dir, "-n", "--rerun-triggers", "input")
-    assert "Nothing to be done" in result.stdout + result.stderr or "step1_ral" not in result.stdout
+    assert "Nothing to be done" in result.stdout + result.stderr

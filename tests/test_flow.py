@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from multisite.config import load_campaign
-from multisite.flow import handoffs, stage_dependencies
+from multisite.flow import handoffs, stage_chunks, stage_dependencies
 from multisite.pipeline import PipelineFlow, missing_subsets
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,3 +39,20 @@ def test_3x3_shape():
     assert [h.name for h in incoming] == ["raws", "fanout_step2d"]
     earlier, incoming = stage_dependencies(campaign, campaign.stage("step2c"))
     assert earlier == [] and [h.name for h in incoming] == ["fanin_step2c"]
+
+
+def test_stage_chunks(campaign_dir):
+    campaign = load_campaign(campaign_dir / "config.yaml")
+    step1, step2, step3 = campaign.stages
+    assert stage_chunks(campaign, "in2p3", step3) == {"t0p1": ("t0p1",), "t0p4": ("t0p4",)}
+    assert stage_chunks(campaign, "in2p3", step1) == {"c0000": ("t0p1", "t0p4")}
+    assert stage_chunks(campaign, "usdf", step2) == {"global": tuple(u.name for u in campaign.units)}
+    # Without units_per_chunk, chunks hold as many units as the quantum estimate allows.
+    sized = replace(campaign, max_quanta=250)
+    assert list(stage_chunks(sized, "usdf", replace(step1, units_per_chunk=None, quanta_per_unit=200))) == [
+        "t0p0",
+        "t0p3",
+    ]
+    assert stage_chunks(sized, "usdf", replace(step1, units_per_chunk=None, quanta_per_unit=100)) == {
+        "c0000": ("t0p0", "t0p3")
+    }

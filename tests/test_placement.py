@@ -8,7 +8,7 @@ from lsst.daf.butler import Butler, Config
 
 from multisite.config import load_campaign
 from multisite.demo.survey import SurveySpec, make_survey
-from multisite.placement import SiteSelection, compute_placement, units_query
+from multisite.placement import SiteSelection, chunk_data_ids, compute_placement, units_query
 
 from .conftest import REPO, demo_config
 
@@ -108,3 +108,17 @@ def test_zeropoints_recovered(survey):
     residual = (recovered - recovered.mean()) - (injected - injected.mean())
     assert np.std(residual) < 0.01
     assert measure_stars is not None
+
+
+def test_chunks_of_a_per_visit_stage_partition_the_site_raws(survey):
+    campaign, butler = survey
+    placement = compute_placement(butler, campaign)
+    for site in campaign.processing_sites:
+        units = [u.name for u in campaign.units_of(site.name)]
+        tables = [chunk_data_ids(campaign, placement, site.name, [unit]) for unit in units]
+        pairs = [
+            (int(v), int(d))
+            for table in tables
+            for v, d in zip(table["visit"], table["detector"], strict=True)
+        ]
+        assert len(pairs) == len(set(pairs)) == len(placement[placement.site == site.name])

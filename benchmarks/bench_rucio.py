@@ -1,0 +1,140 @@
+"""Benchmark one Rucio hand-off of 1,000 small files through a real local Rucio.
+
+Starts the test harness's Rucio (PostgreSQL, server, judge and conveyor daemons,
+file-copy transfer tool), makes a source Butler with ``--files`` small datasets,
+moves them to an empty destination Butler with the rucio backend, and prints:
+registration time, rule-to-OK time, ingest time, files per second end to end and
+Rucio API calls per file (every HTTP request the client sends is counted).
+
+    .venv/bin/python benchmarks/bench_rucio.py [--files 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import yaml
+from lsst.daf.butler import Butler, DatasetRef, DatasetType, FileDataset
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from multisite.config import Site  # noqa: E402
+from multisite.rucio_backend import RucioBackend  # noqa: E402
+from multisite.transfer import HandoffPayload  # noqa: E402
+from tests.rucio_harness.local_rucio import LocalRucio  # noqa: E402
+
+SCOPE = "bench"
+RSES = {"usdf": "USDF_BUTLER_DISK", "in2p3": "IN2P3_BUTLER_DISK"}
+
+
+def make_source(repo: Path, n_files: int) -> list[DatasetRef]:
+    """Create a repository holding ``n_files`` small YAML datasets, ingested in place."""
+    Butler.makeRepo(str(repo))
+    butler = Butler.from_config(str(repo), writeable=True, run="bench/run")
+    butler.registry.insertDimensionData(
+        "instrument",
+        {
+            "name": "BenchCam",
+            "detector_max": n_files + 1,
+            "visit_max": 10,
+            "exposure_max": 10,
+            "class_name": "",
+        },
+    )
+    butler.registry.insertDimensionData(
+        "detector",
+        *[
+            {"instrument": "BenchCam", "id": i, "full_name": f"D{i:05d}", "purpose": "SCIENCE"}
+            for i in range(n_files)
+        ],
+    )
+    dataset_type = DatasetType(
+        "bench_blob", ["instrument", "detector"], "StructuredDataDict", universe=butler.dimensions
+    )
+    butler.registry.registerDatasetType(dataset_type)
+    butler.registry.registerRun("bench/run")
+    directory = repo / "bench" / "run" / "bench_blob"
+    directory.mkdir(parents=True)
+    datasets = []
+    for i in range(n_files):
+        path = directory / f"bench_blob_{i:05d}.yaml"
+        path.write_text(yaml.safe_dump({"detector": i, "payload": "x" * 200}))
+        ref = DatasetRef(dataset_type, {"instrument": "BenchCam", "detector": i}, run="bench/run")
+        datasets.append(FileDataset(path=str(path), refs=[ref]))
+    butler.ingest(*datasets, transfer=None)
+    return [dataset.refs[0] for dataset in datasets]
+
+
+def main() -> int:
+    """Run the benchmark and print its figures."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--files", type=int, default=1000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-rucio-") as tmp:
+        tmp = Path(tmp)
+        storage = tmp / "storage"
+        rucio = LocalRucio(tmp / "rucio", {rse: str(storage / site) for site, rse in RSES.items()}, SCOPE)
+        t0 = time.monotonic()
+        rucio.start()
+        print(f"local Rucio up in {time.monotonic() - t0:.1f} s at {rucio.url}")
+        try:
+            src_repo, dst_repo = storage / "usdf" / SCOPE, storage / "in2p3" / SCOPE
+            t0 = time.monotonic()
+            refs = make_source(src_repo, args.files)
+            Butler.makeRepo(str(dst_repo))
+            print(f"source repository with {len(refs)} datasets made in {time.monotonic() - t0:.1f} s")
+            client_config = rucio.write_client_config(tmp / "client.cfg", tmp / "token")
+            backend = RucioBackend(
+                "bench",
+                {
+                    "scope": SCOPE,
+                    "rses": RSES,
+                    "account": "root",
+                    "client_config": str(client_config),
+                    "poll": {"interval_s": 0.5, "max_interval_s": 5, "timeout_s": 1800},
+                },
+            )
+            from rucio.client.baseclient import BaseClient
+
+            calls: Counter[str] = Counter()
+            original = BaseClient._send_request
+
+            def counting(self, url, method, *a, **k):
+                path = url.split("://", 1)[-1].split("/", 1)[-1].split("?")[0]
+                calls[f"{method} /{path.split('/')[0]}"] += 1
+                return original(self, url, method, *a, **k)
+
+            BaseClient._send_request = counting
+            source = Site("usdf", "central", str(src_repo), False, {})
+            destination = Site("in2p3", "remote", str(dst_repo), False, {})
+            t0 = time.monotonic()
+            result = backend.deliver(source, destination, HandoffPayload(refs), "bench/in2p3")
+            total = time.monotonic() - t0
+            BaseClient._send_request = original
+        finally:
+            rucio.stop()
+    timings = result["timings_s"]
+    n_calls = sum(calls.values())
+    n_files = result["rucio"]["files"]
+    n_bytes = result["rucio"]["bytes"]
+    print(f"hand-off of {len(refs)} datasets ({n_files} files incl. the export, {n_bytes} bytes)")
+    print(f"  registration          {timings['register']:8.2f} s")
+    print(f"  rule to OK            {timings['rule_to_ok']:8.2f} s")
+    print(f"  ingest                {timings['ingest']:8.2f} s")
+    print(f"  end to end            {total:8.2f} s  ->  {len(refs) / total:.1f} files/s")
+    print(f"  Rucio API calls       {n_calls} ({n_calls / len(refs):.3f} per file)")
+    for key, count in sorted(calls.items(), key=lambda kv: -kv[1]):
+        print(f"    {count:5d}  {key}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
