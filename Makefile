@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 RUCIO_VENV := .rucio-venv
 CORES ?= 2
 
-.PHONY: setup system-deps rucio-setup rucio-up rucio-down demo test lint bench bench-rucio bench-planner clean
+.PHONY: setup system-deps rucio-setup rucio-up rucio-down demo test lint bench bench-rucio bench-planner bench-dryrun clean
 
 setup: $(VENV)/.installed
 
@@ -63,6 +63,9 @@ bench-rucio: setup system-deps rucio-setup
 
 bench-planner: setup
 	$(BIN)/python benchmarks/bench_planner.py
+
+bench-dryrun: setup
+	$(BIN)/python benchmarks/bench_dryrun.py
 
 clean:
 	rm -rf work .snakemake

@@ -91,7 +91,7 @@ def chunk_query(
 ) -> ChunkQuery:
     """Return the data selection of one chunk of a stage at a site."""
     units = stage_chunks(campaign, site, campaign.stage(stage))[chunk]
-    where = units_query(campaign, [(u.tract, u.patch) for u in campaign.units if u.name in units])
+    where = units_query(campaign, [cell for u in campaign.units if u.name in units for cell in u.cells])
     if campaign.stage(stage).is_central or flow.is_sky_stage(stage):
         return ChunkQuery(units, where, None)
     return ChunkQuery(units, where, chunk_data_ids(campaign, placement, site, units))
@@ -199,11 +199,7 @@ def _unit_counts(
     result: dict[str, dict[str, list[int]]] = {}
     for unit in (u for u in campaign.units if u.name in units):
         for name, data_ids in expected.items():
-            mine = [
-                d
-                for d in data_ids
-                if (v := json.loads(d)).get("tract") == unit.tract and unit.patch in (None, v.get("patch"))
-            ]
+            mine = [d for d in data_ids if unit.contains((v := json.loads(d)).get("tract"), v.get("patch"))]
             if mine:
                 found = sum(1 for d in mine if d in keys.get(name, ()))
                 result.setdefault(unit.name, {})[name] = [len(mine), found]

@@ -40,6 +40,54 @@ def _summary(config: str) -> int:
     return 0
 
 
+def _pairs(values: list[str], what: str) -> dict[str, str]:
+    pairs = dict(value.split("=", 1) for value in values if "=" in value)
+    if len(pairs) != len(values):
+        raise SystemExit(f"--{what} takes NAME=VALUE, got {values}")
+    return pairs
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """Plan placement at scale and write the plan, the manifests and a units table for the config."""
+    from .inventory import make_dr1_inventory, make_ring_tracts, read_visits_table
+    from .planner import PlacementError, make_plan, make_units, write_plan
+
+    try:
+        shares = {site: float(value) for site, value in _pairs(args.share, "share").items()}
+    except ValueError:
+        raise SystemExit(f"--share takes SITE=FRACTION with a number, got {args.share}") from None
+    if args.visits_table:
+        # Tracts in the DR1 ring geometry; a table with a `tract` column keeps its own assignment.
+        tracts = make_ring_tracts()
+        inventory = read_visits_table(args.visits_table, tracts)
+    else:
+        inventory, tracts = make_dr1_inventory(
+            n_visits=max(1, round(240_000 * args.synthetic_dr1)),
+            n_tracts=max(4, round(8_000 * args.synthetic_dr1)),
+        )
+    try:
+        plan = make_plan(
+            inventory,
+            tracts,
+            shares,
+            units=make_units(tracts, args.tracts_per_unit),
+            pins=_pairs(args.pin, "pin"),
+        )
+    except PlacementError as err:
+        print(err, file=sys.stderr)
+        return 2
+    write_plan(plan, args.output)
+    rows = ["unit\ttract\tpatch\tsite"]
+    placement = plan.placement
+    for site in plan.sites:
+        for unit in plan.site_units(site):
+            rows += [f"{unit}\t{tract}\t\t{site}" for tract in placement[placement["unit"] == unit]["tract"]]
+    (args.output / "units.tsv").write_text("\n".join(rows) + "\n")
+    print(plan.summary.to_string(index=False))
+    print(f"duplication factor {plan.duplication_factor:.4f}; units table: {args.output / 'units.tsv'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``multisite`` command."""
     parser = argparse.ArgumentParser(prog="multisite", description=__doc__)
@@ -55,9 +103,23 @@ def main(argv: list[str] | None = None) -> int:
     }
     for sub in subs.values():
         sub.add_argument("config", type=Path, help="campaign config YAML")
+    plan = commands.add_parser(
+        "plan", help="place a large inventory on sites by target shares; write units.tsv"
+    )
+    source = plan.add_mutually_exclusive_group(required=True)
+    source.add_argument("--visits-table", type=Path, help="visit, detector, ra, dec, bytes (parquet or csv)")
+    source.add_argument("--synthetic-dr1", type=float, metavar="SCALE", help="a synthetic DR1 inventory")
+    plan.add_argument(
+        "--share", action="append", required=True, metavar="SITE=FRACTION", help="repeat per site"
+    )
+    plan.add_argument("--pin", action="append", default=[], metavar="UNIT=SITE", help="keep a unit at a site")
+    plan.add_argument("--tracts-per-unit", type=int, default=1, help="group neighbouring tracts into units")
+    plan.add_argument("-o", "--output", type=Path, required=True, help="directory for the plan and units.tsv")
     subs["status"].add_argument("--site", help="show one site's view only")
     subs["report"].add_argument("-o", "--output", type=Path, help="HTML file (default <workdir>/report.html)")
     args = parser.parse_args(argv)
+    if args.command == "plan":
+        return _plan(args)
     try:
         campaign = load_campaign(args.config)
         if args.command == "validate":

@@ -78,12 +78,25 @@ class Stage:
 
 @dataclass(frozen=True)
 class Unit:
-    """A unit of sky (a patch, or a whole tract when ``patch`` is `None`) and its site."""
+    """A unit of sky and its site: one patch, one tract, or a group of tracts or patches.
+
+    Attributes
+    ----------
+    name : `str`
+        Unit name.
+    cells : `tuple` [`tuple` [`int`, `int` or `None`], ...]
+        Its (tract, patch) cells; patch `None` is the whole tract.
+    site : `str`
+        Site that processes it.
+    """
 
     name: str
-    tract: int
-    patch: int | None
+    cells: tuple[tuple[int, int | None], ...]
     site: str
+
+    def contains(self, tract: int, patch: int | None) -> bool:
+        """Whether the unit covers a patch (or, with ``patch`` `None`, a whole tract)."""
+        return (tract, None) in self.cells or (patch is not None and (tract, patch) in self.cells)
 
 
 @dataclass(frozen=True)
@@ -203,8 +216,8 @@ def _read_units(path: Path, sites: Mapping[str, Any]) -> tuple[list[Unit], list[
     if table.empty:
         return [], [f"{where}: no units; add one row per unit of sky"]
     problems: list[str] = []
-    units: list[Unit] = []
-    seen: dict[str, str] = {}
+    sites_of: dict[str, str] = {}
+    cells_of: dict[str, list[tuple[int, int | None]]] = {}
     cells: dict[tuple[int, int | None], str] = {}
     for row_number, row in enumerate(table.to_dict("records"), start=2):
         at = f"{where} line {row_number}"
@@ -218,12 +231,10 @@ def _read_units(path: Path, sites: Mapping[str, Any]) -> tuple[list[Unit], list[
         if site not in sites:
             problems.append(f"{at}: unit {name!r} names unknown site {site!r}; known sites: {sorted(sites)}")
             continue
-        if name in seen:
-            other = seen[name]
+        if sites_of.get(name, site) != site:
             problems.append(
-                f"{at}: unit {name!r} is assigned to two sites ({other!r} and {site!r}); keep one row"
-                if other != site
-                else f"{at}: unit {name!r} is listed twice; keep one row per unit"
+                f"{at}: unit {name!r} is assigned to two sites ({sites_of[name]!r} and {site!r}); "
+                "give all its rows one site"
             )
             continue
         try:
@@ -241,10 +252,11 @@ def _read_units(path: Path, sites: Mapping[str, Any]) -> tuple[list[Unit], list[
                 f"{at}: tract {tract} patch {patch} is also unit {cells[key]!r}; list each sky cell once"
             )
             continue
-        seen[name] = site
+        sites_of[name] = site
         cells[key] = name
-        units.append(Unit(name, tract, patch, site))
-    return units, problems
+        cells_of.setdefault(name, []).append(key)
+    # A unit of several rows is a group of tracts (or patches), processed as one.
+    return [Unit(name, tuple(cells_of[name]), site) for name, site in sites_of.items()], problems
 
 
 def load_campaign(config: Mapping[str, Any] | str | Path, base: str | Path = ".") -> Campaign:

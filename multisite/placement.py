@@ -53,8 +53,8 @@ def compute_placement(butler: Butler, campaign: Campaign) -> pd.DataFrame:
         ``detector``, ``site``, ``owner`` (the raw's owning site) and ``unit``
         (the first of the site's units it overlaps, which decides its chunk).
     """
-    unit_index = {(u.tract, u.patch): i for i, u in enumerate(campaign.units)}
-    tracts = sorted({u.tract for u in campaign.units})
+    unit_index = {cell: i for i, u in enumerate(campaign.units) for cell in u.cells}
+    tracts = sorted({tract for u in campaign.units for tract, _ in u.cells})
     with butler.query() as query:
         query = query.join_dataset_search("raw", [campaign.raw_collection]).where(
             "tract IN (:tracts)",
@@ -122,7 +122,7 @@ class SiteSelection:
         visits_owned = frozenset(first_detector[first_detector["owner"] == site]["visit"].astype(int))
         return cls(
             site=site,
-            units=frozenset((u.tract, u.patch) for u in campaign.units_of(site)),
+            units=frozenset(cell for u in campaign.units_of(site) for cell in u.cells),
             raws_needed=pairs(mine, "exposure"),
             raws_owned=pairs(owned, "exposure"),
             visit_detectors_needed=pairs(mine, "visit"),

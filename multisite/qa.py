@@ -85,7 +85,7 @@ def _owner(campaign: Campaign, data_id) -> str | None:
     keys = data_id.dimensions.names
     if "patch" in keys:
         for unit in campaign.units:
-            if unit.tract == data_id["tract"] and unit.patch in (None, data_id["patch"]):
+            if unit.contains(data_id["tract"], data_id["patch"]):
                 return unit.site
     return None
 

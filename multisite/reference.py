@@ -40,7 +40,7 @@ def run_reference(campaign: Campaign, log_path: str | Path) -> dict[str, Any]:
     started = datetime.now(UTC)
     flow = PipelineFlow(campaign)
     repo = campaign.central.repo
-    where = units_query(campaign, [(u.tract, u.patch) for u in campaign.units])
+    where = units_query(campaign, [cell for u in campaign.units for cell in u.cells])
     chain = campaign.reference_chain
     with repo_write_lock(repo):
         with open_butler(repo) as butler:

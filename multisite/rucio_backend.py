@@ -32,7 +32,7 @@ error message (messages from Rucio are scrubbed of them).
 
 from __future__ import annotations
 
-__all__ = ("RucioBackend", "RucioHandoffError", "RucioSettings")
+__all__ = ("RucioBackend", "RucioHandoffError", "RucioSettings", "RucioTransferStuck")
 
 import configparser
 import logging
@@ -58,6 +58,12 @@ EXPORT_DIR = "rucio_exports"
 
 class RucioHandoffError(HandoffError):
     """A Rucio hand-off failed; the message names the files, the rule and Rucio's reasons."""
+
+
+class RucioTransferStuck(RucioHandoffError):
+    """A Rucio rule is STUCK, SUSPENDED or did not finish in time: operators are notified as stuck."""
+
+    event_kind = "stuck"
 
 
 @dataclass(frozen=True)
@@ -595,7 +601,7 @@ class RucioBackend(TransferBackend):
             if state in ("STUCK", "SUSPENDED"):
                 stuck = sorted(by_state.get("STUCK", [])) or sorted(set(files) - set(done))
                 reason = self._scrub(str(rule.get("error") or "no reason given"))
-                raise RucioHandoffError(
+                raise RucioTransferStuck(
                     f"Hand-off {label}: Rucio rule {rule_id} to {dst_rse} is {state}: {len(stuck)} of "
                     f"{len(files)} file(s) could not be transferred. Rucio's reason: {reason}\n"
                     f"Files:\n{_listing(stuck)}\n"
@@ -604,7 +610,7 @@ class RucioBackend(TransferBackend):
                 )
             if time.monotonic() >= deadline:
                 pending = sorted(set(files) - set(done))
-                raise RucioHandoffError(
+                raise RucioTransferStuck(
                     f"Hand-off {label}: Rucio rule {rule_id} to {dst_rse} still {state} after "
                     f"{settings.timeout:g} s (transfer.rucio.poll.timeout_s): "
                     f"{len(done)}/{len(files)} files, {done_bytes}/{total_bytes} bytes done. "

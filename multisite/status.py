@@ -82,7 +82,22 @@ def _state(marker: Path, step: str, site: str, latest: dict) -> Cell | None:
     if event is None or event.kind == "done":
         return None
     state = {"started": RUNNING, "failed": FAILED, "stuck": FAILED, "waiting": WAITING}[event.kind]
-    return Cell(site, "", step, state, event.time, event.message, event.details.get("log", ""))
+    log = event.details.get("log", "")
+    detail = _last_line(log) if state == RUNNING else event.message
+    if event.kind == "stuck":
+        detail = f"stuck transfer: {detail}"
+    return Cell(site, "", step, state, event.time, detail, log)
+
+
+def _last_line(log: str) -> str:
+    """Return the live state of a running step: its last log line (BPS submission, Rucio progress)."""
+    path = Path(log)
+    if not log or not path.exists():
+        return ""
+    with path.open("rb") as stream:
+        stream.seek(max(0, path.stat().st_size - 4096))
+        lines = stream.read().decode(errors="replace").strip().splitlines()
+    return lines[-1][-300:] if lines else ""
 
 
 def campaign_status(

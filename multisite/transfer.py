@@ -56,6 +56,9 @@ SKY_ELEMENTS = ("skymap", "tract", "patch")
 class HandoffError(RuntimeError):
     """A hand-off did not deliver everything it should have."""
 
+    event_kind = "failed"
+    """Kind of the campaign event recorded for it (``stuck`` for a transfer that stopped moving)."""
+
 
 @dataclass
 class HandoffPayload:

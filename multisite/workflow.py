@@ -47,8 +47,9 @@ def run_rule(snakemake: Any, step: Callable[[Campaign], dict[str, Any] | None]) 
         content = step(campaign)
     except Exception as err:
         log.error("%s failed: %s", step_name, err)
+        kind = getattr(err, "event_kind", "failed")
         event = events.record(
-            "failed", step_name, site, str(err).splitlines()[0], log=str(log_path.resolve()), error=str(err)
+            kind, step_name, site, str(err).splitlines()[0], log=str(log_path.resolve()), error=str(err)
         )
         notify(campaign.notify, event, campaign.name)
         # One clear message for the operator instead of a traceback through Snakemake's script wrapper.

@@ -71,9 +71,10 @@ def test_1_dry_run_lists_the_whole_campaign(campaign_dir):
         "demo_survey": 1,
         "plan": 1,
         "reference": 1,
-        "bps_yaml": 7,
+        "bps_yaml": 10,  # step1: a chunk per site; step2: one; step3: a chunk per patch
         "handoff": 12,
         "verify_inputs": 3,
+        "run_stage": 10,
         "step1_in2p3": 1,
         "step1_ral": 1,
         "step1_usdf": 1,
@@ -83,7 +84,7 @@ def test_1_dry_run_lists_the_whole_campaign(campaign_dir):
         "step3_usdf": 1,
         "qa": 1,
         "all": 1,
-        "total": 37,
+        "total": 50,
     }
     assert not (campaign_dir / "work").exists()
 
@@ -117,9 +118,9 @@ def test_2_failed_quantum_fails_its_site_only(campaign_dir, campaign, webhook):
     cells = {(c.step, c.unit, c.site): c for c in campaign_status(campaign)}
     failed = cells[("step3", "t0p4", "in2p3")]
     assert (
-        failed.state == "failed" and "1 of 2 quanta failed" in failed.detail and failed.log.endswith(".log")
+        failed.state == "failed" and "1 of 1 quanta failed" in failed.detail and failed.log.endswith(".log")
     )
-    assert cells[("step3", "t0p0", "usdf")].state == "done"
+    assert cells[("step3", "t0p0", "usdf")].state == cells[("step3", "t0p1", "in2p3")].state == "done"
     waiting = cells[("handoff final in2p3", "final", "in2p3")]
     assert waiting.state == "waiting" and waiting.detail == "from in2p3: waiting for step3 at in2p3"
     text = format_status(list(cells.values()), campaign)
@@ -131,7 +132,8 @@ def test_2_failed_quantum_fails_its_site_only(campaign_dir, campaign, webhook):
     # The webhook heard about the failure, with what failed, and about finished stages.
     failures = [p for p in webhook.received if p["event"]["kind"] == "failed"]
     assert any(
-        p["event"]["step"] == "step3_in2p3" and "patch: 4" in p["event"]["details"]["error"] for p in failures
+        p["event"]["step"] == "run_stage in2p3 step3 t0p4" and "patch: 4" in p["event"]["details"]["error"]
+        for p in failures
     )
     assert any(p["event"]["step"] == "step1_ral" and p["event"]["kind"] == "done" for p in webhook.received)
 
@@ -238,6 +240,16 @@ def test_5_reruns_duplicate_nothing(campaign_dir, campaign):
     stars = usdf.query_datasets("single_visit_star", collections=again["runs"], find_first=False)
     assert len(stars) == len({ref.dataId for ref in stars}) == again["datasets"]["single_visit_star"]
 
-    # Everything is done: the dry run has nothing left but the re-forced stage's dependants.
-    result = snakemake(campaign_dir, "-n", "--rerun-triggers", "input")
+    # The forced chunk's dependants run again, re-verify, and redo nothing; then nothing is left.
+    forced_at = time.time()
+    snakemake(campaign_dir)
+    rewritten = [
+        m for m in (markers(campaign_dir) / "stage").glob("*/*/*.json") if m.stat().st_mtime > forced_at
+    ]
+    assert any(m.parent.name == "step2" for m in rewritten)
+    assert all(read_marker(m)["quanta_run"] == 0 for m in rewritten)
+    assert read_marker(markers(campaign_dir) / "qa" / "qa.json")["summary"]["site_independence"] == {
+        "pass": 72
+    }
+    result = snakemake(campaign_dir, "-n")
     assert "Nothing to be done" in result.stdout + result.stderr

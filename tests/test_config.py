@@ -61,7 +61,20 @@ def test_unknown_site(campaign_dir):
 
 def test_patch_assigned_to_two_sites(campaign_dir):
     units = "unit\ttract\tpatch\tsite\nt0p0\t0\t0\tusdf\nt0p0\t0\t0\tral\n"
-    assert "assigned to two sites ('usdf' and 'ral')" in _problems(campaign_dir, units=units)
+    assert "assigned to two sites ('usdf' and 'ral'); give all its rows one site" in _problems(
+        campaign_dir, units=units
+    )
+
+
+def test_unit_of_several_rows_is_a_group(campaign_dir):
+    units = "unit\ttract\tpatch\tsite\nring0\t0\t\tusdf\nring0\t1\t\tusdf\nt2\t2\t\tral\n"
+    campaign = _load(campaign_dir, units=units)
+    group = campaign.units_of("usdf")[0]
+    assert group.name == "ring0" and group.cells == ((0, None), (1, None))
+    assert group.contains(1, 57) and not group.contains(2, 0)
+    assert "tract 1 patch None is also unit 'ring0'" in _problems(
+        campaign_dir, units=units + "ring0\t1\t\tusdf\n"
+    )
 
 
 def test_same_patch_in_two_units(campaign_dir):

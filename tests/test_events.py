@@ -48,3 +48,23 @@ def test_broken_webhook_never_fails(tmp_path, caplog):
     assert notify({"webhook": url + "?token=s3cret"}, event, "demo", timeout=2) is False
     assert time.monotonic() - start < 5
     assert "s3cret" not in caplog.text and "the campaign goes on" in caplog.text
+
+
+def test_running_step_shows_its_live_log_line_and_stuck_transfers_are_flagged(tmp_path):
+    from multisite.config import load_campaign
+    from multisite.status import campaign_status
+
+    from .conftest import demo_config
+
+    campaign = load_campaign(demo_config(tmp_path))
+    log = tmp_path / "handoff.log"
+    log.write_text("start\nRucio raws/in2p3: rule r1: 12/40 files, 3/9 MB done\n")
+    events = EventLog(campaign.events, "all")
+    started = events.record("started", "handoff raws in2p3", "in2p3", log=str(log))
+    stuck = events.record("stuck", "handoff raws ral", "ral", "rule r2 is STUCK", log=str(log))
+    cells = {c.step: c for c in campaign_status(campaign, [started, stuck])}
+    assert cells["handoff raws in2p3"].state == "running"
+    assert cells["handoff raws in2p3"].detail == "Rucio raws/in2p3: rule r1: 12/40 files, 3/9 MB done"
+    assert cells["handoff raws ral"].state == "failed"
+    assert cells["handoff raws ral"].detail == "stuck transfer: rule r2 is STUCK"
+    assert notify({"webhook": "http://127.0.0.1:9/none"}, stuck, "demo", timeout=1) is False

@@ -38,9 +38,10 @@ def test_every_raw_goes_where_it_overlaps_a_unit(survey):
         n = spec.detector_pixels
         expected = set()
         for unit in campaign.units:
+            (_, patch), *_ = unit.cells
             px, py = (
-                (unit.patch % spec.patches_x) * spec.patch_pixels,
-                (unit.patch // spec.patches_x) * spec.patch_pixels,
+                (patch % spec.patches_x) * spec.patch_pixels,
+                (patch // spec.patches_x) * spec.patch_pixels,
             )
             if x0 < px + spec.patch_pixels and x0 + n > px and y0 < py + spec.patch_pixels and y0 + n > py:
                 expected.add(unit.site)

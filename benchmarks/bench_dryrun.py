@@ -1,0 +1,127 @@
+"""Benchmark: ``snakemake -n`` of a whole data-release campaign, at DR1 size and below.
+
+Plans a DR1-sized synthetic inventory (240,000 visits x 189 detectors, 8,000 tracts,
+four sites with USDF 0.35, IN2P3 0.40, LANCS 0.10, RAL 0.15) with the planner,
+writes the units table (one unit per tract, in each site's contiguous order) and a
+campaign config with drp_pipe's stages, each split into chunks of at most 100,000
+estimated quanta, then times Snakemake's dry run of the whole campaign and counts
+its jobs. ``--scale`` runs 1/10 and 1/100 of the size, for the growth.
+
+Run: ``make bench-dryrun`` (or ``.venv/bin/python benchmarks/bench_dryrun.py --scale 1 0.1 0.01``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from multisite.inventory import make_dr1_inventory
+from multisite.planner import make_plan
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+SHARES = {"usdf": 0.35, "in2p3": 0.40, "lancs": 0.10, "ral": 0.15}
+COMPUTE_SITES = {"usdf": "SLAC", "in2p3": "CC-IN2P3", "lancs": "LANCS", "ral": "RAL"}
+
+# drp_pipe's LSSTCam steps with estimated quanta per tract at DR1 density
+# (about 5,700 detector-visits, 30 visits and 100 patches x 6 bands per tract).
+STAGES = [
+    ("step1", "site", 5_700),
+    ("step2a", "site", 30),
+    ("step2b", "site", 1),
+    ("step2c", "central", 1),
+    ("step2d", "site", 5_700),
+    ("step2e", "central", 1),
+    ("step3", "site", 600),
+    ("step4", "site", 5_700),
+    ("step7", "central", 1),
+]
+
+
+def write_campaign(directory: Path, scale: float) -> tuple[Path, int]:
+    """Plan a campaign at ``scale`` of DR1 and write its config and units table."""
+    inventory, tracts = make_dr1_inventory(
+        n_visits=max(1, round(240_000 * scale)), n_detectors=189, n_tracts=max(4, round(8_000 * scale))
+    )
+    plan = make_plan(inventory, tracts, SHARES)
+    rows = ["unit\ttract\tpatch\tsite"]
+    for site in SHARES:
+        units = plan.placement.set_index("unit").loc[plan.site_units(site)]
+        rows += [f"{unit}\t{row.tract}\t\t{site}" for unit, row in units.iterrows()]
+    (directory / "units.tsv").write_text("\n".join(rows) + "\n")
+    config = {
+        "campaign": "dr1",
+        "instrument": "LSSTCam",
+        "pipeline": "${DRP_PIPE_DIR}/pipelines/LSSTCam/DRP.yaml",
+        "workdir": str(directory / "work"),
+        "units": str(directory / "units.tsv"),
+        "skymap": "lsst_cells_v1",
+        "collections": {"raw": "LSSTCam/raw/all", "root": "LSSTCam/runs/DR1"},
+        "max_quanta": 100_000,
+        "stages": [
+            {"name": name, "subset": name, "location": location, "quanta_per_unit": quanta}
+            for name, location, quanta in STAGES
+        ],
+        "bps": {"wmsServiceClass": "lsst.ctrl.bps.panda.PanDAService"},
+        "sites": {
+            site: {
+                "role": "central" if site == "usdf" else "remote",
+                "repo": f"/repo/{site}",
+                "bps": {"computeSite": compute, "computeCloud": "US" if site == "usdf" else "EU"},
+            }
+            for site, compute in COMPUTE_SITES.items()
+        },
+    }
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path, len(plan.placement)
+
+
+def dry_run(directory: Path, config: Path) -> tuple[float, int]:
+    """Time ``snakemake -n`` of the whole campaign; return seconds and job count."""
+    command = [
+        str(BIN / "snakemake"),
+        "-n",
+        "--quiet",
+        "rules",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(directory),
+        "--configfile",
+        str(config),
+        "--cores",
+        "2",
+    ]
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    start = time.perf_counter()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    seconds = time.perf_counter() - start
+    total = re.search(r"^total\s+(\d+)$", result.stdout + result.stderr, re.MULTILINE)
+    return seconds, int(total.group(1)) if total else -1
+
+
+def main() -> None:
+    """Run the benchmark at each requested scale and print its figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=float, nargs="+", default=[1.0, 0.1, 0.01])
+    args = parser.parse_args()
+    print(f"{'scale':>6s} {'units':>7s} {'jobs':>7s} {'snakemake -n (s)':>17s}")
+    for scale in args.scale:
+        with tempfile.TemporaryDirectory(prefix="bench-dryrun-") as tmp:
+            directory = Path(tmp)
+            config, n_units = write_campaign(directory, scale)
+            seconds, jobs = dry_run(directory, config)
+        print(f"{scale:6g} {n_units:7d} {jobs:7d} {seconds:17.1f}")
+
+
+if __name__ == "__main__":
+    main()
