@@ -56,7 +56,7 @@ def run_single_site(directory: Path) -> float:
     Butler.makeRepo(repo, config=Config(campaign.repo_seed))
     with Butler.from_config(repo, writeable=True) as butler:
         make_survey(butler, SurveySpec(), campaign.raw_collection, "truth")
-    where = units_query(campaign, [(u.tract, u.patch) for u in campaign.units])
+    where = units_query(campaign, [cell for u in campaign.units for cell in u.cells])
     command = [
         "pipetask",
         "run",

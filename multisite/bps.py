@@ -1,9 +1,9 @@
-"""BPS: each site's submit YAML per stage, and running a stage until verified.
+"""BPS: the submit YAML of each chunk of a stage at a site, and running a chunk until verified.
 
-`submit_config` builds the YAML an operator would write by hand for one site and
-stage; `run_stage` builds the quantum graph of what is still missing, submits it
-with ``bps submit``, and verifies the outputs, because ``bps submit`` exits 0 even
-when quanta fail.
+`submit_config` builds the YAML an operator would write by hand for one chunk;
+`run_stage` builds the quantum graph of what is still missing, submits it with
+``bps submit``, and verifies the outputs, because ``bps submit`` exits 0 even when
+quanta fail; `finish_stage` gathers a stage's verified chunks at a site.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .config import CampaignConfigError, load_campaign
-from .flow import handoffs
+from .flow import handoffs, stage_chunks
 from .markers import read_marker
 from .report import render_report
 from .status import campaign_status, format_status
@@ -19,12 +19,14 @@ def _summary(config: str) -> int:
     print(f"Campaign {campaign.name}: central site {campaign.central.name}, markers in {markers}")
     for stage in campaign.stages:
         for site in campaign.stage_sites(stage):
-            units = ["global"] if stage.is_central else [u.name for u in campaign.units_of(site.name)]
-            done = [u for u in units if (markers / "stage" / site.name / stage.name / f"{u}.json").exists()]
-            line = f"  {stage.name:8s} {site.name:8s} {len(done)}/{len(units)} units done"
+            chunks = list(stage_chunks(campaign, site.name, stage))
+            paths = [markers / "stage" / site.name / stage.name / f"{chunk}.json" for chunk in chunks]
+            done = [read_marker(path) for path in paths if path.exists()]
+            line = f"  {stage.name:8s} {site.name:8s} {len(done)}/{len(chunks)} chunks done"
             if done:
-                marker = read_marker(markers / "stage" / site.name / stage.name / f"{done[0]}.json")
-                line += f"  ({marker['quanta_run']} quanta in last run, {marker['duration_s']:.0f} s)"
+                quanta = sum(marker["quanta_run"] for marker in done)
+                seconds = sum(marker["duration_s"] for marker in done)
+                line += f"  ({quanta} quanta in their last runs, {seconds:.0f} s)"
             print(line)
     for handoff in handoffs(campaign):
         for site in campaign.processing_sites:
@@ -56,7 +58,16 @@ def _plan(args: argparse.Namespace) -> int:
         shares = {site: float(value) for site, value in _pairs(args.share, "share").items()}
     except ValueError:
         raise SystemExit(f"--share takes SITE=FRACTION with a number, got {args.share}") from None
-    if args.visits_table:
+    if args.butler:
+        from .butler_utils import open_butler
+        from .source_inventory import inventory_from_butler, skymap_tracts
+
+        if not (args.collection and args.instrument and args.skymap):
+            raise SystemExit("--butler needs --collection, --instrument and --skymap")
+        butler = open_butler(args.butler)
+        tracts = skymap_tracts(butler, args.skymap)
+        inventory = inventory_from_butler(butler, args.collection, args.instrument, args.skymap, tracts)
+    elif args.visits_table:
         # Tracts in the DR1 ring geometry; a table with a `tract` column keeps its own assignment.
         tracts = make_ring_tracts()
         inventory = read_visits_table(args.visits_table, tracts)
@@ -109,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     source = plan.add_mutually_exclusive_group(required=True)
     source.add_argument("--visits-table", type=Path, help="visit, detector, ra, dec, bytes (parquet or csv)")
     source.add_argument("--synthetic-dr1", type=float, metavar="SCALE", help="a synthetic DR1 inventory")
+    source.add_argument("--butler", metavar="REPO", help="the raws of a source Butler repository")
+    plan.add_argument("--collection", help="with --butler: the raws' collection")
+    plan.add_argument("--instrument", help="with --butler: the instrument")
+    plan.add_argument("--skymap", help="with --butler: the skymap whose tracts are the units")
     plan.add_argument(
         "--share", action="append", required=True, metavar="SITE=FRACTION", help="repeat per site"
     )

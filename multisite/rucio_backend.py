@@ -436,12 +436,7 @@ class RucioBackend(TransferBackend):
                     f.bytes, f.adler32 = f.path.stat().st_size, adler32_of(f.path)
                     to_add.append(f)
             for part in _chunks(to_add, chunk):
-                self._call(
-                    f"register {len(part)} replicas at {rse}",
-                    client.add_replicas,
-                    rse,
-                    [{"scope": scope, "name": f.name, "bytes": f.bytes, "adler32": f.adler32} for f in part],
-                )
+                self._add_replicas(rse, part)
             for part in _chunks(new, chunk):
                 self._call(
                     f"attach {len(part)} files to {scope}:{names['dataset']}",
@@ -461,6 +456,40 @@ class RucioBackend(TransferBackend):
             len(new),
         )
         return {"files": wanted, "bytes": total, "added": len(new)}
+
+    def _add_replicas(self, rse: str, files: list[_File]) -> None:
+        """Register replicas, tolerating those another hand-off registered at the same moment.
+
+        Hand-offs of the same source files to several sites run concurrently (a
+        fan-out's visits shared by two sites): when one registers a file first, the
+        other's bulk call fails as a whole, so it registers what is still missing.
+        """
+        client, scope = self.client, self.settings.scope
+        replicas = [{"scope": scope, "name": f.name, "bytes": f.bytes, "adler32": f.adler32} for f in files]
+        try:
+            self._call(f"register {len(files)} replicas at {rse}", client.add_replicas, rse, replicas)
+        except RucioHandoffError as err:
+            if not any(word in str(err) for word in ("Duplicate", "already exists", "UniqueViolation")):
+                raise
+            present = {
+                r["name"]
+                for r in self._call(
+                    f"look up replicas at {rse}",
+                    client.list_replicas,
+                    [{"scope": scope, "name": f.name} for f in files],
+                    rse_expression=rse,
+                    all_states=True,
+                    ignore_availability=True,
+                )
+            }
+            missing = [r for r in replicas if r["name"] not in present]
+            _LOG.info(
+                "Rucio: %d of %d replicas were registered concurrently.",
+                len(replicas) - len(missing),
+                len(replicas),
+            )
+            if missing:
+                self._call(f"register {len(missing)} replicas at {rse}", client.add_replicas, rse, missing)
 
     def _ensure_did(self, add: Callable[..., Any], name: str) -> None:
         from rucio.common.exception import DataIdentifierAlreadyExists

@@ -146,7 +146,8 @@ def campaign_status(
                         Cell(runner.name, unit, stage.name, cell.state, cell.since, cell.detail, cell.log)
                     )
     if site is not None:
-        cells = [c for c in cells if c.site == site]
+        # A site's view: its own steps, and the central stages it depends on.
+        cells = [c for c in cells if c.site == site or c.unit == CENTRAL_CHUNK]
     return cells
 
 

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 from lsst.daf.butler import Butler
 
+from multisite.cli import main
 from multisite.config import load_campaign
 from multisite.demo.images import SkyImageFormatter
 from multisite.markers import read_marker
@@ -172,7 +173,7 @@ def test_3_killed_run_finishes_with_rerun_incomplete(campaign_dir):
     assert (markers(campaign_dir) / "qa" / "qa.json").exists()
 
 
-def test_4_results_equal_the_single_site_reference(campaign_dir, campaign):
+def test_4_results_equal_the_single_site_reference(campaign_dir, campaign, capsys):
     qa = read_marker(markers(campaign_dir) / "qa" / "qa.json")
     assert qa["summary"]["site_independence"] == {"pass": 72}
     assert qa["summary"]["completeness"] == {"pass": 72}
@@ -182,11 +183,17 @@ def test_4_results_equal_the_single_site_reference(campaign_dir, campaign):
     table = pd.read_csv(qa["table"])
     coadds = table[(table.check == "completeness") & (table.dataset_type == "deep_coadd")]
     assert sorted(coadds.site) == ["in2p3", "in2p3", "ral", "ral", "usdf", "usdf"]
-    assert (table[table.check == "science"].status == "pass").all() and len(
-        table[table.check == "science"]
-    ) == 7
+    science = table[table.check == "science"]
+    assert len(science) == 7 and (science.status == "pass").all()
 
     assert all(c.state == "done" for c in campaign_status(campaign))
+    config = str(campaign_dir / "config.yaml")
+    assert main(["summary", config]) == 0
+    summary = capsys.readouterr().out
+    assert "step3    in2p3    2/2 chunks done" in summary and "final          ral      5 datasets" in summary
+    assert main(["status", config, "--site", "ral"]) == 0
+    status = capsys.readouterr().out
+    assert "ral      t0p5       done        done        done" in status and "t0p1" not in status
     dom = browser_dom(campaign_dir / "work" / "report.html")
     assert "Every QA check passed." in dom and ">failed<" not in dom
     assert dom.count(">done</td>") == 18  # 6 units x 3 stages

@@ -8,7 +8,7 @@ the truth (star magnitudes and each visit's injected zero-point error) for QA.
 
 from __future__ import annotations
 
-__all__ = ("SurveySpec", "make_survey", "TRUTH_COLLECTION_SUFFIX")
+__all__ = ("SurveySpec", "TRUTH_COLLECTION_SUFFIX", "make_survey", "register_visit")
 
 import hashlib
 import logging
@@ -121,6 +121,64 @@ def _render(spec: SurveySpec, x0: int, y0: int, stars: Table, flux_scale: float,
     return rng.poisson(model).astype(np.float64)
 
 
+def register_visit(
+    registry, visit: int, index: int, day_obs: int, region: ConvexPolygon, detector_regions: dict
+) -> None:
+    """Register a one-exposure DemoCam visit: exposure, visit, their link and the detector regions.
+
+    Parameters
+    ----------
+    registry : `lsst.daf.butler.Registry`
+        Writeable registry holding the instrument, ``day_obs`` and visit system 0.
+    visit : `int`
+        Visit (and exposure) id.
+    index : `int`
+        Sequence number in the night.
+    day_obs : `int`
+        Observing day.
+    region : `lsst.sphgeom.ConvexPolygon`
+        The visit's region.
+    detector_regions : `dict` [`int`, `lsst.sphgeom.ConvexPolygon`]
+        Region of each detector.
+    """
+    instrument = DemoCam()
+    name = instrument.getName()
+    centre = LonLat(region.getCentroid())
+    registry.syncDimensionData("group", {"instrument": name, "name": f"g{visit}"})
+    common = {
+        "instrument": name,
+        "id": visit,
+        "day_obs": day_obs,
+        "physical_filter": instrument.physical_filter,
+    }
+    registry.syncDimensionData(
+        "exposure",
+        common
+        | {
+            "group": f"g{visit}",
+            "obs_id": f"DM_{visit}",
+            "exposure_time": 30.0,
+            "observation_type": "science",
+            "seq_num": index,
+            "tracking_ra": centre.getLon().asDegrees(),
+            "tracking_dec": centre.getLat().asDegrees(),
+            "can_see_sky": True,
+        },
+    )
+    registry.syncDimensionData(
+        "visit", common | {"name": f"DM_{visit}", "seq_num": index, "exposure_time": 30.0, "region": region}
+    )
+    registry.syncDimensionData("visit_definition", {"instrument": name, "exposure": visit, "visit": visit})
+    registry.syncDimensionData(
+        "visit_system_membership", {"instrument": name, "visit_system": 0, "visit": visit}
+    )
+    for detector, detector_region in detector_regions.items():
+        registry.syncDimensionData(
+            "visit_detector_region",
+            {"instrument": name, "visit": visit, "detector": detector, "region": detector_region},
+        )
+
+
 def make_survey(butler: Butler, spec: SurveySpec, raw_collection: str, truth_collection: str) -> int:
     """Write the synthetic survey into a Butler repository.
 
@@ -178,56 +236,26 @@ def make_survey(butler: Butler, spec: SurveySpec, raw_collection: str, truth_col
         # Integer pixel dithers keep every image on the tract's pixel lattice.
         vx0 = int(rng.integers(-margin, width - field + margin + 1))
         vy0 = int(rng.integers(-margin, height - field + margin + 1))
-        registry.syncDimensionData("group", {"instrument": name, "name": f"g{visit}"})
-        common = {
-            "instrument": name,
-            "id": visit,
-            "day_obs": day_obs,
-            "physical_filter": instrument.physical_filter,
+        detector_origins = {
+            detector: (
+                vx0 + (detector % 2) * spec.detector_pixels,
+                vy0 + (detector // 2) * spec.detector_pixels,
+            )
+            for detector in range(instrument.n_detectors)
         }
-        registry.syncDimensionData(
-            "exposure",
-            common
-            | {
-                "group": f"g{visit}",
-                "obs_id": f"DM_{visit}",
-                "exposure_time": 30.0,
-                "observation_type": "science",
-                "seq_num": index,
-                "tracking_ra": spec.ra0 + (vx0 + field / 2) * spec.pixel_scale,
-                "tracking_dec": spec.dec0 + (vy0 + field / 2) * spec.pixel_scale,
-                "can_see_sky": True,
+        register_visit(
+            registry,
+            visit,
+            index,
+            day_obs,
+            spec.box_polygon(vx0, vy0, field, field),
+            {
+                detector: spec.box_polygon(x0, y0, spec.detector_pixels, spec.detector_pixels)
+                for detector, (x0, y0) in detector_origins.items()
             },
-        )
-        registry.syncDimensionData(
-            "visit",
-            common
-            | {
-                "name": f"DM_{visit}",
-                "seq_num": index,
-                "exposure_time": 30.0,
-                "region": spec.box_polygon(vx0, vy0, field, field),
-            },
-        )
-        registry.syncDimensionData(
-            "visit_definition", {"instrument": name, "exposure": visit, "visit": visit}
-        )
-        registry.syncDimensionData(
-            "visit_system_membership", {"instrument": name, "visit_system": 0, "visit": visit}
         )
         flux_scale = 10 ** (-0.4 * zeropoint_errors[index])
-        for detector in range(instrument.n_detectors):
-            dx0 = vx0 + (detector % 2) * spec.detector_pixels
-            dy0 = vy0 + (detector // 2) * spec.detector_pixels
-            registry.syncDimensionData(
-                "visit_detector_region",
-                {
-                    "instrument": name,
-                    "visit": visit,
-                    "detector": detector,
-                    "region": spec.box_polygon(dx0, dy0, spec.detector_pixels, spec.detector_pixels),
-                },
-            )
+        for detector, (dx0, dy0) in detector_origins.items():
             pixels = _render(spec, dx0, dy0, stars, flux_scale, rng)
             image = SkyImage(
                 pixels,

@@ -65,12 +65,16 @@ def main() -> int:
         ("conveyor-finisher", lambda: finisher(once=True, partition_wait_time=0, bulk=1000, db_bulk=1000)),
     ]
     logging.info("daemon loop started")
+    paused = pause.with_suffix(".ack")
     while not STOP:
         if pause.exists():
+            # Acknowledge, so that the test knows no pass is half-way through.
+            paused.touch()
             time.sleep(args.interval)
             continue
+        paused.unlink(missing_ok=True)
         for name, run in passes:
-            if STOP:
+            if STOP or pause.exists():
                 break
             try:
                 run()

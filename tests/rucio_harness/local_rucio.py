@@ -471,12 +471,19 @@ class LocalRucio:
             _kill(self.daemons_pid)
             self.daemons_pid = None
 
-    def pause_daemons(self) -> None:
-        """Hold transfers back: the daemon loop skips its passes while paused."""
+    def pause_daemons(self, timeout: float = 120.0) -> None:
+        """Hold transfers back, and return once the daemon loop has stopped between passes."""
         self.pause_file.touch()
+        acknowledged = self.pause_file.with_suffix(".ack")
+        deadline = time.monotonic() + timeout
+        while not acknowledged.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Rucio daemon loop did not pause within {timeout} s")
+            time.sleep(0.2)
 
     def resume_daemons(self) -> None:
         self.pause_file.unlink(missing_ok=True)
+        self.pause_file.with_suffix(".ack").unlink(missing_ok=True)
 
     def secrets(self) -> list[str]:
         """Values from the Rucio configs that must never appear in a log, marker or error."""
