@@ -543,18 +543,19 @@ class RucioBackend(TransferBackend):
             return rule_id, False
         from rucio.common.exception import DuplicateRule
 
+        rule = {
+            "dids": [{"scope": scope, "name": dataset}],
+            "copies": 1,
+            "rse_expression": dst_rse,
+            "source_replica_expression": src_rse,
+            "lifetime": self.settings.lifetime,
+            "grouping": self.settings.grouping,
+            "account": account,
+            "activity": self.settings.activity,
+            "comment": f"multisite {self.campaign} hand-off {label}",
+        }
         try:
-            rule_ids = client.add_replication_rule(
-                dids=[{"scope": scope, "name": dataset}],
-                copies=1,
-                rse_expression=dst_rse,
-                source_replica_expression=src_rse,
-                lifetime=self.settings.lifetime,
-                grouping=self.settings.grouping,
-                account=account,
-                activity=self.settings.activity,
-                comment=f"multisite {self.campaign} hand-off {label}",
-            )
+            rule_ids = client.add_replication_rule(**rule)
         except DuplicateRule:
             rule_id = find()
             if rule_id is None:
@@ -568,17 +569,7 @@ class RucioBackend(TransferBackend):
             rule_id = find()
             if rule_id is None:
                 rule_ids = self._call(
-                    f"add a rule of {scope}:{dataset} to {dst_rse}",
-                    client.add_replication_rule,
-                    dids=[{"scope": scope, "name": dataset}],
-                    copies=1,
-                    rse_expression=dst_rse,
-                    source_replica_expression=src_rse,
-                    lifetime=self.settings.lifetime,
-                    grouping=self.settings.grouping,
-                    account=account,
-                    activity=self.settings.activity,
-                    comment=f"multisite {self.campaign} hand-off {label}",
+                    f"add a rule of {scope}:{dataset} to {dst_rse}", client.add_replication_rule, **rule
                 )
             else:
                 return rule_id, False

@@ -46,7 +46,11 @@ def _path(url: str) -> Path:
 
 
 def adler32_of(path: Path) -> str:
-    """Return the adler32 of a file as Rucio writes it (8 lower-case hex digits)."""
+    """Return the adler32 of a file as Rucio writes it (8 lower-case hex digits).
+
+    The same as `multisite.rucio_backend.adler32_of`: this module runs inside the Rucio
+    server's own environment, where the multisite package is not installed.
+    """
     value = 1
     with open(path, "rb") as stream:
         while chunk := stream.read(1 << 20):
