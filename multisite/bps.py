@@ -142,12 +142,19 @@ def write_submit_yaml(config: Mapping[str, Any], path: str | Path, header: str) 
 
 
 def _present(butler: Butler, dataset_type: str, chain: str) -> set:
-    """Return the data IDs of ``dataset_type`` in ``chain`` (none if either is missing)."""
+    """Return the data IDs of ``dataset_type`` written by a chunk's own attempts.
+
+    Only the chunk's RUNs count: its chain also holds, flattened, the input
+    collections it started from, which may include other sites' products handed
+    to this site (final products arriving at the central site, say).
+    """
     if not butler.registry.queryDatasetTypes(dataset_type) or not collection_exists(butler, chain):
         return set()
+    runs = [run for run in butler.collections.get_info(chain).children if run.startswith(f"{chain}/")]
+    if not runs:
+        return set()
     return {
-        ref.dataId
-        for ref in butler.query_datasets(dataset_type, collections=chain, limit=None, explain=False)
+        ref.dataId for ref in butler.query_datasets(dataset_type, collections=runs, limit=None, explain=False)
     }
 
 
