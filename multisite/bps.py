@@ -1,18 +1,24 @@
 """BPS: the submit YAML of each chunk of a stage at a site, and running a chunk until verified.
 
 `submit_config` builds the YAML an operator would write by hand for one chunk;
-`run_stage` builds the quantum graph of what is still missing, submits it with
-``bps submit``, and verifies the outputs, because ``bps submit`` exits 0 even when
-quanta fail; `finish_stage` gathers a stage's verified chunks at a site.
+`run_stage` builds the quantum graph of what is still missing (`chunk_graph`),
+submits it with ``bps submit``, and verifies the outputs, because ``bps submit``
+exits 0 even when quanta fail; `prepare_stage` stops at ``bps prepare`` on the same
+graph, to check a facility's WMS settings; `finish_stage` gathers a stage's
+verified chunks at a site.
 """
 
 from __future__ import annotations
 
 __all__ = (
+    "ChunkGraph",
     "ChunkQuery",
+    "PreparedChunk",
     "StageFailed",
+    "chunk_graph",
     "chunk_query",
     "finish_stage",
+    "prepare_stage",
     "run_stage",
     "stage_inputs",
     "submit_config",
@@ -20,10 +26,13 @@ __all__ = (
     "write_submit_yaml",
 )
 
+import contextlib
 import json
 import logging
+import os
 import re
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -213,6 +222,106 @@ def _unit_counts(
     return result
 
 
+@dataclass(frozen=True)
+class ChunkGraph:
+    """The quantum graph of what is still missing of one chunk, written for BPS.
+
+    Attributes
+    ----------
+    label : `str`
+        The chunk, for messages ("step1 at in2p3 (chunk c0000)").
+    chain : `str`
+        The chunk's output CHAINED collection.
+    inputs : `list` [`str`]
+        The stage's input collections at the site.
+    query : `ChunkQuery`
+        What the chunk processes.
+    resumed : `bool`
+        Whether an earlier attempt already wrote to ``chain`` (its quanta with
+        outputs there are skipped).
+    quanta : `dict` [`str`, `dict`]
+        The graph's quanta by task label and data ID.
+    n_quanta : `int`
+        How many quanta the graph has.
+    graph : `lsst.pipe.base.quantum_graph.PredictedQuantumGraph`
+        The graph.
+    path : `pathlib.Path` or `None`
+        The graph file for ``bps -g``; `None` when the graph is empty.
+    """
+
+    label: str
+    chain: str
+    inputs: list[str]
+    query: ChunkQuery
+    resumed: bool
+    quanta: dict[str, dict]
+    n_quanta: int
+    graph: Any
+    path: Path | None
+
+
+def chunk_graph(
+    campaign: Campaign,
+    site: str,
+    stage: str,
+    chunk: str,
+    placement: pd.DataFrame,
+    directory: Path,
+    stamp: str,
+    flow: PipelineFlow | None = None,
+) -> ChunkGraph:
+    """Build the quantum graph of what is missing of one chunk and write it to ``directory``.
+
+    Quanta whose outputs already exist in the chunk's output chain are skipped.
+    The graph file is ``<directory>/<stamp>.qg``, for ``bps submit`` or
+    ``bps prepare`` with ``-g``; nothing is written when no quantum is missing.
+
+    Raises
+    ------
+    StageFailed
+        Raised when nothing matches the chunk's query on a first attempt, or when
+        the graph has more than the campaign's ``max_quanta`` quanta.
+    """
+    flow = flow or PipelineFlow(campaign)
+    chain = campaign.stage_chain(site, stage, chunk)
+    inputs = stage_inputs(campaign, site, stage)
+    query = chunk_query(campaign, flow, site, stage, chunk, placement)
+    label = f"{stage} at {site} (chunk {chunk})"
+    butler = open_butler(campaign.sites[site].repo)
+    resumed = collection_exists(butler, chain)
+    builder = AllDimensionsQuantumGraphBuilder(
+        Pipeline.from_uri(flow.subset_uri(stage)).to_graph(),
+        butler,
+        where=query.where,
+        data_id_tables=[query.data_ids] if query.data_ids is not None else (),
+        input_collections=[chain, *inputs] if resumed else inputs,
+        output_run=f"{chain}/{stamp}",
+        skip_existing_in=[chain] if resumed else [],
+    )
+    components = builder.finish(
+        chain, metadata={"campaign": campaign.name, "site": site, "stage": stage, "chunk": chunk}
+    )
+    graph = components.assemble()
+    quanta = {task: dict(by_id) for task, by_id in graph.quanta_by_task.items() if by_id}
+    n_quanta = sum(len(by_id) for by_id in quanta.values())
+    if n_quanta == 0 and not resumed:
+        raise StageFailed(
+            f"{label}: the quantum graph is empty; no inputs matched {query.where!r} in {inputs}. "
+            "Check the hand-offs into this site and the units table."
+        )
+    if n_quanta > campaign.max_quanta:
+        raise StageFailed(
+            f"{label}: {n_quanta} quanta, more than max_quanta ({campaign.max_quanta}); "
+            f"set a smaller stages[{stage}].units_per_chunk (or a larger quanta_per_unit estimate)."
+        )
+    path = None
+    if n_quanta:
+        path = directory / f"{stamp}.qg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        components.write(str(path))
+    return ChunkGraph(label, chain, inputs, query, resumed, quanta, n_quanta, graph, path)
+
+
 def run_stage(
     campaign: Campaign, site: str, stage: str, chunk: str, submit_yaml: str | Path, placement: pd.DataFrame
 ) -> dict[str, Any]:
@@ -247,50 +356,18 @@ def run_stage(
     started = datetime.now(UTC)
     flow = PipelineFlow(campaign)
     repo = campaign.sites[site].repo
-    chain = campaign.stage_chain(site, stage, chunk)
-    inputs = stage_inputs(campaign, site, stage)
-    query = chunk_query(campaign, flow, site, stage, chunk, placement)
-    label = f"{stage} at {site} (chunk {chunk})"
     stamp = started.strftime("%Y%m%dT%H%M%S%fZ")
     qgraph_dir = campaign.workdir / "qgraph" / site / stage / chunk
     submit_dir = None
     command: list[str] | None = None
     with repo_write_lock(repo):
-        butler = open_butler(repo)
-        resumed = collection_exists(butler, chain)
-        builder = AllDimensionsQuantumGraphBuilder(
-            Pipeline.from_uri(flow.subset_uri(stage)).to_graph(),
-            butler,
-            where=query.where,
-            data_id_tables=[query.data_ids] if query.data_ids is not None else (),
-            input_collections=[chain, *inputs] if resumed else inputs,
-            output_run=f"{chain}/{stamp}",
-            skip_existing_in=[chain] if resumed else [],
-        )
-        components = builder.finish(
-            chain, metadata={"campaign": campaign.name, "site": site, "stage": stage, "chunk": chunk}
-        )
-        graph = components.assemble()
-        quanta = {task: dict(by_id) for task, by_id in graph.quanta_by_task.items() if by_id}
-        n_quanta = sum(len(by_id) for by_id in quanta.values())
-        if n_quanta == 0 and not resumed:
-            raise StageFailed(
-                f"{label}: the quantum graph is empty; no inputs matched {query.where!r} in {inputs}. "
-                "Check the hand-offs into this site and the units table."
-            )
-        if n_quanta > campaign.max_quanta:
-            raise StageFailed(
-                f"{label}: {n_quanta} quanta, more than max_quanta ({campaign.max_quanta}); "
-                f"set a smaller stages[{stage}].units_per_chunk (or a larger quanta_per_unit estimate)."
-            )
-        if n_quanta:
-            qgraph = qgraph_dir / f"{stamp}.qg"
-            qgraph.parent.mkdir(parents=True, exist_ok=True)
-            components.write(str(qgraph))
-            _write_expected(qgraph.with_suffix(".expected.json"), graph, flow.outputs(stage))
-            _LOG.info("%s: submitting %d quanta (%s).", label, n_quanta, qgraph)
-            command = ["bps", "submit", str(submit_yaml), "-g", str(qgraph)]
-            submit_dir = _bps_submit(command, qgraph.with_suffix(".bps.log"))
+        built = chunk_graph(campaign, site, stage, chunk, placement, qgraph_dir, stamp, flow)
+        label, chain, quanta, n_quanta = built.label, built.chain, built.quanta, built.n_quanta
+        if built.path is not None:
+            _write_expected(built.path.with_suffix(".expected.json"), built.graph, flow.outputs(stage))
+            _LOG.info("%s: submitting %d quanta (%s).", label, n_quanta, built.path)
+            command = ["bps", "submit", str(submit_yaml), "-g", str(built.path)]
+            submit_dir = _bps_submit(command, built.path.with_suffix(".bps.log"))
         else:
             _LOG.info("%s: every quantum already has its outputs in %s.", label, chain)
         butler = open_butler(repo)
@@ -301,6 +378,7 @@ def run_stage(
             f"{label}: {len(failures)} of {n_quanta} quanta failed (bps submit dir {submit_dir}):\n"
             f"{listing}\nFix the cause and rerun: only the failed quanta run again."
         )
+    query = built.query
     produced = {name: _present(butler, name, chain) for name in sorted(flow.outputs(stage))}
     expected = _read_expected(qgraph_dir)
     return {
@@ -313,7 +391,7 @@ def run_stage(
         "repo": repo,
         "output_chain": chain,
         "runs": list(butler.collections.get_info(chain).children),
-        "input_collections": inputs,
+        "input_collections": built.inputs,
         "data_query": query.where,
         "data_ids": None if query.data_ids is None else len(query.data_ids),
         "quanta_run": n_quanta,
@@ -322,6 +400,93 @@ def run_stage(
         "submit_yaml": str(Path(submit_yaml).resolve()),
         **provenance(started, command),
     }
+
+
+@dataclass(frozen=True)
+class PreparedChunk:
+    """What ``bps prepare`` made of one chunk, for checking a facility's WMS settings.
+
+    Attributes
+    ----------
+    submit_dir : `pathlib.Path`
+        The submit directory BPS wrote (the YAML's ``submitPath``): the WMS
+        plugin's files (HTCondor's ``.dag`` and ``.sub`` files, PanDA's
+        ``panda_workflow.pickle``, parsl's ``parsl_workflow.pickle``) and BPS's own.
+    graph : `ChunkGraph`
+        The chunk's quantum graph the workflow was prepared from.
+    wms_workflow : `lsst.ctrl.bps.BaseWmsWorkflow`
+        The plugin's prepared workflow (e.g. its DAG, IDDS workflow or parsl config).
+    config : `lsst.ctrl.bps.BpsConfig`
+        The BPS configuration as resolved for the workflow.
+    """
+
+    submit_dir: Path
+    graph: ChunkGraph
+    wms_workflow: Any
+    config: Any
+
+
+def prepare_stage(
+    campaign: Campaign,
+    site: str,
+    stage: str,
+    chunk: str,
+    submit_yaml: str | Path,
+    placement: pd.DataFrame,
+    submission_checks: bool = True,
+) -> PreparedChunk:
+    """Prepare what is missing of one chunk through BPS without submitting it.
+
+    The quantum graph is built exactly as `run_stage` builds it (see
+    `chunk_graph`), then BPS's ``prepare`` driver (what ``bps prepare <yaml> -g
+    <graph>`` runs) turns it into the WMS plugin's workflow in the submit
+    directory. Nothing runs and no collection is written; the graph goes to
+    ``<workdir>/prepare/<site>/<stage>/<chunk>``, apart from the attempts `run_stage`
+    counts.
+
+    Parameters
+    ----------
+    campaign : `Campaign`
+        The campaign.
+    site, stage, chunk : `str`
+        Where and what to prepare.
+    submit_yaml : `str` or `pathlib.Path`
+        The chunk's BPS submit YAML (written by `write_stage_yaml`).
+    placement : `pandas.DataFrame`
+        The campaign's placement table.
+    submission_checks : `bool`, optional
+        Run the plugin's submission checks, as ``bps prepare`` does. PanDA's
+        need ``PANDA_URL`` and answer from the IDDS server; `False` skips them,
+        to check a PanDA workflow offline.
+
+    Returns
+    -------
+    prepared : `PreparedChunk`
+        The submit directory and the prepared workflow.
+
+    Raises
+    ------
+    StageFailed
+        Raised when nothing is missing of the chunk, when its graph cannot be
+        built (see `chunk_graph`), or when BPS cannot prepare it.
+    """
+    from lsst.ctrl.bps.drivers import prepare_driver
+
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    directory = campaign.workdir / "prepare" / site / stage / chunk
+    with repo_write_lock(campaign.sites[site].repo):
+        built = chunk_graph(campaign, site, stage, chunk, placement, directory, stamp)
+    if built.path is None:
+        raise StageFailed(f"{built.label}: nothing to prepare; every quantum has outputs in {built.chain}.")
+    _LOG.info("%s: preparing %d quanta (%s).", built.label, built.n_quanta, built.path)
+    try:
+        with _tools_on_path():
+            config, workflow = prepare_driver(
+                str(submit_yaml), qgraph=str(built.path), runWmsSubmissionChecks=submission_checks
+            )
+    except Exception as err:
+        raise StageFailed(f"{built.label}: bps prepare {submit_yaml} failed: {err}") from err
+    return PreparedChunk(Path(config[".bps_defined.submitPath"]), built, workflow, config)
 
 
 def finish_stage(campaign: Campaign, site: str, stage: str, chunk_markers: list[str]) -> dict[str, Any]:
@@ -352,6 +517,23 @@ def finish_stage(campaign: Campaign, site: str, stage: str, chunk_markers: list[
         **totals,
         **provenance(started),
     }
+
+
+@contextlib.contextmanager
+def _tools_on_path() -> Iterator[None]:
+    """Put this environment's tools first on ``PATH``, as `run_tool` does for its commands.
+
+    BPS runs ``pipetask`` (to update the graph's output run) while preparing.
+    """
+    path = os.environ.get("PATH")
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{path or ''}"
+    try:
+        yield
+    finally:
+        if path is None:
+            del os.environ["PATH"]
+        else:
+            os.environ["PATH"] = path
 
 
 def _bps_submit(command: list[str], log_path: Path) -> str | None:
