@@ -10,9 +10,21 @@ BIN := $(VENV)/bin
 RUCIO_VENV := .rucio-venv
 CORES ?= 2
 
-.PHONY: setup system-deps rucio-setup rucio-up rucio-down demo test lint bench bench-rucio bench-planner bench-dryrun clean
+.PHONY: setup profiles system-deps rucio-setup rucio-up rucio-down demo test lint bench bench-rucio bench-planner bench-dryrun clean slurm-setup slurm-up slurm-down
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed profiles
+
+# `snakemake --profile in2p3` looks in ~/.config/snakemake: link the site profiles there
+# (an existing profile of the same name that is not ours is left alone, with a warning).
+PROFILE_DIR ?= $(HOME)/.config/snakemake
+profiles:
+	@mkdir -p $(PROFILE_DIR)
+	@for p in usdf in2p3 ral lancs local; do \
+		target=$(PROFILE_DIR)/$$p; \
+		if [ -e $$target ] && [ "$$(readlink -f $$target)" != "$(CURDIR)/profiles/$$p" ]; then \
+			echo "warning: $$target exists and is not this project's profile; left alone"; \
+		else ln -sfn $(CURDIR)/profiles/$$p $$target; fi; \
+	done
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	@test -n "$(PYTHON)" || { echo "No Python >= 3.12 found; set PYTHON=/path/to/python3.12"; exit 1; }
@@ -47,7 +59,20 @@ rucio-up: setup system-deps rucio-setup
 rucio-down:
 	scripts/rucio_local.sh down
 
-test: setup system-deps rucio-setup
+# Debian's Slurm and munge (run as root) for tests/test_slurm.py and `make slurm-up`.
+slurm-setup:
+	tests/slurm_harness/slurm_local.sh install
+
+# A local single-node Slurm, its state in $(SLURM_DIR); then run the workflow with
+# `--profile tests/profiles/slurm` after the two `export` lines slurm-up prints.
+SLURM_DIR ?= /tmp/multisite-slurm
+slurm-up: slurm-setup
+	tests/slurm_harness/slurm_local.sh up $(SLURM_DIR)
+
+slurm-down:
+	tests/slurm_harness/slurm_local.sh down $(SLURM_DIR)
+
+test: setup system-deps rucio-setup slurm-setup
 	$(BIN)/pytest
 
 lint: setup

@@ -4,8 +4,9 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-# The demo config unless another one is given (--configfile): configs are not merged.
-if not config:
+# The demo config unless a campaign config is given (--configfile); --config values
+# (a site profile's `site`) apply on top of either.
+if "campaign" not in config:
 
     configfile: "config/config.yaml"
 

@@ -1,6 +1,6 @@
 """Benchmark: the demo campaign against a single-site ``pipetask run`` of the same pipeline.
 
-Prints the campaign's wall time from an empty directory (three sites, every
+Prints the campaign's wall time from an empty directory (four sites, every
 hand-off, BPS at every site, the reference and QA), the wall time of one
 ``pipetask run`` of the whole pipeline on the same data in one repository, their
 ratio, and how many Butler/BPS command invocations and Python-API rule processes
@@ -99,7 +99,7 @@ def main() -> None:
         campaign_s, log = run_campaign(tmp / "campaign")
         single_s = run_single_site(tmp / "single")
         counts = count_invocations(tmp / "campaign" / "work", log)
-    print(f"demo campaign, 3 sites, from scratch (snakemake --cores 2): {campaign_s:7.1f} s")
+    print(f"demo campaign, 4 sites, from scratch (snakemake --cores 2): {campaign_s:7.1f} s")
     print(f"single-site pipetask run, same pipeline and data:             {single_s:7.1f} s")
     print(f"ratio campaign / single-site:                                 {campaign_s / single_s:7.1f}")
     for name, count in counts.items():

@@ -116,7 +116,7 @@ def main() -> int:
             source = Site("usdf", "central", str(src_repo), False, {})
             destination = Site("in2p3", "remote", str(dst_repo), False, {})
             t0 = time.monotonic()
-            result = backend.deliver(source, destination, HandoffPayload(refs), "bench/in2p3")
+            result, _ = backend.deliver(source, destination, HandoffPayload(refs), "bench/in2p3")
             total = time.monotonic() - t0
             BaseClient._send_request = original
         finally:

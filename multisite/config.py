@@ -123,6 +123,16 @@ class Campaign:
     max_quanta: int = 100_000
     notify: Mapping[str, Any] = field(default_factory=dict)
     rucio: Mapping[str, Any] = field(default_factory=dict)
+    instance: str | None = None
+    """The site this instance of the workflow runs for (`None`: one instance runs every site)."""
+    wait_timeout: float = 7 * 86400.0
+    """Seconds a site instance waits for a hand-off another instance sends."""
+    wait_interval: float = 30.0
+    """Seconds between two looks for a hand-off another instance sends."""
+
+    def runs_here(self, site: str) -> bool:
+        """Whether this instance does ``site``'s work (every site's when no instance site is set)."""
+        return self.instance is None or self.instance == site
 
     @property
     def central(self) -> Site:
@@ -297,6 +307,11 @@ def load_campaign(config: Mapping[str, Any] | str | Path, base: str | Path = "."
         problems.append(f"stages: stage names must be unique, got {stage_names}")
     if data["stages"][0]["location"] != "site":
         problems.append("stages: the first stage must run at the sites (location: site), where the raws are")
+    if data.get("site") is not None and data["site"] not in sites_cfg:
+        problems.append(
+            f"site: {data['site']!r} is not a site of this campaign; use one of {sorted(sites_cfg)} "
+            "(the site profile sets it) or leave it unset to run every site in one instance"
+        )
     units, unit_problems = _read_units(base / data["units"], sites_cfg)
     problems += unit_problems
     if problems:
@@ -345,5 +360,8 @@ def load_campaign(config: Mapping[str, Any] | str | Path, base: str | Path = "."
         qa=data.get("qa", {}),
         demo=data.get("demo", {}),
         notify=data.get("notify", {}),
-        rucio=data.get("transfer", {}).get("rucio", {}),
+        rucio=transfer.get("rucio", {}),
+        instance=data.get("site"),
+        wait_timeout=float(transfer.get("wait", {}).get("timeout_s", Campaign.wait_timeout)),
+        wait_interval=float(transfer.get("wait", {}).get("interval_s", Campaign.wait_interval)),
     )

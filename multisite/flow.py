@@ -53,6 +53,11 @@ class Handoff:
     def to_central(self) -> bool:
         return self.direction == TO_CENTRAL
 
+    def ends(self, campaign: Campaign, site: str) -> tuple[str, str]:
+        """Sending and receiving site of this hand-off for processing site ``site``."""
+        central = campaign.central.name
+        return (site, central) if self.to_central else (central, site)
+
 
 def handoffs(campaign: Campaign) -> list[Handoff]:
     """Return every hand-off of the campaign, in the order they happen.

@@ -36,6 +36,10 @@ _LOG = logging.getLogger(__name__)
 COLUMNS = ["exposure", "visit", "detector", "site", "owner", "unit"]
 
 
+PLACEMENT_DATASET_TYPE = "campaign_placement"
+"""Dataset type of a site's share of the placement table, carried to the site with its raws."""
+
+
 def compute_placement(butler: Butler, campaign: Campaign) -> pd.DataFrame:
     """Find the raws each site needs from the central repository's regions.
 
@@ -213,7 +217,11 @@ def read_placement(path: Path) -> pd.DataFrame:
 
 
 def plan_placement(campaign: Campaign, placement_path: str | Path, summary_path: str | Path) -> dict:
-    """Compute and write the placement table and its per-site summary.
+    """Write the placement table and its per-site summary for this instance.
+
+    The central site's instance (or the only instance) computes it from the
+    central repository; another site's instance takes its share of it from the
+    ``raws`` hand-off that the central site sent it.
 
     Parameters
     ----------
@@ -233,19 +241,28 @@ def plan_placement(campaign: Campaign, placement_path: str | Path, summary_path:
     from .markers import provenance
 
     started = datetime.now(UTC)
-    with open_butler(campaign.central.repo) as butler:
-        placement = compute_placement(butler, campaign)
-        refs = butler.query_datasets("raw", collections=campaign.raw_collection, limit=None, explain=False)
-        uris = butler.get_many_uris(refs)
-        sizes = {
-            (ref.dataId["exposure"], ref.dataId["detector"]): uris[ref].primaryURI.size() for ref in refs
-        }
-    placement["bytes"] = [
-        sizes[(e, d)] for e, d in zip(placement["exposure"], placement["detector"], strict=True)
-    ]
+    if not campaign.runs_here(campaign.central.name):
+        site = campaign.instance
+        butler = open_butler(campaign.sites[site].repo)
+        placement = butler.get(PLACEMENT_DATASET_TYPE, collections=campaign.handoff_chain(site))
+        sites = [campaign.sites[site]]
+    else:
+        with open_butler(campaign.central.repo) as butler:
+            placement = compute_placement(butler, campaign)
+            refs = butler.query_datasets(
+                "raw", collections=campaign.raw_collection, limit=None, explain=False
+            )
+            uris = butler.get_many_uris(refs)
+            sizes = {
+                (ref.dataId["exposure"], ref.dataId["detector"]): uris[ref].primaryURI.size() for ref in refs
+            }
+        placement["bytes"] = [
+            sizes[(e, d)] for e, d in zip(placement["exposure"], placement["detector"], strict=True)
+        ]
+        sites = campaign.processing_sites
     write_placement(placement, Path(placement_path))
     rows = []
-    for site in campaign.processing_sites:
+    for site in sites:
         mine = placement[placement["site"] == site.name]
         rows.append(
             {

@@ -7,21 +7,24 @@ then its Butler-relative path, identical at every site (as Rubin's
 ``rucio-register`` does), and a replica Rucio writes at the destination RSE is
 already inside the destination Butler's datastore.
 
-One hand-off (``label`` ``<handoff>/<site>``) is:
+One hand-off (``label`` ``<handoff>/<site>``) is, on the sending side:
 
 1. its files registered where they are (replicas at the source RSE, with size and
-   adler32), plus a small Butler export file (dimension records, dataset types,
-   RUN collections and dataset refs with their formatters) so the destination
-   Butler accepts every dataset, all in one Rucio dataset
+   adler32), plus the hand-off's Butler export file (dimension records, dataset
+   types, RUN collections and dataset refs with their formatters) so the
+   destination Butler accepts every dataset, all in one Rucio dataset
    ``multisite.<campaign>.<handoff>.<site>``, inside the container
    ``multisite.<campaign>.<handoff>``, inside ``multisite.<campaign>``;
-2. one replication rule of that dataset to the destination RSE (activity, lifetime,
+2. the dataset closed: a closed dataset is a sent hand-off;
+
+and on the receiving side, once the dataset is closed:
+
+3. one replication rule of that dataset to the destination RSE (activity, lifetime,
    account, grouping from config);
-3. a wait for the rule, polling with back-off and logging files and bytes done, that
+4. a wait for the rule, polling with back-off and logging files and bytes done, that
    stops with an error naming the files and Rucio's reasons on STUCK or timeout;
-4. on OK, the export imported into the destination Butler with ``transfer=None``
-   (the files are already in its datastore), the hand-off's extra records inserted,
-   and every dataset verified stored.
+5. on OK, the files checked at the destination and the export imported into the
+   destination Butler with ``transfer=None`` (the files are already in its datastore).
 
 Reruns look up what exists (files in the dataset, replicas, the rule) and add only
 what is missing; a rerun after a failure or timeout resumes waiting on the same
@@ -47,13 +50,11 @@ from typing import Any
 from lsst.daf.butler import Butler, DatasetRef
 from lsst.resources import ResourcePath
 
-from .butler_utils import open_butler, repo_write_lock
+from .butler_utils import open_butler
 from .config import Site
-from .transfer import HandoffError, HandoffPayload, TransferBackend
+from .transfer import HandoffError, HandoffPayload, TransferBackend, import_export, write_export
 
 _LOG = logging.getLogger(__name__)
-
-EXPORT_DIR = "rucio_exports"
 
 
 class RucioHandoffError(HandoffError):
@@ -254,14 +255,14 @@ class RucioBackend(TransferBackend):
 
     # ------------------------------------------------------------------ naming
     def names(self, label: str) -> dict[str, str]:
-        """Rucio container and dataset names of a hand-off ``<handoff>/<site>``."""
+        """Rucio container and dataset names of a hand-off ``<handoff>/<site>``, and its export file's."""
         handoff, site = label.split("/", 1)
         campaign = f"multisite.{self.campaign}"
         return {
             "campaign_container": campaign,
             "stage_container": f"{campaign}.{handoff}",
             "dataset": f"{campaign}.{handoff}.{site}",
-            "export": f"{EXPORT_DIR}/{self.campaign}/{handoff}/{site}.yaml",
+            "export": self.export_name(label),
         }
 
     def _rse(self, site: Site) -> str:
@@ -303,24 +304,18 @@ class RucioBackend(TransferBackend):
             )
         return root
 
-    # ------------------------------------------------------------------ deliver
-    def deliver(self, source: Site, destination: Site, payload: HandoffPayload, label: str) -> dict[str, Any]:
+    # ------------------------------------------------------------------ the two halves
+    def send(self, source: Site, destination: Site, payload: HandoffPayload, label: str) -> dict[str, Any]:
         started = time.monotonic()
         names = self.names(label)
         scope = self.settings.scope
         source_butler = open_butler(source.repo)
         src_root = self._check_rse(source, source_butler)
-        with open_butler(destination.repo) as dest_butler:
-            dst_root = self._check_rse(destination, dest_butler)
-        src_rse, dst_rse = self._rse(source), self._rse(destination)
-
+        src_rse = self._rse(source)
         registered = self._register(source_butler, src_root, src_rse, payload, names, label)
-        t_registered = time.monotonic()
-        rule_id, created = self._ensure_rule(names["dataset"], src_rse, dst_rse, label)
-        self._wait(rule_id, registered, label, dst_rse)
-        t_ok = time.monotonic()
-        imported = self._ingest(destination, dst_root, payload, names["export"], registered, label)
-        t_done = time.monotonic()
+        did = self._call(f"read {scope}:{names['dataset']}", self.client.get_did, scope, names["dataset"])
+        if did.get("open", True):
+            self._call(f"close {scope}:{names['dataset']}", self.client.close, scope, names["dataset"])
         return {
             "rucio": {
                 "scope": scope,
@@ -328,21 +323,66 @@ class RucioBackend(TransferBackend):
                 "stage_container": f"{scope}:{names['stage_container']}",
                 "dataset": f"{scope}:{names['dataset']}",
                 "export_file": f"{scope}:{names['export']}",
-                "rule_id": rule_id,
-                "rule_created": created,
                 "source_rse": src_rse,
-                "destination_rse": dst_rse,
                 "files": len(registered["files"]),
                 "bytes": registered["bytes"],
                 "files_registered_now": registered["added"],
             },
+            "timings_s": {"register": round(time.monotonic() - started, 3)},
+        }
+
+    def published(self, source: Site, destination: Site, label: str) -> bool:
+        """Whether the hand-off's Rucio dataset exists and is closed (its sender is done)."""
+        from rucio.common.exception import DataIdentifierNotFound
+
+        scope, dataset = self.settings.scope, self.names(label)["dataset"]
+        try:
+            did = self.client.get_did(scope, dataset)
+        except DataIdentifierNotFound:
+            return False
+        except Exception:
+            did = self._call(f"read {scope}:{dataset}", self.client.get_did, scope, dataset)
+        return not did.get("open", True)
+
+    def receive(self, source: Site, destination: Site, label: str) -> tuple[dict[str, Any], Path]:
+        started = time.monotonic()
+        names = self.names(label)
+        scope = self.settings.scope
+        with open_butler(destination.repo) as dest_butler:
+            dst_root = self._check_rse(destination, dest_butler)
+        src_rse, dst_rse = self._rse(source), self._rse(destination)
+        files = {
+            f["name"]: _File(f["name"], dst_root / f["name"], f["bytes"], f["adler32"])
+            for f in self._call(
+                f"list the files of {scope}:{names['dataset']}",
+                self.client.list_files,
+                scope,
+                names["dataset"],
+            )
+        }
+        rule_id, created = self._ensure_rule(names["dataset"], src_rse, dst_rse, label)
+        self._wait(rule_id, files, label, dst_rse)
+        t_ok = time.monotonic()
+        self._check_arrived(destination, files, label)
+        imported = import_export(destination, dst_root, dst_root / names["export"], None)
+        _LOG.info("Rucio %s: %d datasets ingested into %s.", label, imported, destination.name)
+        details = {
+            "rucio": {
+                "dataset": f"{scope}:{names['dataset']}",
+                "rule_id": rule_id,
+                "rule_created": created,
+                "source_rse": src_rse,
+                "destination_rse": dst_rse,
+                "files": len(files),
+                "bytes": sum(f.bytes or 0 for f in files.values()),
+            },
             "imported_datasets": imported,
             "timings_s": {
-                "register": round(t_registered - started, 3),
-                "rule_to_ok": round(t_ok - t_registered, 3),
-                "ingest": round(t_done - t_ok, 3),
+                "rule_to_ok": round(t_ok - started, 3),
+                "ingest": round(time.monotonic() - t_ok, 3),
             },
         }
+        return details, dst_root / names["export"]
 
     # ------------------------------------------------------------------ registration
     def _files_of(self, butler: Butler, root: Path, refs: list[DatasetRef]) -> list[_File]:
@@ -364,18 +404,6 @@ class RucioBackend(TransferBackend):
                 f"registered in Rucio by their Butler path:\n{_listing(outside)}"
             )
         return list(files.values())
-
-    def _write_export(self, butler: Butler, root: Path, payload: HandoffPayload, name: str) -> Path:
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.tmp.yaml")
-        with butler.export(filename=str(partial), format="yaml", transfer=None) as export:
-            export.saveDatasets(payload.refs)
-            for element, records in payload.records.items():
-                if records:
-                    export.saveDimensionData(element, records)
-        os.replace(partial, path)
-        return path
 
     def _register(
         self,
@@ -403,7 +431,7 @@ class RucioBackend(TransferBackend):
         }
         wanted = {f.name: f for f in files}
         if names["export"] not in content:
-            self._write_export(butler, root, payload, names["export"])
+            write_export(butler, root, payload, names["export"])
         wanted[names["export"]] = _File(names["export"], root / names["export"])
         extra = sorted(set(content) - set(wanted))
         if extra:
@@ -419,15 +447,7 @@ class RucioBackend(TransferBackend):
             # Which of them already have a replica at the source RSE (e.g. a raw going to two sites)?
             existing: dict[str, dict] = {}
             for part in _chunks(new, chunk):
-                for replica in self._call(
-                    f"look up replicas at {rse}",
-                    client.list_replicas,
-                    [{"scope": scope, "name": f.name} for f in part],
-                    rse_expression=rse,
-                    all_states=True,
-                    ignore_availability=True,
-                ):
-                    existing[replica["name"]] = replica
+                existing |= self._replicas_at(rse, part)
             to_add = []
             for f in new:
                 if f.name in existing:
@@ -471,17 +491,7 @@ class RucioBackend(TransferBackend):
         except RucioHandoffError as err:
             if not any(word in str(err) for word in ("Duplicate", "already exists", "UniqueViolation")):
                 raise
-            present = {
-                r["name"]
-                for r in self._call(
-                    f"look up replicas at {rse}",
-                    client.list_replicas,
-                    [{"scope": scope, "name": f.name} for f in files],
-                    rse_expression=rse,
-                    all_states=True,
-                    ignore_availability=True,
-                )
-            }
+            present = self._replicas_at(rse, files)
             missing = [r for r in replicas if r["name"] not in present]
             _LOG.info(
                 "Rucio: %d of %d replicas were registered concurrently.",
@@ -490,6 +500,19 @@ class RucioBackend(TransferBackend):
             )
             if missing:
                 self._call(f"register {len(missing)} replicas at {rse}", client.add_replicas, rse, missing)
+
+    def _replicas_at(self, rse: str, files: list[_File]) -> dict[str, dict]:
+        """Replicas of ``files`` registered at ``rse`` (in any state), by name."""
+        scope = self.settings.scope
+        replicas = self._call(
+            f"look up replicas at {rse}",
+            self.client.list_replicas,
+            [{"scope": scope, "name": f.name} for f in files],
+            rse_expression=rse,
+            all_states=True,
+            ignore_availability=True,
+        )
+        return {replica["name"]: replica for replica in replicas}
 
     def _ensure_did(self, add: Callable[..., Any], name: str) -> None:
         from rucio.common.exception import DataIdentifierAlreadyExists
@@ -576,11 +599,10 @@ class RucioBackend(TransferBackend):
         _LOG.info("Rucio %s: created rule %s of %s:%s to %s.", label, rule_ids[0], scope, dataset, dst_rse)
         return rule_ids[0], True
 
-    def _wait(self, rule_id: str, registered: dict[str, Any], label: str, dst_rse: str) -> None:
+    def _wait(self, rule_id: str, files: dict[str, _File], label: str, dst_rse: str) -> None:
         """Poll the rule with back-off until OK; raise on STUCK, SUSPENDED or timeout."""
         client, settings = self.client, self.settings
-        files: dict[str, _File] = registered["files"]
-        total_bytes = registered["bytes"]
+        total_bytes = sum(f.bytes or 0 for f in files.values())
         deadline = time.monotonic() + settings.timeout
         interval = settings.poll_interval
         last_done = -1
@@ -642,46 +664,18 @@ class RucioBackend(TransferBackend):
             time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
             interval = min(interval * settings.poll_backoff, settings.poll_max_interval)
 
-    # ------------------------------------------------------------------ ingest
-    def _ingest(
-        self,
-        destination: Site,
-        root: Path,
-        payload: HandoffPayload,
-        export_name: str,
-        registered: dict[str, Any],
-        label: str,
-    ) -> int:
-        """Import the export into the destination Butler from the destination RSE's files; verify."""
-        files: dict[str, _File] = registered["files"]
+    # ------------------------------------------------------------------ arrival
+    def _check_arrived(self, destination: Site, files: dict[str, _File], label: str) -> None:
+        """Check every file is at the destination with Rucio's size before anything is ingested."""
         wrong = []
         for f in files.values():
-            path = root / f.name
-            if not path.exists():
-                wrong.append(f"{f.name}: missing at {path}")
-            elif f.bytes is not None and path.stat().st_size != f.bytes:
-                wrong.append(f"{f.name}: {path.stat().st_size} bytes at {path}, Rucio registered {f.bytes}")
+            if not f.path.exists():
+                wrong.append(f"{f.name}: missing at {f.path}")
+            elif f.bytes is not None and f.path.stat().st_size != f.bytes:
+                size = f.path.stat().st_size
+                wrong.append(f"{f.name}: {size} bytes at {f.path}, Rucio registered {f.bytes}")
         if wrong:
             raise RucioHandoffError(
                 f"Hand-off {label}: Rucio reports the rule OK but {len(wrong)} file(s) are not right in "
-                f"{destination.name}'s datastore {root}; nothing was ingested:\n{_listing(wrong)}"
+                f"{destination.name}'s datastore; nothing was ingested:\n{_listing(wrong)}"
             )
-        with repo_write_lock(destination.repo), open_butler(destination.repo, writeable=True) as dest:
-            stored = dest.stored_many(payload.refs)
-            imported = 0
-            if not all(stored.values()):
-                dest.import_(
-                    directory=str(root), filename=str(root / export_name), format="yaml", transfer=None
-                )
-                imported = sum(1 for present in stored.values() if not present)
-            for element, records in payload.records.items():
-                if records:
-                    dest.registry.insertDimensionData(element, *records, skip_existing=True)
-            missing = [ref for ref, present in dest.stored_many(payload.refs).items() if not present]
-        if missing:
-            raise RucioHandoffError(
-                f"Hand-off {label}: {len(missing)} dataset(s) not stored in {destination.name}'s Butler "
-                f"after the import:\n{_listing(f'{r.datasetType.name} {r.dataId} ({r.id})' for r in missing)}"
-            )
-        _LOG.info("Rucio %s: %d datasets ingested into %s.", label, imported, destination.name)
-        return imported

@@ -123,7 +123,11 @@ def campaign_status(
         for processing in campaign.processing_sites:
             step = f"handoff {handoff.name} {processing.name}"
             marker = markers / "handoff" / handoff.name / f"{processing.name}.json"
-            cell = _state(marker, step, processing.name, latest)
+            sent = markers / "sent" / handoff.name / f"{processing.name}.json"
+            # A site instance knows a hand-off it sent to another instance by its "sent" marker.
+            cell = _state(
+                marker if marker.exists() or not sent.exists() else sent, step, processing.name, latest
+            )
             source = processing.name if handoff.to_central else campaign.central.name
             if cell is None:
                 cell = _handoff_waiting(campaign, handoff, processing.name, source, markers)

@@ -41,7 +41,7 @@ def run_rule(snakemake: Any, step: Callable[[Campaign], dict[str, Any] | None]) 
     wildcards = dict(snakemake.wildcards.items())
     step_name = " ".join([snakemake.rule, *wildcards.values()])
     site = wildcards.get("site") or getattr(snakemake.params, "site", None) or campaign.central.name
-    events = EventLog(campaign.events, "all")
+    events = EventLog(campaign.events, campaign.instance or "all")
     events.record("started", step_name, site, log=str(log_path.resolve()))
     try:
         content = step(campaign)

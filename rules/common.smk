@@ -56,17 +56,42 @@ def survey_marker():
     return f"{MARKERS}/repos/{CENTRAL}.json"
 
 
-def handoff_inputs(wildcards):
-    """A hand-off waits for the placement, both repositories and its producing stages."""
+def sending_inputs(wildcards):
+    """Sending a hand-off waits for the placement, the source repository and the producing stages."""
     handoff = HANDOFFS[wildcards.handoff]
-    site = wildcards.site
-    inputs = {
+    sender, _ = handoff.ends(campaign, wildcards.site)
+    return {
         "placement": f"{MARKERS}/placement/raws.tsv",
-        "repos": [f"{MARKERS}/repos/{site}.json", f"{MARKERS}/repos/{CENTRAL}.json"],
+        "source_repo": f"{MARKERS}/repos/{sender}.json",
+        "producers": [stage_marker(sender, stage) for stage in handoff.producers],
     }
-    producer_site = site if handoff.to_central else CENTRAL
-    inputs["producers"] = [stage_marker(producer_site, stage) for stage in handoff.producers]
+
+
+def handoff_inputs(wildcards):
+    """A hand-off waits for its destination repository and, if this instance sends it, what sending waits for.
+
+    One that another site's instance sends is awaited through the transfer backend, once
+    this instance's own work before it is done: a waiting rule holds a job slot.
+    """
+    handoff = HANDOFFS[wildcards.handoff]
+    sender, receiver = handoff.ends(campaign, wildcards.site)
+    inputs = {"destination_repo": f"{MARKERS}/repos/{receiver}.json"}
+    if campaign.runs_here(sender):
+        inputs |= sending_inputs(wildcards)
+    else:
+        if handoff.to_central:
+            before = handoff.producers
+        else:
+            before, _ = stage_dependencies(campaign, campaign.stage(handoff.consumers[0]))
+        inputs["own_work"] = [stage_marker(receiver, stage) for stage in before if receiver in PROCESSING]
     return inputs
+
+
+def plan_inputs(wildcards):
+    """The central site plans from its repository; another site's instance gets its share with its raws."""
+    if campaign.runs_here(CENTRAL):
+        return {"survey": survey_marker()}
+    return {"raws": handoff_marker("raws", campaign.instance)}
 
 
 def chunk_inputs(wildcards):
@@ -92,13 +117,27 @@ def bps_yamls():
         f"{BPS_DIR}/{site.name}/{stage.name}/{chunk}.yaml"
         for stage in campaign.stages
         for site in campaign.stage_sites(stage)
+        if campaign.runs_here(site.name)
         for chunk in chunks(site.name, stage.name)
     ]
 
 
+def sent_markers():
+    """Hand-offs this instance sends to another site's instance."""
+    return [
+        f"{MARKERS}/sent/{name}/{site}.json"
+        for name, handoff in HANDOFFS.items()
+        for site in PROCESSING
+        if campaign.runs_here(handoff.ends(campaign, site)[0])
+        and not campaign.runs_here(handoff.ends(campaign, site)[1])
+    ]
+
+
 def campaign_targets():
-    """Everything: the QA at the central site, which needs the whole campaign, and every BPS YAML."""
-    return [f"{MARKERS}/qa/qa.json", *bps_yamls()]
+    """This instance's share: the QA at the central site (which needs the whole campaign),
+    the hand-offs it sends to other instances, and its BPS YAMLs."""
+    qa = [f"{MARKERS}/qa/qa.json"] if campaign.runs_here(CENTRAL) else []
+    return [*qa, *sent_markers(), *bps_yamls()]
 
 
 def write_report():

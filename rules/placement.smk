@@ -3,7 +3,7 @@
 
 rule plan:
     input:
-        survey=survey_marker(),
+        unpack(plan_inputs),
     output:
         placement=f"{MARKERS}/placement/raws.tsv",
         summary=f"{MARKERS}/placement/summary.tsv",

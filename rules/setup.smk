@@ -18,6 +18,5 @@ rule demo_survey:
         marker=f"{MARKERS}/demo/survey.json",
     log:
         f"{LOGS}/demo_survey.log",
-    localrule: True
     script:
         "../scripts/demo_survey.py"

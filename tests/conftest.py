@@ -13,8 +13,11 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
 
 from multisite.demo.campaign import relocate_config
+
+from .rucio_harness.local_rucio import LocalRucio
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -101,3 +104,51 @@ def browser_dom(html_path: Path) -> str:
     ]
     result = subprocess.run([chromium, *flags], capture_output=True, text=True, timeout=120, check=True)
     return result.stdout
+
+
+SCOPE = "demo"
+RSES = {
+    "usdf": "USDF_BUTLER_DISK",
+    "in2p3": "IN2P3_BUTLER_DISK",
+    "ral": "RAL_BUTLER_DISK",
+    "lancs": "LANCS_BUTLER_DISK",
+}
+
+
+@pytest.fixture(scope="session")
+def local_rucio(tmp_path_factory):
+    """Run a local Rucio whose RSEs are ``<storage>/<site>/`` (Butler roots ``<storage>/<site>/demo``)."""
+    storage = tmp_path_factory.mktemp("rucio-storage")
+    rucio = LocalRucio(
+        tmp_path_factory.mktemp("rucio"), {rse: str(storage / site) for site, rse in RSES.items()}, SCOPE
+    )
+    rucio.start()
+    try:
+        yield rucio, storage
+    finally:
+        rucio.stop()
+
+
+def rucio_config(directory: Path, rucio: LocalRucio, storage: Path, **poll) -> Path:
+    """Demo campaign config with the rucio backend and the repositories at the RSEs' roots."""
+    client_config = rucio.write_client_config(directory / "rucio.cfg", directory / "rucio-token")
+    path = demo_config(
+        directory,
+        transfer={
+            "backend": "rucio",
+            "rucio": {
+                "scope": SCOPE,
+                "account": "root",
+                "activity": "Data Consolidation",
+                "grouping": "DATASET",
+                "client_config": str(client_config),
+                "rses": RSES,
+                "poll": {"interval_s": 0.5, "max_interval_s": 2, "backoff": 1.5, "timeout_s": 120, **poll},
+            },
+        },
+    )
+    config = yaml.safe_load(path.read_text())
+    for name, site in config["sites"].items():
+        site["repo"] = str(storage / name / SCOPE)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path

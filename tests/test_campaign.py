@@ -68,24 +68,26 @@ def test_1_dry_run_lists_the_whole_campaign(campaign_dir):
     result = snakemake(campaign_dir, "-n")
     counts = job_counts(result.stdout)
     assert counts == {
-        "prepare_repo": 3,
+        "prepare_repo": 4,
         "demo_survey": 1,
         "plan": 1,
         "reference": 1,
-        "bps_yaml": 10,  # step1: a chunk per site; step2: one; step3: a chunk per patch
-        "handoff": 12,
-        "verify_inputs": 3,
-        "run_stage": 10,
+        "bps_yaml": 11,  # step1: a chunk per site; step2: one; step3: a chunk per patch
+        "handoff": 16,
+        "verify_inputs": 4,
+        "run_stage": 11,
         "step1_in2p3": 1,
+        "step1_lancs": 1,
         "step1_ral": 1,
         "step1_usdf": 1,
         "step2_usdf": 1,
         "step3_in2p3": 1,
+        "step3_lancs": 1,
         "step3_ral": 1,
         "step3_usdf": 1,
         "qa": 1,
         "all": 1,
-        "total": 50,
+        "total": 60,
     }
     assert not (campaign_dir / "work").exists()
 
@@ -178,11 +180,11 @@ def test_4_results_equal_the_single_site_reference(campaign_dir, campaign, capsy
     assert qa["summary"]["site_independence"] == {"pass": 72}
     assert qa["summary"]["completeness"] == {"pass": 72}
     assert qa["summary"]["science"] == {"pass": 7}  # zero points, and coadd photometry of 6 patches
-    assert qa["summary"]["stage_completeness"] == {"pass": 19}  # 10 chunks, their output types
+    assert qa["summary"]["stage_completeness"] == {"pass": 21}  # 11 chunks, their output types
     assert qa["summary"]["unit_completeness"] == {"pass": 12}
     table = pd.read_csv(qa["table"])
     coadds = table[(table.check == "completeness") & (table.dataset_type == "deep_coadd")]
-    assert sorted(coadds.site) == ["in2p3", "in2p3", "ral", "ral", "usdf", "usdf"]
+    assert sorted(coadds.site) == ["in2p3", "in2p3", "lancs", "ral", "ral", "usdf"]
     science = table[table.check == "science"]
     assert len(science) == 7 and (science.status == "pass").all()
 

@@ -32,7 +32,7 @@ def _problems(directory: Path, edit=None, units: str | None = None) -> str:
 def test_demo_config_is_valid(campaign_dir):
     campaign = _load(campaign_dir)
     assert campaign.central.name == "usdf"
-    assert [s.name for s in campaign.processing_sites] == ["usdf", "in2p3", "ral"]
+    assert [s.name for s in campaign.processing_sites] == ["usdf", "in2p3", "ral", "lancs"]
     assert [u.name for u in campaign.units_of("in2p3")] == ["t0p1", "t0p4"]
     assert campaign.stage_chain("ral", "step3") == "DemoCam/runs/demo/ral/step3"
 

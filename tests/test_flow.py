@@ -49,10 +49,10 @@ def test_stage_chunks(campaign_dir):
     assert stage_chunks(campaign, "usdf", step2) == {"global": tuple(u.name for u in campaign.units)}
     # Without units_per_chunk, chunks hold as many units as the quantum estimate allows.
     sized = replace(campaign, max_quanta=250)
-    assert list(stage_chunks(sized, "usdf", replace(step1, units_per_chunk=None, quanta_per_unit=200))) == [
-        "t0p0",
-        "t0p3",
+    assert list(stage_chunks(sized, "ral", replace(step1, units_per_chunk=None, quanta_per_unit=200))) == [
+        "t0p2",
+        "t0p5",
     ]
-    assert stage_chunks(sized, "usdf", replace(step1, units_per_chunk=None, quanta_per_unit=100)) == {
-        "c0000": ("t0p0", "t0p3")
+    assert stage_chunks(sized, "ral", replace(step1, units_per_chunk=None, quanta_per_unit=100)) == {
+        "c0000": ("t0p2", "t0p5")
     }

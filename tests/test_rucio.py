@@ -9,6 +9,7 @@ the middle, and no secret anywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,68 +17,25 @@ import threading
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
-import yaml
 from lsst.daf.butler import Butler, Config
 
 from multisite.config import load_campaign
 from multisite.demo.survey import SurveySpec, make_survey
-from multisite.markers import read_marker
+from multisite.events import read_events
 from multisite.placement import compute_placement
 from multisite.rucio_backend import RucioBackend, RucioHandoffError
-from multisite.transfer import HandoffPayload, make_backend, run_handoff
+from multisite.status import campaign_status
+from multisite.transfer import (
+    HandoffError,
+    HandoffPayload,
+    make_backend,
+    receive_handoff,
+    run_handoff,
+    send_handoff,
+)
 
-from .conftest import REPO, demo_config, snakemake
-from .rucio_harness.local_rucio import LocalRucio
-
-SCOPE = "demo"
-RSES = {
-    "usdf": "USDF_BUTLER_DISK",
-    "in2p3": "IN2P3_BUTLER_DISK",
-    "ral": "RAL_BUTLER_DISK",
-    "lancs": "LANCS_BUTLER_DISK",
-}
-
-
-@pytest.fixture(scope="session")
-def local_rucio(tmp_path_factory):
-    """Run a local Rucio whose RSEs are ``<storage>/<site>/`` (Butler roots ``<storage>/<site>/demo``)."""
-    storage = tmp_path_factory.mktemp("rucio-storage")
-    rucio = LocalRucio(
-        tmp_path_factory.mktemp("rucio"), {rse: str(storage / site) for site, rse in RSES.items()}, SCOPE
-    )
-    rucio.start()
-    try:
-        yield rucio, storage
-    finally:
-        rucio.stop()
-
-
-def rucio_config(directory: Path, rucio: LocalRucio, storage: Path, **poll) -> Path:
-    """Demo campaign config with the rucio backend and the repositories at the RSEs' roots."""
-    client_config = rucio.write_client_config(directory / "rucio.cfg", directory / "rucio-token")
-    path = demo_config(
-        directory,
-        transfer={
-            "backend": "rucio",
-            "rucio": {
-                "scope": SCOPE,
-                "account": "root",
-                "activity": "Data Consolidation",
-                "grouping": "DATASET",
-                "client_config": str(client_config),
-                "rses": RSES,
-                "poll": {"interval_s": 0.5, "max_interval_s": 2, "backoff": 1.5, "timeout_s": 120, **poll},
-            },
-        },
-    )
-    config = yaml.safe_load(path.read_text())
-    for name, site in config["sites"].items():
-        site["repo"] = str(storage / name / SCOPE)
-    config["sites"]["lancs"] = {"role": "remote", "repo": str(storage / "lancs" / SCOPE), "bps": {}}
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+from .conftest import REPO, SCOPE, rucio_config
 
 
 @pytest.fixture(scope="module")
@@ -129,10 +87,11 @@ def test_1_handoff_end_to_end(setup, caplog):
     assert rule["state"] == "OK" and rule["rse_expression"] == "IN2P3_BUTLER_DISK"
     assert rule["activity"] == "Data Consolidation" and rule["grouping"] == "DATASET"
     files = list(c.list_files(SCOPE, "multisite.demo.raws.in2p3"))
-    # every raw, plus the Butler export file
-    n_raws = sum(marker["datasets"].values())
-    assert len(files) == n_raws + 1 == info["files"]
-    assert any(f["name"] == "rucio_exports/demo/raws/in2p3.yaml" for f in files)
+    # every raw and the site's share of the placement, plus the Butler export file
+    n_raws = marker["datasets"]["raw"]
+    assert marker["datasets"] == {"campaign_placement": 1, "raw": n_raws}
+    assert len(files) == n_raws + 2 == info["files"]
+    assert any(f["name"] == "handoff_exports/demo/raws/in2p3.yaml" for f in files)
     assert all(len(f["adler32"]) == 8 and f["bytes"] > 0 for f in files)
     # The container hierarchy: campaign > stage > hand-off dataset.
     assert [d["name"] for d in c.list_content(SCOPE, "multisite.demo")] == ["multisite.demo.raws"]
@@ -268,7 +227,7 @@ def test_4_server_stopped_midway_then_rerun_completes_without_duplicates(setup):
     assert nothing_of(lancs.repo, refs)
     rucio.start_server()
     before = scope_state(campaign)
-    result = make_backend(campaign).deliver(central, lancs, HandoffPayload(refs), "outage/lancs")
+    result, _ = make_backend(campaign).deliver(central, lancs, HandoffPayload(refs), "outage/lancs")
     info = result["rucio"]
     assert info["rule_id"] == rule_id and not info["rule_created"] and info["files_registered_now"] == 0
     assert scope_state(campaign) == before
@@ -298,41 +257,38 @@ def test_5_no_secret_in_logs_or_markers(setup, caplog, tmp_path):
     assert os.environ.get("RUCIO_CONFIG") is None or "password" not in json.dumps(marker)
 
 
-def _final_outputs(directory: Path) -> pd.DataFrame:
-    """QA table of a finished campaign, without paths: products compared to the reference."""
-    table = pd.read_csv(directory / "work" / "logs" / "qa" / "qa.csv")
-    return table.drop(columns=["detail"]).sort_values(["check", "dataset_type", "data_id", "site"])
+def test_6_site_instances_wait_for_what_another_sends(setup, caplog):
+    """The receiving half waits for the sender, says so, and times out clearly; then the halves meet."""
+    campaign, placement, rucio = setup
+    # As the ral instance sees it: a short wait, and the events of that instance.
+    at_ral = dataclasses.replace(campaign, instance="ral", wait_timeout=3.0, wait_interval=0.5)
+    with pytest.raises(HandoffError, match="usdf has not sent it after 3 s") as failure:
+        receive_handoff(at_ral, "fanout_step3", "ral")
+    assert "transfer.wait.timeout_s" in str(failure.value)
+    (waiting,) = [e for e in read_events([at_ral.events / "ral.jsonl"]) if e.kind == "waiting"]
+    assert waiting.step == "handoff fanout_step3 ral" and waiting.details["source"] == "usdf"
+    assert "waiting for fanout_step3 from usdf since" in waiting.message
+    cells = campaign_status(at_ral, read_events([at_ral.events / "ral.jsonl"]), site="ral")
+    (cell,) = [c for c in cells if c.step == "handoff fanout_step3 ral"]
+    assert cell.state == "waiting" and "from usdf" in cell.detail and cell.since
 
-
-def test_6_whole_demo_campaign_with_rucio_equals_butler_backend(local_rucio, tmp_path_factory):
-    """The demo campaign, every hand-off through Rucio, ends with the butler backend's final outputs."""
-    rucio, storage = local_rucio
-    scope = "camp"
-    RucioBackend(
-        "demo", {"scope": SCOPE, "rses": RSES, "client_config": str(rucio.client_config)}
-    ).client.add_scope("root", scope)
-    with_rucio = tmp_path_factory.mktemp("campaign-rucio")
-    path = rucio_config(with_rucio, rucio, storage)
-    config = yaml.safe_load(path.read_text())
-    del config["sites"]["lancs"]
-    config["transfer"]["rucio"]["scope"] = scope
-    for name, site in config["sites"].items():
-        site["repo"] = str(storage / name / scope)
-        site["create_repo"] = True
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    with_butler = tmp_path_factory.mktemp("campaign-butler")
-    demo_config(with_butler)
-    snakemake(with_rucio, timeout=1800)
-    handoffs = sorted((with_rucio / "work" / "markers" / "handoff").glob("*/*.json"))
-    assert len(handoffs) == 12
-    for marker in handoffs:
-        content = read_marker(marker)
-        if content["backend"] == "rucio":
-            assert content["backend_details"]["rucio"]["rule_id"]
-            assert rucio.password not in marker.read_text()
-    snakemake(with_butler, timeout=1800)
-    pd.testing.assert_frame_equal(
-        _final_outputs(with_rucio).reset_index(drop=True), _final_outputs(with_butler).reset_index(drop=True)
+    # The USDF instance sends the raws; the lancs instance, started first, receives them when they come.
+    at_usdf = dataclasses.replace(campaign, instance="usdf")
+    at_lancs = dataclasses.replace(campaign, instance="lancs", wait_timeout=300.0, wait_interval=0.5)
+    outcome: dict = {}
+    receiver = threading.Thread(
+        target=lambda: outcome.update(marker=receive_handoff(at_lancs, "raws", "lancs"))
     )
-    qa = read_marker(with_rucio / "work" / "markers" / "qa" / "qa.json")
-    assert all(set(counts) == {"pass"} for counts in qa["summary"].values()), qa["summary"]
+    receiver.start()
+    time.sleep(2)
+    assert receiver.is_alive(), outcome
+    sent = send_handoff(at_usdf, "raws", "lancs", placement)
+    receiver.join(300)
+    marker = outcome["marker"]
+    assert sent["datasets"] == marker["datasets"] and marker["datasets"]["campaign_placement"] == 1
+    assert marker["backend_details"]["rucio"]["destination_rse"] == "LANCS_BUTLER_DISK"
+    # The lancs instance now has its share of the placement, from its own repository only.
+    share = Butler.from_config(campaign.sites["lancs"].repo).get(
+        "campaign_placement", collections=campaign.handoff_chain("lancs")
+    )
+    assert set(share["site"]) >= {"lancs"} and set(share[share["site"] == "lancs"]["unit"]) == {"t0p3"}

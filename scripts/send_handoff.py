@@ -1,0 +1,15 @@
+"""Snakemake shim: send one hand-off to another site's instance (the sending half)."""
+
+from multisite.placement import read_placement
+from multisite.transfer import send_handoff
+from multisite.workflow import run_rule
+
+run_rule(
+    snakemake,
+    lambda campaign: send_handoff(
+        campaign,
+        snakemake.wildcards.handoff,
+        snakemake.wildcards.site,
+        read_placement(snakemake.input.placement),
+    ),
+)
