@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 RUCIO_VENV := .rucio-venv
 CORES ?= 2
 
-.PHONY: setup profiles system-deps rucio-setup rucio-up rucio-down demo test lint bench bench-rucio bench-planner bench-dryrun clean slurm-setup slurm-up slurm-down
+.PHONY: setup profiles system-deps rucio-setup rucio-up rucio-down demo test lint bench bench-rucio bench-planner bench-dryrun clean slurm-setup slurm-up slurm-down htcondor-setup
 
 setup: $(VENV)/.installed profiles
 
@@ -72,7 +72,13 @@ slurm-up: slurm-setup
 slurm-down:
 	tests/slurm_harness/slurm_local.sh down $(SLURM_DIR)
 
-test: setup system-deps rucio-setup slurm-setup
+# A Debian 13 chroot with HTCondor (debootstrap, minicondor; run as root, needs the Debian
+# mirror) in $(HTCONDOR_POOL), for tests/test_htcondor.py; done once, later runs reuse it.
+HTCONDOR_POOL ?= /var/tmp/htcondor-pool
+htcondor-setup:
+	tests/htcondor_harness/htcondor_local.sh install $(HTCONDOR_POOL)
+
+test: setup system-deps rucio-setup slurm-setup htcondor-setup
 	$(BIN)/pytest
 
 lint: setup

@@ -54,7 +54,7 @@ class Handoff:
         return self.direction == TO_CENTRAL
 
     def ends(self, campaign: Campaign, site: str) -> tuple[str, str]:
-        """Sending and receiving site of this hand-off for processing site ``site``."""
+        """Return the sending and the receiving site of this hand-off for processing site ``site``."""
         central = campaign.central.name
         return (site, central) if self.to_central else (central, site)
 
