@@ -52,7 +52,14 @@ from lsst.resources import ResourcePath
 
 from .butler_utils import open_butler
 from .config import Site
-from .transfer import HandoffError, HandoffPayload, TransferBackend, import_export, write_export
+from .transfer import (
+    HandoffError,
+    HandoffPayload,
+    TransferBackend,
+    datastore_root,
+    import_export,
+    write_export,
+)
 
 _LOG = logging.getLogger(__name__)
 
@@ -276,12 +283,7 @@ class RucioBackend(TransferBackend):
     def _check_rse(self, site: Site, butler: Butler) -> Path:
         """Check that the site's RSE stores ``scope:name`` at ``<datastore root>/<name>``; return the root."""
         rse = self._rse(site)
-        roots = [root for root in butler.get_datastore_roots().values() if root is not None]
-        if len(roots) != 1 or roots[0].scheme not in ("file", ""):
-            raise RucioHandoffError(
-                f"{site.name}: the rucio backend needs one local file datastore, found roots {roots}"
-            )
-        root = Path(roots[0].ospath).resolve()
+        root = datastore_root(butler)
         info = self._call(f"read RSE {rse}", self.client.get_rse, rse)
         attributes = self._call(f"read attributes of RSE {rse}", self.client.list_rse_attributes, rse)
         prefixes = [

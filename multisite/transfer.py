@@ -409,8 +409,14 @@ def _arrived(campaign: Campaign, label: str, destination: Site, dataset_ids: lis
     }
 
 
-def _ends(source: Site, destination: Site, backend: TransferBackend, same_repo: bool = False) -> dict:
+def _identity(
+    label: str, source: Site, destination: Site, backend: TransferBackend, same_repo: bool = False
+) -> dict[str, str]:
+    """Return the first fields of every hand-off marker: what, for which site, from where to where, how."""
+    handoff, site = label.split("/", 1)
     return {
+        "handoff": handoff,
+        "site": site,
         "source": source.name,
         "destination": destination.name,
         "backend": "none (same repository)" if same_repo else backend.name,
@@ -461,9 +467,7 @@ def run_handoff(
         details, export = backend.deliver(source, destination, payload, label)
         dataset_ids = exported_dataset_ids(export)
     return {
-        "handoff": handoff_name,
-        "site": site,
-        **_ends(source, destination, backend, same_repo),
+        **_identity(label, source, destination, backend, same_repo),
         "backend_details": details,
         "source_collections": collections,
         "dimension_records": {element: len(records) for element, records in payload.records.items()},
@@ -488,11 +492,10 @@ def send_handoff(
     source, destination, collections, payload = _outgoing(
         campaign, _handoff(campaign, handoff_name), site, placement, started
     )
-    details = backend.send(source, destination, payload, f"{handoff_name}/{site}")
+    label = f"{handoff_name}/{site}"
+    details = backend.send(source, destination, payload, label)
     return {
-        "handoff": handoff_name,
-        "site": site,
-        **_ends(source, destination, backend),
+        **_identity(label, source, destination, backend),
         "backend_details": details,
         "source_collections": collections,
         "datasets": payload.counts(),
@@ -539,9 +542,7 @@ def receive_handoff(
             time.sleep(min(campaign.wait_interval, max(0.0, deadline - time.monotonic())))
     details, export = backend.receive(source, destination, label)
     return {
-        "handoff": handoff_name,
-        "site": site,
-        **_ends(source, destination, backend),
+        **_identity(label, source, destination, backend),
         "backend_details": details,
         **_arrived(campaign, label, destination, exported_dataset_ids(export)),
         **provenance(started),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,9 +29,9 @@ def demo_config(directory: Path, **overrides) -> Path:
     return relocate_config(REPO / "config" / "config.yaml", directory, base=REPO, **overrides)
 
 
-def snakemake(directory: Path, *args: str, env: dict | None = None, check: bool = True, timeout: float = 900):
-    """Run the campaign workflow with ``directory``'s config; return the completed process."""
-    command = [
+def snakemake_command(directory: Path, *args: str) -> list[str]:
+    """Return the command line running the campaign workflow with ``directory``'s config."""
+    return [
         str(BIN / "snakemake"),
         "--snakefile",
         str(REPO / "Snakefile"),
@@ -42,6 +43,20 @@ def snakemake(directory: Path, *args: str, env: dict | None = None, check: bool 
         "2",
         *args,
     ]
+
+
+def scheduled_jobs(output: str) -> dict[str, tuple[str, bool]]:
+    """Return Snakemake job id -> (rule, run locally?) from the job headers of a run's log."""
+    jobs = {}
+    for match in re.finditer(r"^(local)?rule (\w+):\n((?:    .*\n)+)", output, re.M):
+        if jobid := re.search(r"^    jobid: (\d+)$", match.group(3), re.M):
+            jobs[jobid.group(1)] = (match.group(2), bool(match.group(1)))
+    return jobs
+
+
+def snakemake(directory: Path, *args: str, env: dict | None = None, check: bool = True, timeout: float = 900):
+    """Run the campaign workflow with ``directory``'s config; return the completed process."""
+    command = snakemake_command(directory, *args)
     full_env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {}))
     result = subprocess.run(
         command, capture_output=True, text=True, env=full_env, timeout=timeout, check=False

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests import htcondor_harness
-from tests.conftest import REPO, demo_config
+from tests.conftest import REPO, demo_config, scheduled_jobs, snakemake_command
 
 PROFILE = REPO / "tests" / "profiles" / "htcondor"
 SITES = ("usdf", "in2p3", "ral", "lancs")
@@ -30,15 +30,6 @@ TARGETS = [f"work/markers/inputs/{site}.json" for site in SITES]
 REMOTE_RULES = {"demo_survey": 1, "handoff": len(SITES), "verify_inputs": len(SITES)}
 LOCAL_RULES = {"prepare_repo": len(SITES), "plan": 1}
 JOB_DIR = ".snakemake/htcondor"
-
-
-def scheduled_jobs(output: str) -> dict[str, tuple[str, bool]]:
-    """Return Snakemake job id -> (rule, run locally?) from the job headers of a run's log."""
-    jobs = {}
-    for match in re.finditer(r"^(local)?rule (\w+):\n((?:    .*\n)+)", output, re.M):
-        if jobid := re.search(r"^    jobid: (\d+)$", match.group(3), re.M):
-            jobs[jobid.group(1)] = (match.group(2), bool(match.group(1)))
-    return jobs
 
 
 @pytest.fixture(scope="module")
@@ -58,20 +49,7 @@ def htcondor_run(pool):
     directory.mkdir()
     demo_config(directory)
     pool.give_to_job_user(directory)
-    command = [
-        "snakemake",
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(directory),
-        "--configfile",
-        str(directory / "config.yaml"),
-        "--cores",
-        "2",
-        "--profile",
-        str(PROFILE),
-        *TARGETS,
-    ]
+    command = snakemake_command(directory, "--profile", str(PROFILE), *TARGETS)
     # HTCondor starts jobs with an empty environment: the profile gives them these.
     env = {"HTC_JOB_PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HTC_JOB_HOME": str(directory)}
     result = pool.run(*command, cwd=directory, env=env, timeout=600)

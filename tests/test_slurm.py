@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests import slurm_harness
-from tests.conftest import REPO, demo_config, snakemake
+from tests.conftest import REPO, demo_config, scheduled_jobs, snakemake
 
 PROFILE = REPO / "tests" / "profiles" / "slurm"
 
@@ -30,15 +30,6 @@ def rule_locality() -> dict[str, bool]:
             if name := re.match(r"\s*rule (\w+):", block):
                 rules[name.group(1)] = bool(re.search(r"^\s+localrule:\s*True", block, re.M))
     return rules
-
-
-def scheduled_jobs(output: str) -> dict[str, tuple[str, bool]]:
-    """Snakemake job id -> (rule, run locally?) from the job headers of a run's log."""
-    jobs = {}
-    for match in re.finditer(r"^(local)?rule (\w+):\n((?:    .*\n)+)", output, re.M):
-        if jobid := re.search(r"^    jobid: (\d+)$", match.group(3), re.M):
-            jobs[jobid.group(1)] = (match.group(2), bool(match.group(1)))
-    return jobs
 
 
 @pytest.fixture(scope="module")
