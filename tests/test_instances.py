@@ -1,18 +1,19 @@
 """Site instances: one Snakemake per facility, each in its own directory, meeting only through Rucio.
 
-Four instances (usdf, in2p3, ral, lancs), started together with their site
-profiles (the executor set to local: this machine has no HTCondor for RAL's, and
-the Slurm profiles are proven in test_slurm), run the demo campaign through the
-test Rucio. Each instance's config names only its own repository: the other sites'
-repositories are paths that lead nowhere, so an instance that reached into another
-site's files would fail. RAL's instance is killed in the middle; the others wait
-for it and say so; it is restarted, and the campaign completes with nothing that
-was finished done again, and with the final outputs of a single-instance run.
+Four instances (usdf, in2p3, ral, lancs), started together with their site profiles
+(the executor set to local: the batch paths are proven in test_slurm and
+test_htcondor), run the demo campaign through the test Rucio. Each instance's config
+names only its own repository: the other sites' repositories are paths that lead
+nowhere, so an instance that reached into another site's files would fail. A first
+campaign runs untouched and ends with the final outputs of a single-instance run; in a
+second, RAL's instance is killed in the middle, the others wait and say so, and the
+campaign completes once it is restarted, with nothing that was finished done again.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import signal
@@ -21,7 +22,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import pytest
 import yaml
 from lsst.daf.butler import Butler
 
@@ -32,13 +32,16 @@ from multisite.rucio_backend import RucioBackend
 from .conftest import BIN, REPO, RSES, SCOPE, demo_config, rucio_config, snakemake
 
 SITES = ("usdf", "in2p3", "ral", "lancs")
-INSTANCE_SCOPE = "sites"
+ENV = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
 
 
-def instance_configs(base: Path, rucio, storage: Path) -> dict[str, Path]:
-    """One config per instance: its own work area, its own repository only."""
+def instance_configs(base: Path, rucio, storage: Path, scope: str) -> dict[str, Path]:
+    """One config per instance: its own work area, its own repository only (at ``<RSE>/<scope>``)."""
+    RucioBackend(
+        "demo", {"scope": SCOPE, "rses": RSES, "client_config": str(rucio.client_config)}
+    ).client.add_scope("root", scope)
     template = yaml.safe_load(rucio_config(base, rucio, storage).read_text())
-    template["transfer"]["rucio"]["scope"] = INSTANCE_SCOPE
+    template["transfer"]["rucio"]["scope"] = scope
     template["transfer"]["wait"] = {"timeout_s": 1800, "interval_s": 2}
     paths = {}
     for site in SITES:
@@ -48,20 +51,15 @@ def instance_configs(base: Path, rucio, storage: Path) -> dict[str, Path]:
         config["workdir"] = str(directory / "work")
         for name, entry in config["sites"].items():
             mine = name == site
-            entry["repo"] = (
-                str(storage / name / INSTANCE_SCOPE) if mine else str(directory / "nowhere" / name)
-            )
+            entry["repo"] = str(storage / name / scope) if mine else str(directory / "nowhere" / name)
             entry["create_repo"] = mine
         paths[site] = directory / "config.yaml"
         paths[site].write_text(yaml.safe_dump(config, sort_keys=False))
     return paths
 
 
-ENV = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
-
-
 def command(site: str, config: Path) -> list[str]:
-    """One site's instance: its profile, its own directory (executor local: see the module doc)."""
+    """Return one site's instance: its profile, its own directory (executor local: see the module doc)."""
     return [
         str(BIN / "snakemake"),
         "--snakefile",
@@ -87,6 +85,18 @@ def start(site: str, config: Path) -> subprocess.Popen:
         )
 
 
+def finish(processes: dict[str, subprocess.Popen], configs: dict[str, Path]) -> None:
+    """Wait for every instance to end; each must succeed (any still running is killed on failure)."""
+    try:
+        for site, process in processes.items():
+            code = process.wait(timeout=2400)
+            assert code == 0, f"{site}: {(configs[site].parent / 'snakemake.log').read_text()[-4000:]}"
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
 def status(config: Path) -> str:
     result = subprocess.run(
         [str(BIN / "multisite"), "status", str(config)], capture_output=True, text=True, check=True
@@ -105,19 +115,33 @@ def wait_for(what: str, condition, processes: dict[str, subprocess.Popen], timeo
         time.sleep(2)
 
 
+def event_lines(config: Path) -> list[dict]:
+    """Return an instance's own event log, in order (an instance's log is named after its site)."""
+    path = config.parent / "work" / "events" / f"{config.parent.name}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def check_campaign(configs: dict[str, Path]) -> Path:
+    """Check a finished four-instance campaign; return USDF's work directory."""
+    for site, config in configs.items():
+        # Markers stay with each instance: the central QA at USDF only, each site's own stages.
+        markers = config.parent / "work" / "markers"
+        assert (markers / "qa" / "qa.json").exists() == (site == "usdf")
+        assert {p.name for p in (markers / "stage").iterdir()} == {site}
+    usdf = configs["usdf"].parent / "work"
+    qa = read_marker(usdf / "markers" / "qa" / "qa.json")
+    assert all(set(counts) == {"pass"} for counts in qa["summary"].values()), qa["summary"]
+    for marker in (usdf / "markers" / "handoff").glob("*/*.json"):
+        content = read_marker(marker)
+        if content["source"] != content["destination"]:
+            assert content["backend"] == "rucio" and content["backend_details"]["rucio"]["rule_id"]
+    return usdf
+
+
 def _final_outputs(work: Path) -> pd.DataFrame:
     """QA table of a finished campaign, without paths: products compared to the reference."""
     table = pd.read_csv(work / "logs" / "qa" / "qa.csv")
     return table.drop(columns=["detail"]).sort_values(["check", "dataset_type", "data_id", "site"])
-
-
-@pytest.fixture(scope="module")
-def instances(local_rucio, tmp_path_factory):
-    rucio, storage = local_rucio
-    RucioBackend(
-        "demo", {"scope": SCOPE, "rses": RSES, "client_config": str(rucio.client_config)}
-    ).client.add_scope("root", INSTANCE_SCOPE)
-    return instance_configs(tmp_path_factory.mktemp("instances"), rucio, storage)
 
 
 def test_profiles_by_name_run_their_site_share():
@@ -136,59 +160,77 @@ def test_profiles_by_name_run_their_site_share():
         assert stages and all(name.endswith(f"_{site}") for name in stages), (site, stages)
 
 
-def test_four_instances_one_killed_and_restarted_complete_the_campaign(instances, tmp_path_factory):
-    processes = {site: start(site, config) for site, config in instances.items()}
-    try:
-        ral_markers = instances["ral"].parent / "work" / "markers"
-        wait_for("ral's step1", lambda: (ral_markers / "stage" / "ral" / "step1.json").exists(), processes)
-        os.killpg(processes["ral"].pid, signal.SIGKILL)
-        processes["ral"].wait()
-        killed = processes.pop("ral")
-        assert killed.returncode == -signal.SIGKILL
-        finished = {path: path.stat().st_mtime_ns for path in ral_markers.rglob("*.json")}
-
-        # USDF's instance waits for what RAL has not sent, and says what, from whom and since when.
-        waiting = re.compile(r"WAITING: handoff (\w+) ral at ral since \S+: waiting for \1 from ral since ")
-        wait_for("USDF saying it waits for ral", lambda: waiting.search(status(instances["usdf"])), processes)
-        assert processes["usdf"].poll() is None
-
-        subprocess.run(
-            [*command("ral", instances["ral"]), "--unlock"], check=True, capture_output=True, env=ENV
-        )
-        processes["ral"] = start("ral", instances["ral"])
-        for site, process in processes.items():
-            assert process.wait(timeout=2400) == 0, (
-                f"{site}: {(instances[site].parent / 'snakemake.log').read_text()[-4000:]}"
-            )
-    finally:
-        for process in processes.values():
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-
-    # Nothing RAL had finished was done again.
-    assert {path: path.stat().st_mtime_ns for path in finished} == finished
-    ral = load_campaign(instances["ral"])
-    name = ral.stage_chain("ral", "step1", "c0000")
-    chain = Butler.from_config(ral.sites["ral"].repo).collections.get_info(name)
-    assert len([run for run in chain.children if run.startswith(name)]) == 1, chain.children
-
-    # Markers stay with each instance: the central QA at USDF only, each site's own stages.
-    for site, config in instances.items():
-        markers = config.parent / "work" / "markers"
-        assert (markers / "qa" / "qa.json").exists() == (site == "usdf")
-        assert {p.name for p in (markers / "stage").iterdir()} == {site}
-    usdf = instances["usdf"].parent / "work"
-    qa = read_marker(usdf / "markers" / "qa" / "qa.json")
-    assert all(set(counts) == {"pass"} for counts in qa["summary"].values()), qa["summary"]
-    for marker in (usdf / "markers" / "handoff").glob("*/*.json"):
-        content = read_marker(marker)
-        if content["source"] != content["destination"]:
-            assert content["backend"] == "rucio" and content["backend_details"]["rucio"]["rule_id"]
-
-    # The same final outputs as one instance running every site.
+def test_four_instances_started_together_end_like_one_instance(local_rucio, tmp_path_factory):
+    rucio, storage = local_rucio
+    configs = instance_configs(tmp_path_factory.mktemp("instances"), rucio, storage, "sites")
+    finish({site: start(site, config) for site, config in configs.items()}, configs)
+    usdf = check_campaign(configs)
     single = tmp_path_factory.mktemp("single-instance")
     demo_config(single)
     snakemake(single, timeout=1800)
     pd.testing.assert_frame_equal(
         _final_outputs(usdf).reset_index(drop=True), _final_outputs(single / "work").reset_index(drop=True)
     )
+
+
+def test_killed_instance_is_waited_for_and_restarted_without_redoing_anything(local_rucio, tmp_path_factory):
+    rucio, storage = local_rucio
+    configs = instance_configs(tmp_path_factory.mktemp("killed"), rucio, storage, "killed")
+    processes = {site: start(site, config) for site, config in configs.items()}
+    ral_work = configs["ral"].parent / "work"
+    try:
+        # Killed while its step1 is with BPS: nothing of step1 reaches the others.
+        wait_for(
+            "ral's step1 submission",
+            lambda: any((ral_work / "qgraph" / "ral" / "step1").glob("*/*.bps.log")),
+            processes,
+        )
+        os.killpg(processes["ral"].pid, signal.SIGKILL)
+        assert processes.pop("ral").wait() == -signal.SIGKILL
+        finished = {path: path.stat().st_mtime_ns for path in (ral_work / "markers").rglob("*.json")}
+        events_at_kill = {site: event_lines(config) for site, config in configs.items()}
+
+        # The others wait and say what for, from whom and since when: USDF for RAL's fan-in,
+        # the other sites for USDF's fan-out (which needs RAL's fan-in).
+        waits = {
+            "usdf": ("fanin_step2", "ral", "ral"),
+            "in2p3": ("fanout_step3", "in2p3", "usdf"),
+            "lancs": ("fanout_step3", "lancs", "usdf"),
+        }
+        for site, (handoff, at, sender) in waits.items():
+            said = re.compile(
+                rf"WAITING: handoff {handoff} {at} at {at} since \S+: "
+                rf"waiting for {handoff} from {sender} since "
+            )
+            wait_for(
+                f"{site} saying it waits", lambda s=site, r=said: r.search(status(configs[s])), processes
+            )
+        assert all(process.poll() is None for process in processes.values())
+        assert not (configs["usdf"].parent / "work" / "markers" / "stage" / "usdf" / "step2.json").exists()
+
+        subprocess.run(
+            [*command("ral", configs["ral"]), "--unlock"], check=True, capture_output=True, env=ENV
+        )
+        processes["ral"] = start("ral", configs["ral"])
+        finish(processes, configs)
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+
+    # Nothing finished before the kill was done again: RAL's markers are untouched, and no
+    # instance started again a step it had done (its event log, after the kill).
+    assert {path: path.stat().st_mtime_ns for path in finished} == finished
+    for site, before in events_at_kill.items():
+        done = {event["step"] for event in before if event["kind"] == "done"}
+        assert done, site
+        after = event_lines(configs[site])[len(before) :]
+        assert after, site
+        assert not [e["step"] for e in after if e["kind"] == "started" and e["step"] in done], site
+    check_campaign(configs)
+    # The killed chunk ran again without duplicating a dataset.
+    ral = load_campaign(configs["ral"])
+    butler = Butler.from_config(ral.sites["ral"].repo)
+    runs = butler.collections.query(ral.stage_chain("ral", "step1"), flatten_chains=True)
+    stars = butler.query_datasets("single_visit_star", collections=runs, find_first=False)
+    assert stars and len(stars) == len({ref.dataId for ref in stars})
