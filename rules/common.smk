@@ -128,8 +128,8 @@ def sent_markers():
         f"{MARKERS}/sent/{name}/{site}.json"
         for name, handoff in HANDOFFS.items()
         for site in PROCESSING
-        if campaign.runs_here(handoff.ends(campaign, site)[0])
-        and not campaign.runs_here(handoff.ends(campaign, site)[1])
+        for sender, receiver in [handoff.ends(campaign, site)]
+        if campaign.runs_here(sender) and not campaign.runs_here(receiver)
     ]
 
 

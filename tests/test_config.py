@@ -59,6 +59,15 @@ def test_unknown_site(campaign_dir):
     assert "unknown site 'frdf'" in message and "known sites" in message and "line 2" in message
 
 
+def test_instance_site_must_be_a_campaign_site(campaign_dir, tmp_path):
+    message = _problems(campaign_dir, lambda c: c.update(site="cern"))
+    assert "site: 'cern' is not a site of this campaign" in message and "profile" in message
+    # The same from the command line, as a profile's `--config site=...` gives it, before any job.
+    result = snakemake(campaign_dir, "-n", "--config", "site=cern", check=False)
+    assert result.returncode != 0 and "'cern' is not a site of this campaign" in result.stderr + result.stdout
+    assert _load(campaign_dir, lambda c: c.update(site="ral")).instance == "ral"
+
+
 def test_patch_assigned_to_two_sites(campaign_dir):
     units = "unit\ttract\tpatch\tsite\nt0p0\t0\t0\tusdf\nt0p0\t0\t0\tral\n"
     assert "assigned to two sites ('usdf' and 'ral'); give all its rows one site" in _problems(
