@@ -74,7 +74,8 @@ def run_tool(command: list[str], log_path: str | Path) -> tuple[int, str]:
     """Run a middleware command-line tool (``bps``, ``pipetask``) from this environment.
 
     The command is a list (no shell), so no configuration value is ever parsed by
-    a shell. Its output goes to ``log_path`` and is returned.
+    a shell. Its output goes to ``log_path`` as it runs (to follow a long BPS
+    submission live) and is returned.
 
     Returns
     -------
@@ -86,8 +87,6 @@ def run_tool(command: list[str], log_path: str | Path) -> tuple[int, str]:
     # The tool, and every job it starts, must come from this same environment.
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     _LOG.info("Running %s (output in %s)", " ".join(command), log_path)
-    result = subprocess.run(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False
-    )
-    Path(log_path).write_text(result.stdout)
-    return result.returncode, result.stdout
+    with open(log_path, "w") as log:
+        result = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+    return result.returncode, Path(log_path).read_text()
