@@ -18,7 +18,12 @@ by its process id:
 Command line (what ``scripts/rucio_local.sh`` runs)::
 
     python tests/rucio_harness/local_rucio.py up --dir work/rucio [--scope demo] [--rse NAME=PREFIX ...]
-    python tests/rucio_harness/local_rucio.py down --dir work/rucio
+    python tests/rucio_harness/local_rucio.py down --dir work/rucio [--purge]
+    python tests/rucio_harness/local_rucio.py restart-server --dir work/rucio
+
+``up`` on a Rucio it already started reuses it, and brings back on their recorded ports,
+with their data, whichever of the database, server and daemons is not running;
+``down`` stops them and keeps the data for the next ``up`` (``--purge`` deletes it).
 """
 
 from __future__ import annotations
@@ -88,6 +93,19 @@ def _run(command: list[str], log: Path, env: dict | None = None, cwd: str | None
         raise RucioHarnessError(
             f"{' '.join(command)} failed (exit {result.returncode}); end of {log}:\n{tail}"
         )
+
+
+def _alive(pid: int | None) -> bool:
+    """Whether a process with this id exists."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _kill(pid: int, sig: int = signal.SIGTERM, wait: float = 20.0) -> None:
@@ -246,13 +264,32 @@ class LocalRucio:
         self.save_state()
         return self
 
-    def stop(self) -> None:
-        """Stop daemons, server and database by process id; remove the database cluster."""
+    def stop(self, purge: bool = True) -> None:
+        """Stop daemons, server and database by process id; remove the database cluster if ``purge``."""
         self.stop_daemons()
         self.stop_server()
-        self._stop_postgres()
+        self._stop_postgres(purge)
         if self.state_file.exists():
             self.save_state()
+
+    def resume(self) -> LocalRucio:
+        """Start again, on their recorded ports and with their data, whatever is not running."""
+        if not self.pg_dir or not (self.pg_dir / "data").is_dir():
+            raise RucioHarnessError(
+                f"the database cluster of the local Rucio in {self.directory} ({self.pg_dir}) is gone "
+                "(a reboot empties /tmp): run 'down --purge', then 'up' for a new, empty Rucio"
+            )
+        self.logs.mkdir(exist_ok=True)
+        pid_file = self.pg_dir / "data" / "postmaster.pid"
+        if not (pid_file.exists() and _alive(int(pid_file.read_text().split()[0]))):
+            self._pg_ctl_start()
+        if not self._answers():
+            self.stop_server()
+            self.start_server()
+        if not _alive(self.daemons_pid):
+            self.start_daemons()
+        self.save_state()
+        return self
 
     def _server_env(self) -> dict[str, str]:
         return dict(
@@ -293,6 +330,17 @@ class LocalRucio:
             log,
         )
         self.pg_port = free_port()
+        self._pg_ctl_start()
+        _run(
+            [*as_postgres, str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.pg_port)]
+            + ["-U", "postgres", "rucio"],
+            self.logs / "pg_ctl.log",
+        )
+
+    def _pg_ctl_start(self) -> None:
+        """Start the cluster in ``pg_dir`` on ``pg_port``."""
+        as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        data = self.pg_dir / "data"
         options = f"-p {self.pg_port} -k {self.pg_dir} -c listen_addresses=127.0.0.1 -c fsync=off"
         _run(
             [
@@ -308,13 +356,8 @@ class LocalRucio:
             + ["-w", "start"],
             self.logs / "pg_ctl.log",
         )
-        _run(
-            [*as_postgres, str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.pg_port)]
-            + ["-U", "postgres", "rucio"],
-            self.logs / "pg_ctl.log",
-        )
 
-    def _stop_postgres(self) -> None:
+    def _stop_postgres(self, purge: bool = True) -> None:
         if not self.pg_dir:
             return
         pid_file = self.pg_dir / "data" / "postmaster.pid"
@@ -327,8 +370,9 @@ class LocalRucio:
             deadline = time.monotonic() + 30
             while pid_file.exists() and time.monotonic() < deadline:
                 time.sleep(0.1)
-        shutil.rmtree(self.pg_dir, ignore_errors=True)
-        self.pg_dir = None
+        if purge:
+            shutil.rmtree(self.pg_dir, ignore_errors=True)
+            self.pg_dir = None
 
     def _write_configs(self) -> None:
         package = self.venv / "lib" / f"python{self._venv_python_version()}" / "site-packages" / "rucio"
@@ -427,14 +471,19 @@ class LocalRucio:
                     f"gunicorn exited with {process.returncode}; end of {self.logs / 'gunicorn.log'}:\n"
                     + (self.logs / "gunicorn.log").read_text()[-3000:]
                 )
-            try:
-                with urllib.request.urlopen(f"{self.url}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        self.save_state()
-                        return
-            except OSError:
-                time.sleep(0.3)
+            if self._answers():
+                self.save_state()
+                return
+            time.sleep(0.3)
         raise RucioHarnessError(f"Rucio server did not answer on {self.url}/ping within {timeout} s")
+
+    def _answers(self) -> bool:
+        """Whether the server answers its ping."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/ping", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
 
     def stop_server(self) -> None:
         """Stop gunicorn by its process id (its workers are in its process group)."""
@@ -492,7 +541,8 @@ class LocalRucio:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Bring a local Rucio up or down (test harness).")
-    parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument("action", choices=["up", "down", "restart-server"])
+    parser.add_argument("--purge", action="store_true", help="down: delete the database too")
     parser.add_argument("--dir", default="work/rucio", help="state, configs and logs (default work/rucio)")
     parser.add_argument("--scope", default="demo")
     parser.add_argument(
@@ -504,17 +554,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     directory = Path(args.dir).resolve()
+    recorded = (directory / "state.json").exists()
+    if args.action in ("down", "restart-server") and not recorded:
+        print(f"No local Rucio recorded in {directory}.")
+        return 0 if args.action == "down" else 1
     if args.action == "down":
-        if not (directory / "state.json").exists():
-            print(f"No local Rucio recorded in {directory}.")
-            return 0
-        LocalRucio.from_state(directory).stop()
-        print(f"Local Rucio in {directory} stopped.")
+        LocalRucio.from_state(directory).stop(purge=args.purge)
+        if args.purge:
+            (directory / "state.json").unlink()
+        print(
+            f"Local Rucio in {directory} stopped" + (" and deleted." if args.purge else "; 'up' restarts it.")
+        )
         return 0
-    rses = dict(item.split("=", 1) for item in args.rse) or {
-        name: str(directory / "storage" / name.split("_")[0].lower()) for name in DEFAULT_RSES
-    }
-    rucio = LocalRucio(directory, rses, args.scope).start()
+    if args.action == "restart-server":
+        rucio = LocalRucio.from_state(directory)
+        rucio.stop_server()
+        rucio.start_server()
+        print(f"Rucio server restarted at {rucio.url} (pid {rucio.server_pid}).")
+        return 0
+    if recorded:
+        rucio = LocalRucio.from_state(directory).resume()
+    else:
+        rses = dict(item.split("=", 1) for item in args.rse) or {
+            name: str(directory / "storage" / name.split("_")[0].lower()) for name in DEFAULT_RSES
+        }
+        rucio = LocalRucio(directory, rses, args.scope).start()
     print(f"Local Rucio up at {rucio.url} (server pid {rucio.server_pid}, daemons pid {rucio.daemons_pid}).")
     print(f"Client config: {rucio.client_config}")
     for name, prefix in rucio.rses.items():
