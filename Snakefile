@@ -23,7 +23,7 @@ include: "rules/qa.smk"
 
 rule all:
     input:
-        campaign_targets(),
+        TARGETS.campaign_targets(),
     default_target: True
 
 

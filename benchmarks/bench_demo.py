@@ -20,12 +20,14 @@ from pathlib import Path
 
 from lsst.daf.butler import Butler, Config
 
-from multisite.config import load_campaign
-from multisite.demo.campaign import relocate_config
-from multisite.demo.survey import SurveySpec, make_survey
-from multisite.placement import units_query
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from multisite.config import load_campaign  # noqa: E402
+from multisite.demo.survey import SurveySpec, make_survey  # noqa: E402
+from multisite.placement import units_query  # noqa: E402
+from tests.demo_config import relocate_config  # noqa: E402
+
 BIN = Path(sys.executable).parent
 ENV = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
 

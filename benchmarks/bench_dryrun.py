@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from multisite.inventory import make_dr1_inventory
+from multisite.demo.synthetic import scaled_dr1_inventory
 from multisite.planner import make_plan
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,15 +48,8 @@ STAGES = [
 
 def write_campaign(directory: Path, scale: float) -> tuple[Path, int]:
     """Plan a campaign at ``scale`` of DR1 and write its config and units table."""
-    inventory, tracts = make_dr1_inventory(
-        n_visits=max(1, round(240_000 * scale)), n_detectors=189, n_tracts=max(4, round(8_000 * scale))
-    )
-    plan = make_plan(inventory, tracts, SHARES)
-    rows = ["unit\ttract\tpatch\tsite"]
-    for site in SHARES:
-        units = plan.placement.set_index("unit").loc[plan.site_units(site)]
-        rows += [f"{unit}\t{row.tract}\t\t{site}" for unit, row in units.iterrows()]
-    (directory / "units.tsv").write_text("\n".join(rows) + "\n")
+    plan = make_plan(*scaled_dr1_inventory(scale), SHARES)
+    plan.campaign_units.to_csv(directory / "units.tsv", sep="\t", index=False)
     config = {
         "campaign": "dr1",
         "instrument": "LSSTCam",
@@ -82,7 +75,7 @@ def write_campaign(directory: Path, scale: float) -> tuple[Path, int]:
     }
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path, len(plan.placement)
+    return path, plan.units.n_units
 
 
 def dry_run(directory: Path, config: Path) -> tuple[float, int]:

@@ -5,8 +5,9 @@ Generates the inventory (240,000 visits x 189 LSSTCam detectors = 45 million raw
 0.40, LANCS 0.10, RAL 0.15), then prints:
 
 - inventory generation time and the inventory's memory;
-- planning time (placement, every site's manifest of raws, chunks of at most
-  100,000 quanta) -- goal under 60 s -- and the process's peak memory
+- planning time (assignment, every site's manifest of raws, and the chunks
+  the workflow would cut, of at most 100,000 quanta each estimated as the
+  largest unit's raws) -- goal under 60 s -- and the process's peak memory
   (``ru_maxrss``, inventory included) -- goal under 4 GB;
 - each site's share of the work against its target (goal within 2 points), its
   raws, bytes and estimated core-hours;
@@ -26,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from multisite.inventory import make_dr1_inventory
+from multisite.demo.synthetic import LSSTCAM_DETECTORS, scaled_dr1_inventory
 from multisite.planner import make_plan, plan_chunks, write_plan
 
 SHARES = {"usdf": 0.35, "in2p3": 0.40, "lancs": 0.10, "ral": 0.15}
@@ -45,26 +46,23 @@ def main() -> None:
     parser.add_argument("--max-quanta", type=int, default=100_000, help="quantum cap of one workflow")
     parser.add_argument("--write", action="store_true", help="also time writing the plan and manifests")
     args = parser.parse_args()
-    n_visits = max(1, round(240_000 * args.scale))
-    n_tracts = max(1, round(8_000 * args.scale))
 
     start = time.perf_counter()
-    inventory, tracts = make_dr1_inventory(
-        n_visits=n_visits, n_detectors=189, n_tracts=n_tracts, seed=args.seed
-    )
+    inventory, tracts = scaled_dr1_inventory(args.scale, seed=args.seed)
     generation_s = time.perf_counter() - start
     generation_peak = peak_rss_gb()
 
     start = time.perf_counter()
     plan = make_plan(inventory, tracts, SHARES)
-    placement_s = time.perf_counter() - start
+    assignment_s = time.perf_counter() - start
     manifests = {site: plan.manifest(site) for site in plan.sites}
-    chunks = plan_chunks(plan, max_quanta=args.max_quanta)
+    chunks = plan_chunks(plan, max_quanta=args.max_quanta, quanta_per_unit=int(plan.unit_raws.max()))
     planning_s = time.perf_counter() - start
     planning_peak = peak_rss_gb()
 
     print(
-        f"scale {args.scale:g}: {n_visits:,} visits x 189 detectors = {len(inventory):,} raws, "
+        f"scale {args.scale:g}: {inventory.n_visits:,} visits x {LSSTCAM_DETECTORS} detectors = "
+        f"{len(inventory):,} raws, "
         f"{tracts.n_tracts:,} tracts ({tracts.area / tracts.n_tracts:.2f} sq deg unique each, "
         f"footprint {tracts.area:,.0f} sq deg), {plan.units.n_units:,} units, {len(SHARES)} sites"
     )
@@ -72,8 +70,8 @@ def main() -> None:
         f"inventory generation:                      {generation_s:8.2f} s   "
         f"(inventory {inventory.nbytes / 1e9:.2f} GB in memory, {len(inventory.tract_sets):,} tract sets)"
     )
-    print(f"planning (placement only):                 {placement_s:8.2f} s")
-    print(f"planning (placement + manifests + chunks): {planning_s:8.2f} s   (goal < 60 s)")
+    print(f"planning (assignment only):                {assignment_s:8.2f} s")
+    print(f"planning (assignment, manifests, chunks):  {planning_s:8.2f} s   (goal < 60 s)")
     print(
         f"peak memory (ru_maxrss, whole process):    {planning_peak:8.2f} GB  (goal < 4 GB; "
         f"{generation_peak:.2f} GB after generation)"
@@ -85,7 +83,7 @@ def main() -> None:
         f"{'TB':>9s} {'core-hours':>12s} {'manifest':>12s} {'chunks':>6s} {'max quanta':>10s}"
     )
     for row in plan.summary.itertuples():
-        site_chunks = chunks[chunks.site == row.site].groupby("chunk").quanta.sum()
+        site_chunks = chunks[chunks.site == row.site].groupby("chunk").raws.sum()
         print(
             f"{row.site:8s} {row.target:7.3f} {row.share:7.3f} {row.share_minus_target_pp:+8.2f} "
             f"{row.units:6d} {row.raws:12,d} {row.bytes / 1e12:9.1f} {row.core_hours:12,.0f} "
@@ -101,7 +99,7 @@ def main() -> None:
         f"{'duplication factor (shipped / unique raw bytes)':52s} {'factor':>7s} {'max share err pp':>17s} "
         f"{'time s':>7s}"
     )
-    rows = [(f"planner ({plan.method})", plan.duplication_factor, plan.max_share_error, placement_s)]
+    rows = [(f"planner ({plan.method})", plan.duplication_factor, plan.max_share_error, assignment_s)]
     for label, kwargs in (
         ("planner, rings path only", {"order": "rings"}),
         ("planner, columns path only", {"order": "columns"}),

@@ -24,9 +24,9 @@ from lsst.daf.butler import Butler, DatasetRef, DatasetType, FileDataset
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from multisite.backends import HandoffPayload  # noqa: E402
 from multisite.config import Site  # noqa: E402
 from multisite.rucio_backend import RucioBackend  # noqa: E402
-from multisite.transfer import HandoffPayload  # noqa: E402
 from tests.rucio_harness.local_rucio import LocalRucio  # noqa: E402
 
 SCOPE = "bench"

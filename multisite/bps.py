@@ -14,7 +14,6 @@ __all__ = (
     "ChunkGraph",
     "ChunkQuery",
     "PreparedChunk",
-    "StageFailed",
     "chunk_graph",
     "chunk_query",
     "finish_stage",
@@ -46,17 +45,14 @@ from lsst.pipe.base import Pipeline
 from lsst.pipe.base.all_dimensions_quantum_graph_builder import AllDimensionsQuantumGraphBuilder
 
 from .butler_utils import collection_exists, ensure_in_chain, open_butler, repo_write_lock, run_tool
-from .config import Campaign
+from .config import Campaign, shell_unsafe
+from .errors import CampaignConfigError, StageFailed
 from .flow import stage_chunks, stage_dependencies
 from .markers import provenance, read_marker
 from .pipeline import PipelineFlow
 from .placement import chunk_data_ids, units_query
 
 _LOG = logging.getLogger(__name__)
-
-
-class StageFailed(RuntimeError):
-    """Quanta of a stage failed; the message names them and their logs."""
 
 
 def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -126,7 +122,7 @@ def submit_config(
         "pipelineYaml": flow.subset_uri(stage),
         "project": campaign.name,
         "campaign": campaign.name,
-        "submitPath": str(campaign.workdir / "submit" / site / stage / chunk / "{timestamp}"),
+        "submitPath": str(campaign.layout.submit_dir(site, stage, chunk) / "{timestamp}"),
         "payload": {
             "payloadName": f"{campaign.name}_{site}_{stage}_{chunk}",
             "butlerConfig": campaign.sites[site].repo,
@@ -140,6 +136,68 @@ def submit_config(
         extra = f"{merged.get('extraQgraphOptions', '')} --data-id-table {data_id_table}".strip()
         generated["extraQgraphOptions"] = extra
     return _merge(merged, generated)
+
+
+_BPS_PLACEHOLDERS = re.compile(r"\{(?:output|timestamp)\}")
+"""The BPS variables that `submit_config` puts in values; BPS itself replaces them."""
+_QUOTED_UNSAFE = re.compile(r'["$`\\]|[^\x20-\x7e]')
+"""What a value that BPS puts between double quotes (``-d "{dataQuery}"``) may not hold."""
+
+
+def _refuse_unsafe_values(
+    config: Mapping[str, Any], site: str, data_id_table: Path | None, path: Path
+) -> None:
+    """Refuse a submit configuration whose generated values could reach a shell as syntax.
+
+    BPS puts these values on its jobs' command lines without quoting (the parsl
+    plugin runs them with ``bash``). `multisite.config.load_campaign` refuses unsafe
+    paths and names already; this checks again what is about to be written, so that
+    a value that bypassed it (a `Campaign` built or changed in code, a path resolved
+    through a symlink since) never reaches BPS.
+
+    Parameters
+    ----------
+    config : `~collections.abc.Mapping`
+        The submit configuration (from `submit_config`).
+    site : `str`
+        The site it runs at.
+    data_id_table : `pathlib.Path` or `None`
+        The ``--data-id-table`` file it names, if any.
+    path : `pathlib.Path`
+        The submit YAML it would be written to.
+
+    Raises
+    ------
+    CampaignConfigError
+        Raised naming each unsafe key, the config field it comes from and the fix.
+    """
+    payload = config["payload"]
+    pipeline, _, subset = config["pipelineYaml"].partition("#")
+    values = {
+        "pipelineYaml (config field pipeline)": pipeline,
+        "pipelineYaml (config field stages[].subset)": subset,
+        "project and campaign (config field campaign)": config["campaign"],
+        "submitPath (config field workdir)": config["submitPath"],
+        "payload.payloadName (campaign, site, stage and unit names)": payload["payloadName"],
+        f"payload.butlerConfig (config field sites.{site}.repo)": payload["butlerConfig"],
+        "payload.inCollection (config field collections.root)": payload["inCollection"],
+        "payload.output (config field collections.root)": payload["output"],
+        "payload.outputRun (config field collections.root)": payload["outputRun"],
+    }
+    if data_id_table is not None:
+        values["extraQgraphOptions --data-id-table (config field workdir)"] = str(data_id_table)
+    problems = [
+        f"{key}: {value!r} {reason}"
+        for key, value in values.items()
+        if (reason := shell_unsafe(_BPS_PLACEHOLDERS.sub("x", value)))
+    ]
+    if _QUOTED_UNSAFE.search(payload["dataQuery"]):
+        problems.append(
+            f"payload.dataQuery (config fields instrument and skymap, units table): {payload['dataQuery']!r} "
+            "holds a double quote, $, backquote, backslash or a non-printable character; fix the config"
+        )
+    if problems:
+        raise CampaignConfigError(f"submit YAML {path}", problems)
 
 
 def write_submit_yaml(config: Mapping[str, Any], path: str | Path, header: str) -> None:
@@ -357,7 +415,7 @@ def run_stage(
     flow = PipelineFlow(campaign)
     repo = campaign.sites[site].repo
     stamp = started.strftime("%Y%m%dT%H%M%S%fZ")
-    qgraph_dir = campaign.workdir / "qgraph" / site / stage / chunk
+    qgraph_dir = campaign.layout.qgraph_dir(site, stage, chunk)
     submit_dir = None
     command: list[str] | None = None
     with repo_write_lock(repo):
@@ -473,7 +531,7 @@ def prepare_stage(
     from lsst.ctrl.bps.drivers import prepare_driver
 
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    directory = campaign.workdir / "prepare" / site / stage / chunk
+    directory = campaign.layout.prepare_dir(site, stage, chunk)
     with repo_write_lock(campaign.sites[site].repo):
         built = chunk_graph(campaign, site, stage, chunk, placement, directory, stamp)
     if built.path is None:
@@ -549,16 +607,23 @@ def _bps_submit(command: list[str], log_path: Path) -> str | None:
 def write_stage_yaml(
     campaign: Campaign, site: str, stage: str, chunk: str, placement: pd.DataFrame, path: str | Path
 ) -> dict[str, Any]:
-    """Write the BPS submit YAML of one chunk of a stage at one site (and its data ID table)."""
+    """Write the BPS submit YAML of one chunk of a stage at one site (and its data ID table).
+
+    Raises
+    ------
+    CampaignConfigError
+        Raised, before anything is written, when a value BPS would put on a command
+        line is not in a safe form (see `_refuse_unsafe_values`).
+    """
     flow = PipelineFlow(campaign)
     path = Path(path)
     query = chunk_query(campaign, flow, site, stage, chunk, placement)
-    table = None
-    if query.data_ids is not None:
-        table = path.with_suffix(".dataids.ecsv").resolve()
+    table = path.with_suffix(".dataids.ecsv").resolve() if query.data_ids is not None else None
+    config = submit_config(campaign, flow, site, stage, chunk, query, table)
+    _refuse_unsafe_values(config, site, table, path)
+    if table is not None:
         table.parent.mkdir(parents=True, exist_ok=True)
         query.data_ids.write(table, overwrite=True)
-    config = submit_config(campaign, flow, site, stage, chunk, query, table)
     header = (
         f"BPS submit configuration for campaign {campaign.name}, stage {stage} at site {site}, "
         f"chunk {chunk} (units {', '.join(query.units)}).\n"

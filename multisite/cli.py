@@ -5,22 +5,31 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .config import CampaignConfigError, load_campaign
+from .config import load_campaign
+from .errors import CampaignConfigError, InventoryError, PlacementError, PlanInputError
 from .flow import handoffs, stage_chunks
 from .markers import read_marker
 from .report import render_report
 from .status import campaign_status, format_status
+from .validate import validate_campaign
+
+if TYPE_CHECKING:
+    from lsst.daf.butler import Butler
+
+    from .geometry import TractGeometry
+    from .inventory import Inventory
 
 
 def _summary(config: str) -> int:
     campaign = load_campaign(config)
-    markers = campaign.markers
-    print(f"Campaign {campaign.name}: central site {campaign.central.name}, markers in {markers}")
+    layout = campaign.layout
+    print(f"Campaign {campaign.name}: central site {campaign.central.name}, markers in {layout.markers}")
     for stage in campaign.stages:
         for site in campaign.stage_sites(stage):
             chunks = list(stage_chunks(campaign, site.name, stage))
-            paths = [markers / "stage" / site.name / stage.name / f"{chunk}.json" for chunk in chunks]
+            paths = [layout.chunk_marker(site.name, stage.name, chunk) for chunk in chunks]
             done = [read_marker(path) for path in paths if path.exists()]
             line = f"  {stage.name:8s} {site.name:8s} {len(done)}/{len(chunks)} chunks done"
             if done:
@@ -30,73 +39,155 @@ def _summary(config: str) -> int:
             print(line)
     for handoff in handoffs(campaign):
         for site in campaign.processing_sites:
-            path = markers / "handoff" / handoff.name / f"{site.name}.json"
+            path = layout.handoff_marker(handoff.name, site.name)
             if path.exists():
                 marker = read_marker(path)
                 moved = sum(marker["datasets"].values())
                 print(f"  {handoff.name:14s} {site.name:8s} {moved} datasets ({marker['backend']})")
             else:
                 print(f"  {handoff.name:14s} {site.name:8s} not done")
-    qa = markers / "qa" / "qa.json"
+    qa = layout.qa_marker
     print(f"  QA: {read_marker(qa)['summary']}" if qa.exists() else "  QA: not done")
     return 0
 
 
-def _pairs(values: list[str], what: str) -> dict[str, str]:
-    pairs = dict(value.split("=", 1) for value in values if "=" in value)
-    if len(pairs) != len(values):
-        raise SystemExit(f"--{what} takes NAME=VALUE, got {values}")
+def _pairs(values: list[str], option: str, form: str) -> dict[str, str]:
+    """Parse the values of a repeated ``option`` of the ``form`` ``KEY=VALUE``, each key once."""
+    pairs: dict[str, str] = {}
+    for value in values:
+        key, equals, item = value.partition("=")
+        if not (equals and key and item):
+            raise PlanInputError(f"{option}: {value!r} is not {form}; give {option} {form}")
+        if key in pairs:
+            raise PlanInputError(f"{option}: {key!r} is given twice; give it once")
+        pairs[key] = item
     return pairs
 
 
+def _shares(values: list[str]) -> dict[str, float]:
+    """Return the site shares of the ``--share`` options."""
+    from .planner import SITE_NAME, SITE_NAME_RULE
+
+    shares = {}
+    for site, value in _pairs(values, "--share", "SITE=FRACTION").items():
+        if not SITE_NAME.fullmatch(site):
+            raise PlanInputError(
+                f"--share: site name {site!r} is not a plain name; name it with {SITE_NAME_RULE}"
+            )
+        try:
+            shares[site] = float(value)
+        except ValueError:
+            raise PlanInputError(
+                f"--share: {site}={value} has no number; give SITE=FRACTION, e.g. {site}=0.35"
+            ) from None
+    return shares
+
+
+def _open_source_butler(repo: str) -> Butler:
+    """Open the ``--butler`` repository."""
+    from .butler_utils import open_butler
+
+    try:
+        return open_butler(repo)
+    except FileNotFoundError as err:
+        raise PlanInputError(f"--butler: {err}") from None
+
+
+def _plan_inputs(args: argparse.Namespace) -> tuple[Inventory, TractGeometry]:
+    """Return the inventory and the tract geometry the ``plan`` options name."""
+    from .geometry import tracts_from_raws
+    from .inventory import read_visits_table
+    from .source_inventory import inventory_from_butler, skymap_tracts
+
+    if args.synthetic_dr1 is not None:
+        from .demo.synthetic import scaled_dr1_inventory
+
+        if args.butler or args.skymap or args.collection or args.instrument:
+            raise PlanInputError(
+                "--synthetic-dr1 makes its own raws and tracts; leave out --butler, --collection, "
+                "--instrument and --skymap"
+            )
+        try:
+            return scaled_dr1_inventory(args.synthetic_dr1)
+        except InventoryError as err:
+            raise PlanInputError(f"--synthetic-dr1: {err}") from None
+    if args.visits_table is not None:
+        if args.collection or args.instrument:
+            raise PlanInputError(
+                "--collection and --instrument choose raws in --butler; with --visits-table the raws are "
+                "the table's: leave them out"
+            )
+        if bool(args.butler) != bool(args.skymap):
+            raise PlanInputError(
+                "with --visits-table, --butler REPO and --skymap NAME go together (the tracts of a "
+                "skymap registered there); without both, the tracts' centres come from the table's raws"
+            )
+        inventory = read_visits_table(args.visits_table)
+        if args.butler:
+            return inventory, skymap_tracts(_open_source_butler(args.butler), args.skymap)
+        return inventory, tracts_from_raws(inventory)
+    if not args.butler:
+        raise PlanInputError(
+            "no raws: give --visits-table TABLE, --butler REPO (with --collection, --instrument and "
+            "--skymap) or --synthetic-dr1 SCALE"
+        )
+    if not (args.collection and args.instrument and args.skymap):
+        raise PlanInputError("--butler needs --collection, --instrument and --skymap to read the raws")
+    butler = _open_source_butler(args.butler)
+    tracts = skymap_tracts(butler, args.skymap)
+    return inventory_from_butler(butler, args.collection, args.instrument, args.skymap), tracts
+
+
 def _plan(args: argparse.Namespace) -> int:
-    """Plan placement at scale and write the plan, the manifests and a units table for the config."""
-    from .inventory import make_dr1_inventory, make_ring_tracts, read_visits_table
-    from .planner import PlacementError, make_plan, make_units, write_plan
+    """Assign units to sites at scale; write the assignment, the manifests and the config's units table."""
+    from .planner import check_sites, make_plan, make_units, write_plan
 
     try:
-        shares = {site: float(value) for site, value in _pairs(args.share, "share").items()}
-    except ValueError:
-        raise SystemExit(f"--share takes SITE=FRACTION with a number, got {args.share}") from None
-    if args.butler:
-        from .butler_utils import open_butler
-        from .source_inventory import inventory_from_butler, skymap_tracts
-
-        if not (args.collection and args.instrument and args.skymap):
-            raise SystemExit("--butler needs --collection, --instrument and --skymap")
-        butler = open_butler(args.butler)
-        tracts = skymap_tracts(butler, args.skymap)
-        inventory = inventory_from_butler(butler, args.collection, args.instrument, args.skymap, tracts)
-    elif args.visits_table:
-        # Tracts in the DR1 ring geometry; a table with a `tract` column keeps its own assignment.
-        tracts = make_ring_tracts()
-        inventory = read_visits_table(args.visits_table, tracts)
-    else:
-        inventory, tracts = make_dr1_inventory(
-            n_visits=max(1, round(240_000 * args.synthetic_dr1)),
-            n_tracts=max(4, round(8_000 * args.synthetic_dr1)),
-        )
-    try:
-        plan = make_plan(
-            inventory,
-            tracts,
-            shares,
-            units=make_units(tracts, args.tracts_per_unit),
-            pins=_pairs(args.pin, "pin"),
-        )
-    except PlacementError as err:
+        shares = _shares(args.share)
+        pins = _pairs(args.pin, "--pin", "UNIT=SITE")
+        check_sites(shares, pins)
+        inventory, tracts = _plan_inputs(args)
+        plan = make_plan(inventory, tracts, shares, units=make_units(tracts, args.tracts_per_unit), pins=pins)
+    except (PlanInputError, InventoryError, PlacementError) as err:
         print(err, file=sys.stderr)
         return 2
-    write_plan(plan, args.output)
-    rows = ["unit\ttract\tpatch\tsite"]
-    placement = plan.placement
-    for site in plan.sites:
-        for unit in plan.site_units(site):
-            rows += [f"{unit}\t{tract}\t\t{site}" for tract in placement[placement["unit"] == unit]["tract"]]
-    (args.output / "units.tsv").write_text("\n".join(rows) + "\n")
+    try:
+        paths = write_plan(plan, args.output)
+    except OSError as err:
+        print(f"-o {args.output}: cannot write the plan there ({err}); give a directory", file=sys.stderr)
+        return 2
     print(plan.summary.to_string(index=False))
-    print(f"duplication factor {plan.duplication_factor:.4f}; units table: {args.output / 'units.tsv'}")
+    print(f"duplication factor {plan.duplication_factor:.4f}; units table: {paths['units']}")
     return 0
+
+
+def _add_plan_parser(commands: argparse._SubParsersAction) -> None:
+    """Add the ``plan`` subcommand and its options."""
+    plan = commands.add_parser(
+        "plan", help="assign a large inventory's units to sites by target shares; write units.tsv"
+    )
+    source = plan.add_mutually_exclusive_group()
+    source.add_argument(
+        "--visits-table",
+        type=Path,
+        help="visit, detector, ra, dec, bytes, tract: one row per raw and tract (parquet, csv or tsv)",
+    )
+    source.add_argument("--synthetic-dr1", type=float, metavar="SCALE", help="a synthetic DR1 inventory")
+    plan.add_argument(
+        "--butler",
+        metavar="REPO",
+        help="a source Butler: its raws (with --collection, --instrument, --skymap), or with --visits-table "
+        "the tracts of --skymap",
+    )
+    plan.add_argument("--collection", help="with --butler: the raws' collection")
+    plan.add_argument("--instrument", help="with --butler: the instrument")
+    plan.add_argument("--skymap", help="with --butler: the skymap whose tracts are the units")
+    plan.add_argument(
+        "--share", action="append", required=True, metavar="SITE=FRACTION", help="repeat per site"
+    )
+    plan.add_argument("--pin", action="append", default=[], metavar="UNIT=SITE", help="keep a unit at a site")
+    plan.add_argument("--tracts-per-unit", type=int, default=1, help="group neighbouring tracts into units")
+    plan.add_argument("-o", "--output", type=Path, required=True, help="directory for the plan and units.tsv")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,37 +205,31 @@ def main(argv: list[str] | None = None) -> int:
     }
     for sub in subs.values():
         sub.add_argument("config", type=Path, help="campaign config YAML")
-    plan = commands.add_parser(
-        "plan", help="place a large inventory on sites by target shares; write units.tsv"
-    )
-    source = plan.add_mutually_exclusive_group(required=True)
-    source.add_argument("--visits-table", type=Path, help="visit, detector, ra, dec, bytes (parquet or csv)")
-    source.add_argument("--synthetic-dr1", type=float, metavar="SCALE", help="a synthetic DR1 inventory")
-    source.add_argument("--butler", metavar="REPO", help="the raws of a source Butler repository")
-    plan.add_argument("--collection", help="with --butler: the raws' collection")
-    plan.add_argument("--instrument", help="with --butler: the instrument")
-    plan.add_argument("--skymap", help="with --butler: the skymap whose tracts are the units")
-    plan.add_argument(
-        "--share", action="append", required=True, metavar="SITE=FRACTION", help="repeat per site"
-    )
-    plan.add_argument("--pin", action="append", default=[], metavar="UNIT=SITE", help="keep a unit at a site")
-    plan.add_argument("--tracts-per-unit", type=int, default=1, help="group neighbouring tracts into units")
-    plan.add_argument("-o", "--output", type=Path, required=True, help="directory for the plan and units.tsv")
+    _add_plan_parser(commands)
     subs["status"].add_argument("--site", help="show one site's view only")
     subs["report"].add_argument("-o", "--output", type=Path, help="HTML file (default <workdir>/report.html)")
     args = parser.parse_args(argv)
     if args.command == "plan":
         return _plan(args)
     try:
-        campaign = load_campaign(args.config)
         if args.command == "validate":
+            # Every check the workflow makes before its first job (the same function).
+            campaign = validate_campaign(args.config)
             print(f"{args.config}: valid; {len(campaign.sites)} sites, {len(campaign.units)} units")
             return 0
+        campaign = load_campaign(args.config)
         if args.command == "status":
+            if args.site is not None and args.site not in campaign.sites:
+                print(
+                    f"--site: {args.site!r} is not a site of this campaign; "
+                    f"choose one of {', '.join(campaign.sites)}",
+                    file=sys.stderr,
+                )
+                return 2
             print(format_status(campaign_status(campaign, site=args.site), campaign))
             return 0
         if args.command == "report":
-            print(render_report(campaign, args.output or campaign.workdir / "report.html"))
+            print(render_report(campaign, args.output or campaign.layout.report))
             return 0
         return _summary(str(args.config))
     except CampaignConfigError as err:

@@ -2,23 +2,28 @@
 
 Everything is checked here, before any rule touches a repository: the YAML against
 ``schemas/config.schema.yaml``, the units table, and the relations between them
-(one central site, every unit at exactly one known site). Repositories are
-checked by the first rule that opens them, since a site's instance sees only its own.
-Errors name the field and say how to fix it.
+(one central site, every unit at exactly one known site), and every path or name
+that reaches a command line (BPS builds job command lines without quoting, and
+runs them through a shell). Repositories are checked by the first rule that opens
+them, since a site's instance sees only its own. Errors name the field and say how
+to fix it. `multisite.validate.validate_campaign` adds the checks that read the pipeline; the workflow
+and ``multisite validate`` both run it.
 """
 
 from __future__ import annotations
 
 __all__ = (
+    "config_source",
     "Campaign",
-    "CampaignConfigError",
     "Site",
     "Stage",
     "Unit",
     "load_campaign",
     "load_config_file",
+    "shell_unsafe",
 )
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -27,22 +32,49 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import jsonschema
 import pandas as pd
 import yaml
 
+from .errors import CampaignConfigError
+from .layout import Layout
+
 _UNIT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-class CampaignConfigError(ValueError):
-    """The campaign configuration is invalid; the message lists every problem and its fix."""
-
-    def __init__(self, source: str, problems: list[str]):
-        self.problems = problems
-        super().__init__(
-            f"{source}: invalid campaign configuration:\n" + "\n".join(f"  - {p}" for p in problems)
-        )
+_SHELL_UNSAFE = re.compile(r"[^A-Za-z0-9._/+:=@%,-]")
+"""A character that a path, URI or name reaching a command line unquoted may not hold."""
+_SHELL_SAFE_FORM = (
+    "use only letters, digits and . _ / + : = @ % , - (no spaces, quotes, $ or other shell syntax), "
+    "not starting with -"
+)
+_ENV_VARIABLE = re.compile(r"\$(?:\{[A-Za-z_][A-Za-z0-9_]*\}|[A-Za-z_][A-Za-z0-9_]*)")
+_SYSTEM_TREES = (
+    "/etc",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/boot",
+    "/dev",
+    "/proc",
+    "/sys",
+    "/run",
+    "/snap",
+    "/var/lib",
+    "/var/log",
+    "/var/cache",
+    "/var/spool",
+    "/var/mail",
+    "/var/run",
+    "/var/backups",
+)
+"""System directories a campaign writes neither in nor below."""
+_SYSTEM_DIRECTORIES = ("/", "/home", "/root", "/var", "/opt", "/srv", "/mnt", "/media", "/tmp", "/var/tmp")
+"""Directories a campaign does not write in directly (a directory of its own below them is fine)."""
 
 
 @dataclass(frozen=True)
@@ -162,19 +194,20 @@ class Campaign:
         """CHAINED collection of every RUN handed to ``site`` by other sites."""
         return f"{self.root_collection}/{site}/handoffs"
 
+    def site_of_run(self, run: str) -> str:
+        """Return the site whose stage or hand-off wrote RUN collection ``run`` (``central`` for others)."""
+        prefix = self.root_collection + "/"
+        return run[len(prefix) :].split("/", 1)[0] if run.startswith(prefix) else "central"
+
     @property
     def reference_chain(self) -> str:
         """Output collection of the single-site reference run at the central site."""
         return f"{self.root_collection}/reference"
 
     @property
-    def markers(self) -> Path:
-        return self.workdir / "markers"
-
-    @property
-    def events(self) -> Path:
-        """Directory of the campaign's event logs."""
-        return self.workdir / "events"
+    def layout(self) -> Layout:
+        """Where the campaign's files are (markers, logs, events, submit YAMLs)."""
+        return Layout(self.workdir)
 
 
 @cache
@@ -197,8 +230,21 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _non_finite(value: Any, where: str = "") -> list[str]:
+    """Return a problem per NaN or infinity anywhere in ``value`` (JSON Schema numbers accept them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{where or '(top level)'}: {value} is not a finite number; give a number (not .nan or .inf)"]
+    if isinstance(value, Mapping):
+        items = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return []
+    return [problem for key, item in items for problem in _non_finite(item, f"{where}.{key}".lstrip("."))]
+
+
 def _schema_problems(config: Mapping[str, Any]) -> list[str]:
-    problems = []
+    problems = _non_finite(config)
     validator = jsonschema.Draft202012Validator(_schema())
     for error in sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path)):
         where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
@@ -213,13 +259,18 @@ def _schema_problems(config: Mapping[str, Any]) -> list[str]:
 def _read_units(path: Path, sites: Mapping[str, Any]) -> tuple[list[Unit], list[str]]:
     where = f"units table {path}"
     try:
-        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, comment="#")
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, comment="#", header=None)
     except FileNotFoundError:
         return [], [
             f"{where}: file not found; set 'units' to a tab-separated file with unit, tract, patch, site"
         ]
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         return [], [f"{where}: cannot be read as a tab-separated table: {err}"]
+    # The header is read as a row: pandas would rename a repeated column (site, site.1) and use one.
+    columns = list(table.iloc[0])
+    table = table.iloc[1:].set_axis(columns, axis=1)
+    if repeated := sorted({name for name in columns if columns.count(name) > 1}):
+        return [], [f"{where}: column(s) {repeated} appear more than once; keep one column of each name"]
     missing = {"unit", "tract", "site"} - set(table.columns)
     if missing:
         return [], [f"{where}: missing column(s) {sorted(missing)}; columns are unit, tract, patch, site"]
@@ -269,6 +320,131 @@ def _read_units(path: Path, sites: Mapping[str, Any]) -> tuple[list[Unit], list[
     return [Unit(name, tuple(cells_of[name]), site) for name, site in sites_of.items()], problems
 
 
+def shell_unsafe(value: str) -> str | None:
+    """Return why a value must not reach a command line unquoted, or `None` when it may.
+
+    BPS builds its jobs' command lines from submit YAML values (``butlerConfig``,
+    ``submitPath``, the ``--data-id-table`` path...) without quoting, and its parsl
+    plugin runs them with ``bash``; quotes in a value would reach the shell as they
+    are. Paths, URIs and names are therefore held to a conservative character set.
+
+    Parameters
+    ----------
+    value : `str`
+        A path, URI or name.
+
+    Returns
+    -------
+    reason : `str` or `None`
+        What is wrong and the accepted form, or `None` when the value is safe.
+    """
+    if unsafe := sorted(set(_SHELL_UNSAFE.findall(value))):
+        shown = " ".join(repr(char) for char in unsafe)
+        return f"contains {shown}, which BPS would pass unquoted to a shell; {_SHELL_SAFE_FORM}"
+    if not value or value.startswith("-"):
+        return f"is empty or starts with '-', which a command reads as an option; {_SHELL_SAFE_FORM}"
+    return None
+
+
+def _system_directory(real: str) -> str | None:
+    """Return the system directory (or ``$HOME``) that a resolved path is or lies in; `None` if none."""
+    path = Path(real)
+    home = os.environ.get("HOME")
+    for top in (*_SYSTEM_DIRECTORIES, *([home] if home else [])):
+        if path in {Path(top), Path(os.path.realpath(top))}:
+            return f"{top} ($HOME)" if top == home else top
+    for top in _SYSTEM_TREES:
+        if any(path == root or root in path.parents for root in {Path(top), Path(os.path.realpath(top))}):
+            return top
+    return None
+
+
+def _pipeline_problem(pipeline: str) -> str | None:
+    """Return the problem of a pipeline that is a missing local file or package resource, else `None`.
+
+    A pipeline under an environment variable not set here (a stack's ``$DRP_PIPE_DIR``
+    previewed without the stack) or at a remote URI is read where the workflow runs.
+    """
+    if _ENV_VARIABLE.search(pipeline):
+        return None
+    url = urlparse(pipeline) if "://" in pipeline else None
+    if url is None or url.scheme == "file":
+        found = Path(url.path if url else pipeline).is_file()
+    elif url.scheme == "resource":
+        try:
+            found = resources.files(url.netloc).joinpath(url.path.lstrip("/")).is_file()
+        except (ImportError, ValueError):
+            found = False
+    else:
+        return None
+    if found:
+        return None
+    return (
+        f"pipeline: no pipeline file at {pipeline!r}; name an existing pipeline YAML "
+        "(a path, a resource://<package>/<path> URI or $VARIABLE/<path>)"
+    )
+
+
+def _path_problems(paths: Mapping[str, str], created: set[str]) -> list[str]:
+    """Check the campaign's paths: safe on a command line, in no system directory, repositories unshared.
+
+    Parameters
+    ----------
+    paths : `~collections.abc.Mapping` [`str`, `str`]
+        Each path field (``workdir``, ``pipeline``, ``repo_seed``, ``sites.<name>.repo``)
+        and its value, environment variables expanded and relative paths resolved.
+    created : `set` [`str`]
+        The fields of the directories the campaign writes in: the workdir and the
+        repositories it creates (``create_repo``).
+
+    Returns
+    -------
+    problems : `list` [`str`]
+        One sentence per problem, naming the field and the fix.
+    """
+    problems = []
+    repos: dict[str, str] = {}
+    for name, value in paths.items():
+        # Variables left unexpanded are not set here: only the pipeline may name one (a stack's,
+        # for a preview without the stack); bps.py refuses it in a submit YAML.
+        if shell_unsafe(_ENV_VARIABLE.sub("x", value)):
+            problems.append(f"{name}: {value!r} {shell_unsafe(value)}")
+            continue
+        if (unset := _ENV_VARIABLE.findall(value)) and name != "pipeline":
+            problems.append(
+                f"{name}: {value!r} uses environment variable(s) {unset}, not set here; "
+                "set them or write the path out"
+            )
+            continue
+        if name == "pipeline" and (problem := _pipeline_problem(value)):
+            problems.append(problem)
+        local = "://" not in value
+        real = os.path.realpath(value) if local else value
+        if name == "workdir" and not local:
+            problems.append(f"workdir: {value!r} is a URI; give a local directory")
+        if name in created and local:
+            if reason := shell_unsafe(real):
+                problems.append(f"{name}: {value!r} resolves to {real!r}, which {reason}")
+            if system := _system_directory(real):
+                problems.append(
+                    f"{name}: {value!r} (resolved: {real}) is or lies in the system directory {system}, "
+                    "where the campaign would write; give a directory of its own"
+                )
+        if name.startswith("sites."):
+            if real in repos:
+                problems.append(
+                    f"{name}: the same repository as {repos[real]} ({real}); "
+                    "give each site its own repository"
+                )
+            repos.setdefault(real, name)
+    return problems
+
+
+def config_source(config: Mapping[str, Any] | str | Path) -> str:
+    """Where a configuration comes from, for error messages."""
+    return str(config) if isinstance(config, str | Path) else "config"
+
+
 def load_campaign(config: Mapping[str, Any] | str | Path, base: str | Path = ".") -> Campaign:
     """Validate a campaign configuration and return it as a `Campaign`.
 
@@ -289,7 +465,7 @@ def load_campaign(config: Mapping[str, Any] | str | Path, base: str | Path = "."
     CampaignConfigError
         Raised with every problem found, each naming its field and its fix.
     """
-    source = str(config) if isinstance(config, str | Path) else "config"
+    source = config_source(config)
     data = load_config_file(config) if isinstance(config, str | Path) else dict(config)
     base = Path(base)
     problems = _schema_problems(data)
@@ -312,13 +488,20 @@ def load_campaign(config: Mapping[str, Any] | str | Path, base: str | Path = "."
             f"site: {data['site']!r} is not a site of this campaign; use one of {sorted(sites_cfg)} "
             "(the site profile sets it) or leave it unset to run every site in one instance"
         )
+    transfer = data.get("transfer", {})
+    if transfer.get("backend") == "rucio":
+        rses = transfer["rucio"]["rses"]  # the schema requires them with this backend
+        if missing := [name for name in sites_cfg if name not in rses]:
+            problems.append(
+                f"transfer.rucio.rses: no RSE for site(s) {missing}; add '<site>: <RSE name>' for every site"
+            )
+        if unknown := sorted(set(rses) - set(sites_cfg)):
+            problems.append(
+                f"transfer.rucio.rses: {unknown} are not sites of this campaign; "
+                f"known sites: {sorted(sites_cfg)}"
+            )
     units, unit_problems = _read_units(base / data["units"], sites_cfg)
     problems += unit_problems
-    if problems:
-        raise CampaignConfigError(source, problems)
-
-    collections = data["collections"]
-    transfer = data.get("transfer", {})
 
     def resolve(path: str) -> str:
         # Environment variables (e.g. $DRP_PIPE_DIR in a stack) expand where they are set.
@@ -327,12 +510,25 @@ def load_campaign(config: Mapping[str, Any] | str | Path, base: str | Path = "."
             return path
         return str((base / path).resolve())
 
+    paths = {"workdir": resolve(data["workdir"]), "pipeline": resolve(data["pipeline"])}
+    if "repo_seed" in data:
+        paths["repo_seed"] = resolve(data["repo_seed"])
+    paths |= {f"sites.{name}.repo": resolve(site["repo"]) for name, site in sites_cfg.items()}
+    created = {
+        "workdir",
+        *(f"sites.{name}.repo" for name, site in sites_cfg.items() if site.get("create_repo")),
+    }
+    problems += _path_problems(paths, created)
+    if problems:
+        raise CampaignConfigError(source, problems)
+
+    collections = data["collections"]
     return Campaign(
         name=data["campaign"],
         instrument=data["instrument"],
-        pipeline=resolve(data["pipeline"]),
-        workdir=Path(resolve(data["workdir"])),
-        repo_seed=resolve(data["repo_seed"]) if "repo_seed" in data else None,
+        pipeline=paths["pipeline"],
+        workdir=Path(paths["workdir"]),
+        repo_seed=paths.get("repo_seed"),
         skymap=data["skymap"],
         raw_collection=collections["raw"],
         root_collection=collections["root"],
@@ -352,7 +548,7 @@ def load_campaign(config: Mapping[str, Any] | str | Path, base: str | Path = "."
         ),
         max_quanta=data.get("max_quanta", 100_000),
         sites={
-            name: Site(name, s["role"], resolve(s["repo"]), s.get("create_repo", False), s["bps"])
+            name: Site(name, s["role"], paths[f"sites.{name}.repo"], s.get("create_repo", False), s["bps"])
             for name, s in sites_cfg.items()
         },
         units=tuple(units),

@@ -25,9 +25,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .states import EventKind
+
 _LOG = logging.getLogger(__name__)
 
-NOTIFY_KINDS = frozenset({"done", "failed", "stuck"})
+NOTIFY_KINDS = frozenset({EventKind.DONE, EventKind.FAILED, EventKind.STUCK})
 """Event kinds sent to the webhook by default."""
 
 
@@ -38,7 +40,8 @@ class Event:
     Attributes
     ----------
     kind : `str`
-        ``started``, ``done``, ``failed``, ``waiting`` or ``stuck``.
+        An `~multisite.states.EventKind` (``started``, ``done``, ``failed``,
+        ``waiting`` or ``stuck``); a plain string when read back from a log.
     step : `str`
         What it happened to: a rule with its wildcards, e.g. ``step3_in2p3`` or
         ``handoff fanin_step2 in2p3``.
@@ -79,7 +82,7 @@ class EventLog:
         self.instance = instance
         self.path = self.directory / f"{instance}.jsonl"
 
-    def record(self, kind: str, step: str, site: str, message: str = "", **details: Any) -> Event:
+    def record(self, kind: EventKind, step: str, site: str, message: str = "", **details: Any) -> Event:
         """Append an event and return it."""
         event = Event(
             kind, step, site, self.instance, datetime.now(UTC).isoformat(timespec="seconds"), message, details
@@ -133,7 +136,7 @@ def notify(settings: Mapping[str, Any], event: Event, campaign: str, timeout: fl
     url = settings.get("webhook")
     if not url or event.kind not in set(settings.get("events", NOTIFY_KINDS)):
         return False
-    icon = {"done": ":white_check_mark:", "failed": ":x:", "stuck": ":warning:"}.get(
+    icon = {EventKind.DONE: ":white_check_mark:", EventKind.FAILED: ":x:", EventKind.STUCK: ":warning:"}.get(
         event.kind, ":information_source:"
     )
     payload = {

@@ -15,8 +15,9 @@ Hand-offs, named as in marker paths:
 
 from __future__ import annotations
 
-__all__ = ("CENTRAL_CHUNK", "Handoff", "handoffs", "stage_chunks", "stage_dependencies")
+__all__ = ("CENTRAL_CHUNK", "Handoff", "chunk_units", "handoffs", "stage_chunks", "stage_dependencies")
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .config import Campaign, Stage
@@ -117,8 +118,43 @@ def stage_chunks(campaign: Campaign, site: str, stage: Stage) -> dict[str, tuple
     """
     if stage.is_central:
         return {CENTRAL_CHUNK: tuple(u.name for u in campaign.units)}
-    units = [u.name for u in campaign.units_of(site)]
-    per_chunk = stage.units_per_chunk or max(1, campaign.max_quanta // stage.quanta_per_unit)
+    return chunk_units(
+        [u.name for u in campaign.units_of(site)],
+        max_quanta=campaign.max_quanta,
+        quanta_per_unit=stage.quanta_per_unit,
+        units_per_chunk=stage.units_per_chunk,
+    )
+
+
+def chunk_units(
+    units: Sequence[str], *, max_quanta: int, quanta_per_unit: int, units_per_chunk: int | None = None
+) -> dict[str, tuple[str, ...]]:
+    """Split a site's ordered units into chunks of consecutive units, one BPS workflow each.
+
+    The one chunking rule of the campaign: `stage_chunks` applies it to a
+    stage's units at a site, the planner (`multisite.planner.plan_chunks`) to
+    the units it assigns.
+
+    Parameters
+    ----------
+    units : `~collections.abc.Sequence` [`str`]
+        The site's units, in order.
+    max_quanta : `int`
+        Largest quantum graph of one workflow.
+    quanta_per_unit : `int`
+        Estimated quanta of one unit: a chunk holds ``max_quanta // quanta_per_unit``
+        units (at least one).
+    units_per_chunk : `int`, optional
+        Units of a chunk, when given instead of the estimate.
+
+    Returns
+    -------
+    chunks : `dict` [`str`, `tuple` [`str`, ...]]
+        Chunk name to unit names, in order: a chunk is named after its unit when
+        each chunk holds one unit (the demo's per-patch markers), ``c0000``,
+        ``c0001``, ... otherwise.
+    """
+    per_chunk = units_per_chunk or max(1, max_quanta // quanta_per_unit)
     groups = [tuple(units[i : i + per_chunk]) for i in range(0, len(units), per_chunk)]
     if per_chunk == 1:
         return {group[0]: group for group in groups}

@@ -16,28 +16,31 @@ __all__ = (
     "plan_placement",
     "read_placement",
     "units_query",
+    "verify_site_inputs",
     "write_placement",
 )
 
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from astropy.table import Table
 from lsst.daf.butler import Butler, DataCoordinate
 
+from .butler_utils import open_butler
 from .config import Campaign
+from .errors import HandoffError
+from .markers import provenance
+from .metadata import read_placement_share
 
 _LOG = logging.getLogger(__name__)
 
 COLUMNS = ["exposure", "visit", "detector", "site", "owner", "unit"]
-
-
-PLACEMENT_DATASET_TYPE = "campaign_placement"
-"""Dataset type of a site's share of the placement table, carried to the site with its raws."""
 
 
 def compute_placement(butler: Butler, campaign: Campaign) -> pd.DataFrame:
@@ -235,17 +238,10 @@ def plan_placement(campaign: Campaign, placement_path: str | Path, summary_path:
     marker : `dict`
         The per-site summary, for the plan marker.
     """
-    from datetime import UTC, datetime
-
-    from .butler_utils import open_butler
-    from .markers import provenance
-
     started = datetime.now(UTC)
     if not campaign.runs_here(campaign.central.name):
-        site = campaign.instance
-        butler = open_butler(campaign.sites[site].repo)
-        placement = butler.get(PLACEMENT_DATASET_TYPE, collections=campaign.handoff_chain(site))
-        sites = [campaign.sites[site]]
+        placement = read_placement_share(campaign, campaign.instance)
+        sites = [campaign.sites[campaign.instance]]
     else:
         with open_butler(campaign.central.repo) as butler:
             placement = compute_placement(butler, campaign)
@@ -283,5 +279,46 @@ def plan_placement(campaign: Campaign, placement_path: str | Path, summary_path:
         "duplication_factor": round(float(placement["bytes"].sum()) / unique_bytes, 4)
         if unique_bytes
         else None,
+        **provenance(started),
+    }
+
+
+def verify_site_inputs(campaign: Campaign, site: str, placement: pd.DataFrame) -> dict[str, Any]:
+    """Check that every raw, visit and sky unit a site needs is in its repository.
+
+    Raises
+    ------
+    HandoffError
+        Raised listing every missing input.
+    """
+    started = datetime.now(UTC)
+    selection = SiteSelection.from_placement(campaign, placement, site)
+    butler = open_butler(campaign.sites[site].repo)
+    chain = campaign.handoff_chain(site)
+    raws = {
+        (ref.dataId["exposure"], ref.dataId["detector"])
+        for ref in butler.query_datasets("raw", collections=chain, limit=None, explain=False)
+    }
+    problems = [f"raw exposure={e} detector={d}" for e, d in sorted(selection.raws_needed - raws)]
+    visits = {r.id for r in butler.query_dimension_records("visit", limit=None, explain=False)}
+    problems += [f"visit record {v}" for v in sorted(selection.visits_needed - visits)]
+    patches = {(r.tract, r.id) for r in butler.query_dimension_records("patch", limit=None, explain=False)}
+    problems += [
+        f"patch record tract={t} patch={p}"
+        for t, p in sorted(selection.units)
+        if p is not None and (t, p) not in patches
+    ]
+    if problems:
+        listing = "\n".join(f"    {p}" for p in problems[:50])
+        raise HandoffError(
+            f"{site}: {len(problems)} expected input(s) missing from {campaign.sites[site].repo} "
+            f"(collection {chain}):\n{listing}\nRerun the 'raws' hand-off for {site}."
+        )
+    return {
+        "site": site,
+        "raws": len(selection.raws_needed),
+        "visits": len(selection.visits_needed),
+        "units": len(selection.units),
+        "collection": chain,
         **provenance(started),
     }

@@ -1,10 +1,11 @@
-"""Placement planning at data-release scale: which site processes which tracts, and what it needs.
+"""Planning at data-release scale: which site processes which tracts, and what it needs.
 
 The planner takes an `~multisite.inventory.Inventory` (detector-level raws and the
-tracts each overlaps), the tract geometry, and the sites with their target
-shares, and returns a `Plan`:
+tracts each overlaps), the tract geometry (`~multisite.geometry.TractGeometry`),
+and the sites with their target shares, and returns a `Plan`:
 
-- the placement table: each *unit* (a tract, or a group of tracts) at exactly one site;
+- the assignment: each *unit* (a tract, or a group of tracts) at exactly one site
+  (`Plan.assignment`; the campaign config's units table is `Plan.campaign_units`);
 - each site's input manifest: every raw overlapping one of its tracts (a raw
   overlapping tracts at two sites is shipped to both);
 - a summary: per site the raws, bytes and estimated core-hours (proportional to
@@ -30,6 +31,11 @@ million raws; manifests are materialised only when asked for.
 
 Shares are shares of the work: a site's core-hours over the sum of all sites'
 core-hours, counting a raw processed at two sites twice (as step 1 is).
+
+The assignment is not the workflow's placement (`multisite.placement`: which
+raws each site needs, found from the central Butler's regions once the
+campaign runs with the units table written here); chunks of the assigned units
+follow the workflow's own rule (`multisite.flow.chunk_units`).
 """
 
 from __future__ import annotations
@@ -38,10 +44,11 @@ __all__ = (
     "DR1_CORE_HOURS_PER_RAW",
     "METHODS",
     "ORDERS",
+    "SITE_NAME",
+    "SITE_NAME_RULE",
     "Plan",
-    "PlacementError",
     "UnitMap",
-    "chunk_units",
+    "check_sites",
     "make_plan",
     "make_units",
     "plan_chunks",
@@ -52,6 +59,7 @@ import itertools
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +68,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .inventory import Inventory, TractGeometry
+from .errors import PlacementError
+from .flow import chunk_units
+from .geometry import TractGeometry
+from .inventory import Inventory
 
 _LOG = logging.getLogger(__name__)
 
@@ -78,21 +89,12 @@ _REFINE_ROUNDS = 12
 _REFINED_CANDIDATES = 8
 #: Tolerance on the sum of shares.
 _SHARE_SUM_TOLERANCE = 1e-6
-
-
-class PlacementError(ValueError):
-    """The planner's inputs are inconsistent; the message lists each problem and its fix.
-
-    Parameters
-    ----------
-    problems : `list` [`str`]
-        One sentence per problem, each naming the input (``shares``, ``pins``,
-        ``assignment``, ``inventory``, ...) and how to fix it.
-    """
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("cannot plan the placement:\n" + "\n".join(f"  - {p}" for p in problems))
+#: A site name, as in the campaign config: it names files (``manifests/<site>.parquet``) and config entries.
+SITE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+#: What `SITE_NAME` accepts, for messages.
+SITE_NAME_RULE = (
+    "a lower-case letter, then lower-case letters, digits or '_' (32 at most), as in the campaign config"
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -172,8 +174,8 @@ def make_units(tracts: TractGeometry, tracts_per_unit: int = 1) -> UnitMap:
 
     Parameters
     ----------
-    tracts : `~multisite.inventory.TractGeometry`
-        The tract geometry.
+    tracts : `~multisite.geometry.TractGeometry`
+        The tract geometry; ids it does not hold (NaN centre) are in no unit.
     tracts_per_unit : `int`
         Tracts per unit: 1 for tract units; more groups consecutive tracts of
         a ring (by right ascension) into units ``g<index>``, the last of a
@@ -182,25 +184,29 @@ def make_units(tracts: TractGeometry, tracts_per_unit: int = 1) -> UnitMap:
     Returns
     -------
     units : `UnitMap`
-        Every tract in exactly one unit.
+        Every tract of the geometry in exactly one unit.
     """
     if tracts_per_unit < 1:
         raise PlacementError([f"tracts_per_unit: must be at least 1, got {tracts_per_unit}"])
-    n = tracts.n_tracts
+    members = np.flatnonzero(np.isfinite(np.asarray(tracts.ra, dtype=np.float64)))
+    unit_of_tract = np.full(tracts.n_tracts, -1, dtype=np.int32)
+    n = len(members)
     if tracts_per_unit == 1:
-        return UnitMap(tuple(f"t{t}" for t in range(n)), np.arange(n, dtype=np.int32))
-    ring = np.asarray(tracts.ring)
-    x = _ra_offset(tracts)
+        unit_of_tract[members] = np.arange(n)
+        return UnitMap(tuple(f"t{t}" for t in members), unit_of_tract)
+    ring = np.asarray(tracts.ring, dtype=np.int64)[members]
+    x = _ra_offset(tracts)[members]
     order = np.lexsort((x, ring))
     rank_in_ring = np.empty(n, dtype=np.int64)
     ring_sorted = ring[order]
     starts = np.flatnonzero(np.r_[True, ring_sorted[1:] != ring_sorted[:-1]])
     rank_in_ring[order] = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
-    group_key = ring.astype(np.int64) * (n + 1) + rank_in_ring // tracts_per_unit
-    _, unit_of_tract = np.unique(group_key, return_inverse=True)
-    n_units = int(unit_of_tract.max()) + 1
-    width = len(str(n_units - 1))
-    return UnitMap(tuple(f"g{i:0{width}d}" for i in range(n_units)), unit_of_tract.astype(np.int32))
+    group_key = ring * (n + 1) + rank_in_ring // tracts_per_unit
+    _, unit_of_member = np.unique(group_key, return_inverse=True)
+    unit_of_tract[members] = unit_of_member
+    n_units = int(unit_of_member.max(initial=-1)) + 1
+    width = len(str(max(n_units - 1, 0)))
+    return UnitMap(tuple(f"g{i:0{width}d}" for i in range(n_units)), unit_of_tract)
 
 
 def _ra_offset(tracts: TractGeometry) -> np.ndarray:
@@ -266,7 +272,7 @@ class _Problem:
 
 @dataclass(frozen=True, eq=False)
 class Plan:
-    """A placement plan: every unit at one site, and what each site needs.
+    """A plan: every unit assigned to one site, and what each site needs.
 
     Build it with `make_plan`. Per-site figures come from the inventory's
     tract sets; `manifest` lists the raws themselves.
@@ -337,21 +343,43 @@ class Plan:
         unique = self.unique_bytes
         return self.shipped_bytes / unique if unique else 1.0
 
+    def _site_order(self, site: int) -> np.ndarray:
+        """Return the unit indices of site number ``site``, in the order of the planner's path."""
+        return self.unit_order[self.unit_site[self.unit_order] == site]
+
     def site_units(self, site: str) -> list[str]:
         """Units of one site, in the order of the planner's path (neighbours together)."""
-        s = self.sites.index(site)
-        order = self.unit_order[self.unit_site[self.unit_order] == s]
-        return [self.units.names[u] for u in order]
+        return [self.units.names[u] for u in self._site_order(self.sites.index(site))]
 
     @property
-    def placement(self) -> pd.DataFrame:
-        """Placement table: one row per tract of a unit, ``unit, tract, site``."""
+    def assignment(self) -> pd.DataFrame:
+        """The assignment: one row per tract of a unit, ``unit, tract, site``, by tract id."""
         tracts = np.flatnonzero(self.units.unit_of_tract >= 0)
+        return self._unit_rows(tracts)
+
+    @property
+    def campaign_units(self) -> pd.DataFrame:
+        """The campaign config's units table (``units:``): ``unit, tract, patch, site``.
+
+        Sites in order, each site's units along the planner's path (so that
+        chunks, consecutive units of a site, hold neighbours), a unit's tracts
+        by id; ``patch`` is empty (whole tracts).
+        """
+        order = np.concatenate([self._site_order(s) for s in range(len(self.sites))])
+        position = np.empty(self.units.n_units, dtype=np.int64)
+        position[order] = np.arange(len(order))
+        tracts = np.flatnonzero(self.units.unit_of_tract >= 0)
+        tracts = tracts[np.argsort(position[self.units.unit_of_tract[tracts]], kind="stable")]
+        table = self._unit_rows(tracts)
+        table.insert(2, "patch", "")
+        return table
+
+    def _unit_rows(self, tracts: np.ndarray) -> pd.DataFrame:
+        """Return ``unit, tract, site`` of some tracts of units, in the order given."""
         unit = self.units.unit_of_tract[tracts]
-        names = np.asarray(self.units.names, dtype=object)
         return pd.DataFrame(
             {
-                "unit": names[unit],
+                "unit": np.asarray(self.units.names, dtype=object)[unit],
                 "tract": tracts,
                 "site": np.asarray(self.sites, dtype=object)[self.unit_site[unit]],
             }
@@ -458,21 +486,39 @@ class Plan:
         }
 
 
-def _check_inputs(
-    inventory: Inventory,
-    tracts: TractGeometry,
-    shares: Mapping[str, float],
-    units: UnitMap,
-    assignment: Mapping[str, str] | None,
-    pins: Mapping[str, str] | None,
-    method: str,
-    order: str,
-    core_hours_per_raw: float,
-) -> None:
+def check_sites(shares: Mapping[str, float], pins: Mapping[str, str] | None = None) -> None:
+    """Check the sites and their shares, and the sites units are pinned to.
+
+    `make_plan` checks the same; this checks them before an inventory is read.
+
+    Parameters
+    ----------
+    shares : `~collections.abc.Mapping` [`str`, `float`]
+        Target share of each site.
+    pins : `~collections.abc.Mapping` [`str`, `str`], optional
+        Units forced to a site.
+
+    Raises
+    ------
+    PlacementError
+        Raised, listing every problem, for: no sites, a site name that is not
+        a plain lower-case name (`SITE_NAME`: it names files and config
+        entries), shares that are not numbers, negative or do not sum to 1, a
+        pin to an unknown site.
+    """
+    problems = _site_problems(shares, {"pins": pins or {}})
+    if problems:
+        raise PlacementError(problems)
+
+
+def _site_problems(shares: Mapping[str, float], mappings: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """Return the problems of the sites, their shares, and the sites of pins or assignment (``mappings``)."""
     problems: list[str] = []
     if not shares:
         problems.append("shares: no sites; give each site's target share, e.g. {'usdf': 0.35, ...}")
     for site, share in shares.items():
+        if not (isinstance(site, str) and SITE_NAME.fullmatch(site)):
+            problems.append(f"shares: site name {site!r} is not a plain name; name it with {SITE_NAME_RULE}")
         if not isinstance(share, int | float) or not math.isfinite(share):
             problems.append(f"shares: site {site!r} has share {share!r}; give a number between 0 and 1")
         elif share < 0:
@@ -486,6 +532,29 @@ def _check_inputs(
             f"shares: they sum to {sum(values):.6g}, not 1; scale them so they add up to 1 "
             f"(tolerance {_SHARE_SUM_TOLERANCE:g})"
         )
+    for what, mapping in mappings.items():
+        for unit, site in mapping.items():
+            if site not in shares:
+                verb, fix = ("pinned", "pin") if what == "pins" else ("assigned", "assignment")
+                problems.append(
+                    f"{what}: unit {unit!r} is {verb} to unknown site {site!r}; known sites: "
+                    f"{sorted(shares)}; add the site to shares or fix the {fix}"
+                )
+    return problems
+
+
+def _check_inputs(
+    inventory: Inventory,
+    tracts: TractGeometry,
+    shares: Mapping[str, float],
+    units: UnitMap,
+    assignment: Mapping[str, str] | None,
+    pins: Mapping[str, str] | None,
+    method: str,
+    order: str,
+    core_hours_per_raw: float,
+) -> None:
+    problems = _site_problems(shares, {"pins": pins or {}, "assignment": assignment or {}})
     if inventory.n_raws == 0:
         problems.append("inventory: no raws; check the source query or visits table (it selected nothing)")
     if inventory.n_tracts > tracts.n_tracts:
@@ -508,24 +577,18 @@ def _check_inputs(
         problems.append(f"core_hours_per_raw: must be a positive number, got {core_hours_per_raw!r}")
     known_units = set(units.names)
     for what, mapping in (("pins", pins or {}), ("assignment", assignment or {})):
-        for unit, site in mapping.items():
+        for unit in mapping:
             if unit not in known_units:
                 problems.append(
                     f"{what}: unknown unit {unit!r}; units are named like {units.names[:3]} "
                     "(check the unit granularity)"
-                )
-            if site not in shares:
-                verb, fix = ("pinned", "pin") if what == "pins" else ("assigned", "assignment")
-                problems.append(
-                    f"{what}: unit {unit!r} is {verb} to unknown site {site!r}; known sites: "
-                    f"{sorted(shares)}; add the site to shares or fix the {fix}"
                 )
     if assignment is not None:
         missing = [u for u in units.names if u not in assignment]
         if missing:
             problems.append(
                 f"assignment: {len(missing)} unit(s) have no site, e.g. {missing[:5]}; an explicit "
-                "assignment gives every unit a site (or leave it out for automatic placement)"
+                "assignment gives every unit a site (or leave it out for automatic assignment)"
             )
         for unit, site in (pins or {}).items():
             if unit in assignment and assignment[unit] != site:
@@ -665,7 +728,7 @@ def _contiguous(
     assert best is not None
     unit_site, error, duplication, _, name, site_order = best
     _LOG.info(
-        "Contiguous placement along %s, site order %s: duplication %.4f, largest share error %.2f points "
+        "Contiguous assignment along %s, site order %s: duplication %.4f, largest share error %.2f points "
         "(%d candidates).",
         name,
         site_order,
@@ -709,7 +772,7 @@ def make_plan(
     ----------
     inventory : `~multisite.inventory.Inventory`
         The raws and the tracts each overlaps.
-    tracts : `~multisite.inventory.TractGeometry`
+    tracts : `~multisite.geometry.TractGeometry`
         The tract geometry the inventory refers to (centres and rings, for the paths).
     shares : `~collections.abc.Mapping` [`str`, `float`]
         Target share of the work of each site, summing to 1; the order is the
@@ -737,13 +800,13 @@ def make_plan(
     Returns
     -------
     plan : `Plan`
-        The placement, manifests and summary.
+        The assignment, manifests and summary.
 
     Raises
     ------
     PlacementError
-        Raised, listing every problem, for: shares that are negative or do not
-        sum to 1, an empty inventory, pins or assignments naming unknown units
+        Raised, listing every problem, for: site names or shares `check_sites`
+        refuses, an empty inventory, pins or assignments naming unknown units
         or sites, an incomplete assignment, a pin contradicting the assignment,
         an unknown method or order, or units from another geometry.
     """
@@ -791,14 +854,14 @@ def make_plan(
     error = plan.max_share_error
     if error > share_tolerance:
         _LOG.warning(
-            "%s placement: a site's share is %.2f points from its target (tolerance %.2f)%s.",
+            "%s assignment: a site's share is %.2f points from its target (tolerance %.2f)%s.",
             label,
             100 * error,
             100 * share_tolerance,
             "; pins or the explicit assignment may leave no room" if pins or assignment else "",
         )
     _LOG.info(
-        "%s placement of %d units at %d sites: duplication factor %.4f, shares %s.",
+        "%s assignment of %d units at %d sites: duplication factor %.4f, shares %s.",
         label,
         units.n_units,
         len(sites),
@@ -808,106 +871,46 @@ def make_plan(
     return plan
 
 
-def chunk_units(
-    units: Sequence[str],
-    quanta_per_unit: Mapping[str, int] | Sequence[int],
-    max_quanta: int = 100_000,
-) -> dict[str, list[str]]:
-    """Split a site's ordered units into chunks of at most ``max_quanta`` quanta (one BPS workflow each).
-
-    Units are taken in order and a chunk is closed when the next unit would take
-    it over the cap, so neighbouring units share chunks. A unit that alone
-    exceeds the cap gets a chunk of its own, with a warning.
-
-    Parameters
-    ----------
-    units : `~collections.abc.Sequence` [`str`]
-        The site's units, in order (e.g. `Plan.site_units`).
-    quanta_per_unit : `~collections.abc.Mapping` or `~collections.abc.Sequence` [`int`]
-        Quanta of each unit (by name, or aligned with ``units``).
-    max_quanta : `int`
-        Largest number of quanta in one chunk (default 100,000: about the
-        largest single Rubin workflow).
-
-    Returns
-    -------
-    chunks : `dict` [`str`, `list` [`str`]]
-        Units of each chunk, keyed ``c0000``, ``c0001``, ... in order.
-    """
-    if max_quanta < 1:
-        raise PlacementError([f"max_quanta: must be at least 1, got {max_quanta}"])
-    if isinstance(quanta_per_unit, Mapping):
-        missing = [u for u in units if u not in quanta_per_unit]
-        if missing:
-            raise PlacementError(
-                [f"quanta_per_unit: no quanta for unit(s) {missing[:5]}; give every unit's count"]
-            )
-        quanta = [int(quanta_per_unit[u]) for u in units]
-    else:
-        quanta = [int(q) for q in quanta_per_unit]
-        if len(quanta) != len(units):
-            raise PlacementError(
-                [f"quanta_per_unit: {len(quanta)} counts for {len(units)} units; give one count per unit"]
-            )
-    if any(q < 0 for q in quanta):
-        raise PlacementError(["quanta_per_unit: quanta counts must not be negative"])
-    chunks: list[list[str]] = []
-    load = 0
-    for unit, count in zip(units, quanta, strict=True):
-        if count > max_quanta:
-            _LOG.warning(
-                "Unit %s has %d quanta, over the cap of %d per workflow: it gets a chunk of its own; "
-                "split it into smaller units (e.g. patches) to respect the cap.",
-                unit,
-                count,
-                max_quanta,
-            )
-            chunks.append([unit])
-            load = max_quanta  # nothing joins an over-full chunk
-            continue
-        if not chunks or load + count > max_quanta:
-            chunks.append([])
-            load = 0
-        chunks[-1].append(unit)
-        load += count
-    width = max(4, len(str(len(chunks) - 1)))
-    return {f"c{i:0{width}d}": chunk for i, chunk in enumerate(chunks)}
-
-
 def plan_chunks(
-    plan: Plan,
-    max_quanta: int = 100_000,
-    quanta_per_unit: Mapping[str, int] | None = None,
+    plan: Plan, *, max_quanta: int, quanta_per_unit: int, units_per_chunk: int | None = None
 ) -> pd.DataFrame:
-    """Chunks of every site: `chunk_units` over each site's units along the planner's path.
+    """Chunks of every site's units, as the workflow will cut them (`multisite.flow.chunk_units`).
 
     Parameters
     ----------
     plan : `Plan`
-        The placement.
+        The plan; each site's units are taken along the planner's path, the
+        order of the units table it writes (`Plan.campaign_units`).
     max_quanta : `int`
-        Largest number of quanta in one chunk.
-    quanta_per_unit : `~collections.abc.Mapping` [`str`, `int`], optional
-        Quanta of each unit for the stage being chunked; by default the raws
-        overlapping the unit (its step-1 quanta; an upper bound, since a raw
-        shared by two units of a chunk runs once).
+        Largest quantum graph of one workflow (the config's ``max_quanta``).
+    quanta_per_unit : `int`
+        The stage's estimate of a unit's quanta (its ``quanta_per_unit``).
+    units_per_chunk : `int`, optional
+        The stage's ``units_per_chunk``, when it gives one.
 
     Returns
     -------
     chunks : `pandas.DataFrame`
-        One row per unit: ``site, chunk, unit, quanta``.
+        One row per unit: ``site, chunk, unit, raws`` (the raws overlapping
+        the unit: its step-1 quanta).
     """
-    if quanta_per_unit is None:
-        quanta_per_unit = dict(zip(plan.units.names, plan.unit_raws.tolist(), strict=True))
-    rows = []
-    for site in plan.sites:
-        for chunk, units in chunk_units(plan.site_units(site), quanta_per_unit, max_quanta).items():
-            rows += [(site, chunk, unit, int(quanta_per_unit[unit])) for unit in units]
-    return pd.DataFrame.from_records(rows, columns=["site", "chunk", "unit", "quanta"])
+    raws = dict(zip(plan.units.names, plan.unit_raws.tolist(), strict=True))
+    rows = [
+        (site, chunk, unit, raws[unit])
+        for site in plan.sites
+        for chunk, units in chunk_units(
+            plan.site_units(site),
+            max_quanta=max_quanta,
+            quanta_per_unit=quanta_per_unit,
+            units_per_chunk=units_per_chunk,
+        ).items()
+        for unit in units
+    ]
+    return pd.DataFrame.from_records(rows, columns=["site", "chunk", "unit", "raws"])
 
 
 def write_plan(plan: Plan, directory: str | Path, *, manifests: bool = True) -> dict[str, Path]:
-    """Write a plan: ``placement.tsv``, ``summary.tsv``, ``plan.json`` and ``manifests/<site>.parquet``.
+    """Write a plan: its assignment, summary, figures, units table and the sites' manifests.
 
     Parameters
     ----------
@@ -921,18 +924,23 @@ def write_plan(plan: Plan, directory: str | Path, *, manifests: bool = True) -> 
     Returns
     -------
     paths : `dict` [`str`, `pathlib.Path`]
-        What was written, by name (``placement``, ``summary``, ``plan``, ``manifest:<site>``).
+        What was written, by name: ``assignment`` (``assignment.tsv``, `Plan.assignment`),
+        ``summary`` (``summary.tsv``, `Plan.summary`), ``planner`` (``planner.json``,
+        `Plan.to_dict`), ``units`` (``units.tsv``, `Plan.campaign_units`, for the
+        campaign config's ``units:``) and ``manifest:<site>`` (``manifests/<site>.parquet``).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = {
-        "placement": directory / "placement.tsv",
+        "assignment": directory / "assignment.tsv",
         "summary": directory / "summary.tsv",
-        "plan": directory / "plan.json",
+        "planner": directory / "planner.json",
+        "units": directory / "units.tsv",
     }
-    plan.placement.to_csv(paths["placement"], sep="\t", index=False)
+    plan.assignment.to_csv(paths["assignment"], sep="\t", index=False)
     plan.summary.to_csv(paths["summary"], sep="\t", index=False)
-    paths["plan"].write_text(json.dumps(plan.to_dict(), indent=1) + "\n")
+    paths["planner"].write_text(json.dumps(plan.to_dict(), indent=1) + "\n")
+    plan.campaign_units.to_csv(paths["units"], sep="\t", index=False)
     if manifests:
         (directory / "manifests").mkdir(exist_ok=True)
         for site in plan.sites:

@@ -1,17 +1,21 @@
-"""Campaign QA at the central site: completeness, site independence, demo science.
+"""Campaign QA at the central site: completeness, site independence, multi-site fraction.
 
 - *completeness*: every data ID the single-site reference produced for a dataset
   type that reaches the central site is there, from the site that should own it;
+  and every output the sites' quantum graphs predicted was produced (per stage
+  and per unit);
 - *site independence*: each multi-site dataset equals the reference within ``rtol``;
-- *science* (when truth is present): recovered zero points against the injected ones.
+- *multi-site fraction*: the fraction of raws processed at more than one site;
+- checks against the campaign's truth, when its config names a truth collection
+  (``collections.truth``): the demo's science (`multisite.demo.science`).
 """
 
 from __future__ import annotations
 
-__all__ = ("QAFailed", "compare_datasets", "run_qa")
+__all__ = ("compare_datasets", "run_qa")
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,32 +23,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from astropy.table import Table
-from lsst.daf.butler import FileIntegrityError
+from lsst.daf.butler import Butler, FileIntegrityError
 
 from .butler_utils import open_butler
 from .config import Campaign
+from .demo.science import science_checks
+from .errors import QAFailed
 from .flow import handoffs, stage_chunks
 from .markers import provenance, read_marker
 from .pipeline import PipelineFlow
+from .qa_table import QARow
+from .states import EventKind
 
 _LOG = logging.getLogger(__name__)
-
-
-class QAFailed(RuntimeError):
-    """A QA check failed; the message summarises which product and why."""
-
-
-@dataclass
-class QARow:
-    """One line of the QA table."""
-
-    check: str
-    dataset_type: str
-    data_id: str
-    site: str
-    status: str
-    value: float | None = None
-    detail: str = ""
 
 
 def compare_datasets(a: Any, b: Any, rtol: float) -> float:
@@ -75,11 +66,6 @@ def compare_datasets(a: Any, b: Any, rtol: float) -> float:
         return 0.0
     scale = np.maximum(np.abs(a[finite]), np.abs(b[finite])).max() or 1.0
     return float(np.abs(a[finite] - b[finite]).max() / scale)
-
-
-def _site_of_run(campaign: Campaign, run: str) -> str:
-    prefix = campaign.root_collection + "/"
-    return run[len(prefix) :].split("/", 1)[0] if run.startswith(prefix) else "central"
 
 
 def _owner(campaign: Campaign, data_id) -> str | None:
@@ -139,7 +125,7 @@ def run_qa(campaign: Campaign, table_path: str | Path) -> dict[str, Any]:
         for data_id in sorted(reference.keys() | produced.keys()):
             label = str(data_id.required)
             ref, got = reference.get(data_id), produced.get(data_id)
-            site = _site_of_run(campaign, got.run) if got else ""
+            site = campaign.site_of_run(got.run) if got else ""
             if got is None or ref is None:
                 status = "missing" if got is None else "unexpected"
                 rows.append(QARow("completeness", dataset_type, label, site, "fail", detail=status))
@@ -175,7 +161,7 @@ def run_qa(campaign: Campaign, table_path: str | Path) -> dict[str, Any]:
             )
     rows += _stage_completeness(campaign)
     rows += _multi_site_fraction(campaign)
-    rows += _science_checks(campaign, butler, campaign_collections)
+    rows += _truth_checks(campaign, butler, campaign_collections)
     table = pd.DataFrame([asdict(r) for r in rows])
     Path(table_path).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(table_path, index=False)
@@ -209,13 +195,13 @@ def _stage_completeness(campaign: Campaign) -> list[QARow]:
     done = {}
     for event in campaign_events(campaign):
         marker = event.details.get("marker", {})
-        if event.kind == "done" and "chunk" in marker and "expected" in marker:
+        if event.kind == EventKind.DONE and "chunk" in marker and "expected" in marker:
             done[(marker["site"], marker["stage"], marker["chunk"])] = marker
     rows = []
     for stage in campaign.stages:
         for site in campaign.stage_sites(stage):
             for chunk in stage_chunks(campaign, site.name, stage):
-                path = campaign.markers / "stage" / site.name / stage.name / f"{chunk}.json"
+                path = campaign.layout.chunk_marker(site.name, stage.name, chunk)
                 marker = read_marker(path) if path.exists() else done.get((site.name, stage.name, chunk))
                 where = f"{stage.name} {chunk}"
                 if not marker or not marker.get("expected"):
@@ -261,7 +247,7 @@ def _stage_completeness(campaign: Campaign) -> list[QARow]:
 
 def _multi_site_fraction(campaign: Campaign) -> list[QARow]:
     """Report the fraction of raws processed at more than one site (information, never a failure)."""
-    path = campaign.markers / "placement" / "raws.tsv"
+    path = campaign.layout.placement_table
     if not path.exists():
         return []
     placement = pd.read_csv(path, sep="\t")
@@ -280,58 +266,8 @@ def _multi_site_fraction(campaign: Campaign) -> list[QARow]:
     ]
 
 
-def _science_checks(campaign: Campaign, butler, collections: list[str]) -> list[QARow]:
-    """Check the demo science: recovered zero points and coadd photometry against the injected truth."""
-    truth_collection = campaign.truth_collection
-    if not truth_collection or not butler.registry.queryDatasetTypes("demo_truth_zeropoints"):
+def _truth_checks(campaign: Campaign, butler: Butler, collections: list[str]) -> list[QARow]:
+    """Run the checks against the campaign's truth collection: the demo's science; none without one."""
+    if not campaign.truth_collection:
         return []
-    truth = butler.get("demo_truth_zeropoints", instrument=campaign.instrument, collections=truth_collection)
-    solved = {
-        ref.dataId["visit"]: butler.get(ref)["delta_mag"]
-        for ref in butler.query_datasets(
-            "visit_zeropoint", collections=collections, limit=None, explain=False
-        )
-    }
-    visits = sorted(solved)
-    injected = np.array([truth[str(v)] for v in visits])
-    recovered = np.array([solved[v] for v in visits])
-    # The solution fixes the mean offset to zero; compare offsets relative to the mean.
-    rms = float(np.std((recovered - recovered.mean()) - (injected - injected.mean())))
-    limit = float(campaign.qa.get("max_zeropoint_rms", 0.02))
-    rows = [
-        QARow(
-            "science",
-            "visit_zeropoint",
-            f"{len(visits)} visits",
-            "central",
-            "pass" if rms <= limit else "fail",
-            value=rms,
-            detail=f"rms vs truth (mag), limit {limit}",
-        )
-    ]
-    # Calibrated magnitudes carry the mean injected offset (the solution fixes the mean to zero).
-    stars = butler.get("demo_truth_stars", instrument=campaign.instrument, collections=truth_collection)
-    offset_limit = float(campaign.qa.get("max_photometry_offset", 0.05))
-    for ref in butler.query_datasets("object_catalog", collections=collections, limit=None, explain=False):
-        objects = butler.get(ref)
-        bright = objects[objects["mag"] < 19.5]
-        distance = np.hypot(
-            np.asarray(bright["ra"])[:, None] - np.asarray(stars["ra"])[None, :],
-            np.asarray(bright["dec"])[:, None] - np.asarray(stars["dec"])[None, :],
-        )
-        matched = distance.min(axis=1, initial=np.inf) < 0.0015
-        nearest = distance.argmin(axis=1) if len(bright) else np.array([], dtype=int)
-        difference = np.asarray(bright["mag"])[matched] - np.asarray(stars["mag"])[nearest[matched]]
-        offset = float(np.median(difference) - injected.mean()) if matched.any() else float("inf")
-        rows.append(
-            QARow(
-                "science",
-                "object_catalog",
-                str(ref.dataId.required),
-                _site_of_run(campaign, ref.run),
-                "pass" if abs(offset) <= offset_limit else "fail",
-                value=offset,
-                detail=f"coadd photometry: median offset vs truth of {int(matched.sum())} bright stars (mag)",
-            )
-        )
-    return rows
+    return science_checks(campaign, butler, collections)

@@ -20,14 +20,15 @@ from .config import Campaign
 from .events import Event
 from .flow import CENTRAL_CHUNK, handoffs, stage_chunks
 from .markers import read_marker
-from .status import FAILED, campaign_events, campaign_status
+from .states import EventKind, StepState
+from .status import campaign_events, campaign_status
 
 COLOURS = {
-    "done": "#2e7d32",
-    "running": "#1565c0",
-    "waiting": "#ef6c00",
-    "failed": "#c62828",
-    "not started": "#9e9e9e",
+    StepState.DONE: "#2e7d32",
+    StepState.RUNNING: "#1565c0",
+    StepState.WAITING: "#ef6c00",
+    StepState.FAILED: "#c62828",
+    StepState.NOT_STARTED: "#9e9e9e",
 }
 PALETTE = ["#1565c0", "#c62828", "#2e7d32", "#6a1b9a", "#ef6c00", "#00838f"]
 
@@ -51,7 +52,7 @@ def _time(text: str) -> datetime:
 
 def _progress_svg(events: list[Event], sites: list[str], width: int = 640, height: int = 260) -> str:
     """Completed steps per site against time since the first event, as an SVG line chart."""
-    done = [e for e in events if e.kind == "done"]
+    done = [e for e in events if e.kind == EventKind.DONE]
     if not done:
         return "<p>No step has finished yet.</p>"
     start = min(_time(e.time) for e in events)
@@ -131,7 +132,7 @@ def render_report(campaign: Campaign, path: str | Path) -> Path:
     """
     events = campaign_events(campaign)
     cells = campaign_status(campaign, events)
-    markers = campaign.markers
+    layout = campaign.layout
     stages = [s.name for s in campaign.stages]
     counts = pd.Series([c.state for c in cells]).value_counts().to_dict()
     body = [
@@ -164,13 +165,13 @@ def render_report(campaign: Campaign, path: str | Path) -> Path:
             )
         body.append("</tr>")
     body.append("</table>")
-    problems = [c for c in cells if c.state in ("failed", "waiting", "running")]
+    problems = [c for c in cells if c.state.needs_attention]
     if problems:
         body.append("<ul id='attention'>")
         for cell in problems:
             log = f" &mdash; log: <code>{_e(cell.log)}</code>" if cell.log else ""
             since = f" since {_e(cell.since)}" if cell.since else ""
-            css = " class='fail'" if cell.state == FAILED else ""
+            css = " class='fail'" if cell.state.is_bad else ""
             body.append(
                 f"<li{css}>{_e(cell.state)}: {_e(cell.step)} {_e(cell.unit)} at {_e(cell.site)}"
                 f"{since}: {_e(cell.detail)}{log}</li>"
@@ -186,7 +187,7 @@ def render_report(campaign: Campaign, path: str | Path) -> Path:
     )
     for handoff in handoffs(campaign):
         for site in campaign.processing_sites:
-            marker = markers / "handoff" / handoff.name / f"{site.name}.json"
+            marker = layout.handoff_marker(handoff.name, site.name)
             if marker.exists():
                 m = read_marker(marker)
                 values = [
@@ -208,7 +209,7 @@ def render_report(campaign: Campaign, path: str | Path) -> Path:
     for stage in campaign.stages:
         for site in campaign.stage_sites(stage):
             for chunk in stage_chunks(campaign, site.name, stage):
-                chunk_marker = markers / "stage" / site.name / stage.name / f"{chunk}.json"
+                chunk_marker = layout.chunk_marker(site.name, stage.name, chunk)
                 if chunk_marker.exists():
                     duration = read_marker(chunk_marker)["duration_s"]
                     durations.append((f"{stage.name} {chunk} at {site.name}", duration))
@@ -216,7 +217,7 @@ def render_report(campaign: Campaign, path: str | Path) -> Path:
     body.append(_bars_svg(durations, "s"))
 
     body.append("<h2>QA</h2>")
-    qa_table = campaign.workdir / "logs" / "qa" / "qa.csv"
+    qa_table = campaign.layout.qa_table
     if qa_table.exists():
         table = pd.read_csv(qa_table)
         summary = table.groupby(["check", "status"]).size().unstack(fill_value=0)

@@ -35,7 +35,7 @@ error message (messages from Rucio are scrubbed of them).
 
 from __future__ import annotations
 
-__all__ = ("RucioBackend", "RucioHandoffError", "RucioSettings", "RucioTransferStuck")
+__all__ = ("RucioBackend", "RucioSettings")
 
 import configparser
 import logging
@@ -50,28 +50,18 @@ from typing import Any
 from lsst.daf.butler import Butler, DatasetRef
 from lsst.resources import ResourcePath
 
-from .butler_utils import open_butler
-from .config import Site
-from .transfer import (
-    HandoffError,
+from .backends import (
     HandoffPayload,
     TransferBackend,
     datastore_root,
     import_export,
     write_export,
 )
+from .butler_utils import open_butler
+from .config import Site
+from .errors import RucioHandoffError, RucioTransferStuck
 
 _LOG = logging.getLogger(__name__)
-
-
-class RucioHandoffError(HandoffError):
-    """A Rucio hand-off failed; the message names the files, the rule and Rucio's reasons."""
-
-
-class RucioTransferStuck(RucioHandoffError):
-    """A Rucio rule is STUCK, SUSPENDED or did not finish in time: operators are notified as stuck."""
-
-    event_kind = "stuck"
 
 
 @dataclass(frozen=True)
@@ -168,6 +158,15 @@ def _chunks(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
+def _unreachable(err: BaseException) -> bool:
+    """Whether a Rucio client error means the server could not be reached (worth retrying)."""
+    from requests.exceptions import ConnectionError as RequestsConnectionError
+    from requests.exceptions import Timeout
+    from rucio.common.exception import ServerConnectionException
+
+    return isinstance(err, (RequestsConnectionError, Timeout, ServerConnectionException, ConnectionError))
+
+
 def _listing(names: Iterable[str], limit: int = 20) -> str:
     names = list(names)
     text = "\n".join(f"    {name}" for name in names[:limit])
@@ -242,23 +241,55 @@ class RucioBackend(TransferBackend):
         return self._client
 
     def _call(self, what: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Call the Rucio API, turning any failure into a `RucioHandoffError` free of secrets."""
-        try:
-            result = function(*args, **kwargs)
-            # Listing calls return generators: consume them here so errors surface here.
-            if isinstance(result, Iterator):
-                result = list(result)
-            return result
-        except RucioHandoffError:
-            raise
-        except Exception as err:
-            host = getattr(self._client, "host", None) or "the Rucio server"
-            message = self._scrub(f"{type(err).__name__}: {err}")
-            raise RucioHandoffError(
-                f"Rucio call failed while trying to {what} ({host}): {message}\n"
-                "Check that the Rucio server is reachable, then rerun: what is already registered "
-                "is found again and a pending rule is waited for, not created twice."
-            ) from None
+        """Call the Rucio API, turning any failure into a `RucioHandoffError` free of secrets.
+
+        An unreachable server (an outage, a restart) is retried with back-off for up
+        to ``poll.timeout_s``: every call is safe to repeat (the callers tolerate what
+        an earlier attempt did), so a hand-off rides out an outage instead of failing.
+        """
+        unreachable_since: float | None = None
+        delay = self.settings.poll_interval
+        while True:
+            try:
+                result = function(*args, **kwargs)
+                # Listing calls return generators: consume them here so errors surface here.
+                if isinstance(result, Iterator):
+                    result = list(result)
+                if unreachable_since is not None:
+                    _LOG.warning(
+                        "Rucio reachable again after %.0f s; continuing to %s.",
+                        time.monotonic() - unreachable_since,
+                        what,
+                    )
+                return result
+            except RucioHandoffError:
+                raise
+            except Exception as err:
+                host = getattr(self._client, "host", None) or "the Rucio server"
+                message = self._scrub(f"{type(err).__name__}: {err}")
+                if _unreachable(err):
+                    now = time.monotonic()
+                    unreachable_since = unreachable_since or now
+                    if now - unreachable_since < self.settings.timeout:
+                        _LOG.warning(
+                            "Rucio unreachable for %.0f s while trying to %s (%s): %s; retrying in %.0f s "
+                            "(up to transfer.rucio.poll.timeout_s = %g s).",
+                            now - unreachable_since,
+                            what,
+                            host,
+                            message,
+                            delay,
+                            self.settings.timeout,
+                        )
+                        time.sleep(delay)
+                        delay = min(delay * self.settings.poll_backoff, self.settings.poll_max_interval)
+                        continue
+                    message = f"unreachable for {now - unreachable_since:.0f} s; last error {message}"
+                raise RucioHandoffError(
+                    f"Rucio call failed while trying to {what} ({host}): {message}\n"
+                    "Check that the Rucio server is reachable, then rerun: what is already registered "
+                    "is found again and a pending rule is waited for, not created twice."
+                ) from None
 
     # ------------------------------------------------------------------ naming
     def names(self, label: str) -> dict[str, str]:

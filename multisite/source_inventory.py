@@ -1,60 +1,54 @@
 """The planner's inputs read from a source Butler: its raws and its skymap's tracts.
 
 For campaigns small enough to query at once; larger ones export a visits table
-(`multisite.inventory.read_visits_table`) in pieces.
+(`multisite.inventory.read_visits_table`) in pieces, and may still take the tract
+geometry from the Butler (`skymap_tracts`).
 """
 
 from __future__ import annotations
 
-__all__ = ("SkymapTracts", "inventory_from_butler", "skymap_tracts")
+__all__ = ("inventory_from_butler", "skymap_tracts")
 
 import logging
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from lsst.daf.butler import Butler
+from lsst.daf.butler import Butler, ButlerUserError
 
-from .inventory import Inventory, InventoryError, read_visits_table
+from .errors import InventoryError
+from .geometry import TractCentres
+from .inventory import Inventory, inventory_from_frame
 
 _LOG = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class SkymapTracts:
-    """Tract geometry of a registered skymap, as the planner needs it.
-
-    Attributes
-    ----------
-    ra, dec : `numpy.ndarray`
-        Centre of each tract (degrees), indexed by tract id.
-    ring : `numpy.ndarray`
-        Declination ring of each tract: tracts whose centres share a declination.
-    ra_min : `float`
-        Where orderings along a ring start (0: whole-sky rings).
-    """
-
-    ra: np.ndarray
-    dec: np.ndarray
-    ring: np.ndarray
-    ra_min: float = 0.0
-
-    @property
-    def n_tracts(self) -> int:
-        return len(self.ra)
-
-
-def skymap_tracts(butler: Butler, skymap: str) -> SkymapTracts:
+def skymap_tracts(butler: Butler, skymap: str) -> TractCentres:
     """Read a skymap's tracts from the Butler's dimension records.
+
+    Parameters
+    ----------
+    butler : `lsst.daf.butler.Butler`
+        The source repository.
+    skymap : `str`
+        Name of a skymap registered there.
+
+    Returns
+    -------
+    tracts : `multisite.geometry.TractCentres`
+        The centres of the tracts' regions, and their rings: tracts whose
+        centres share a declination (as in a ring skymap).
 
     Raises
     ------
     InventoryError
-        Raised when the skymap has no tracts, or their ids are not ``0 .. N-1``.
+        Raised when the skymap is unknown or has no tracts, or their ids are not ``0 .. N-1``.
     """
-    records = butler.query_dimension_records("tract", data_id={"skymap": skymap}, limit=None, explain=False)
+    try:
+        records = butler.query_dimension_records(
+            "tract", data_id={"skymap": skymap}, limit=None, explain=False
+        )
+    except ButlerUserError as err:
+        raise InventoryError(f"skymap {skymap!r}: {err}; give a skymap registered in the Butler") from None
     if not records:
         raise InventoryError(f"skymap {skymap!r}: no tract records; register the skymap in the source Butler")
     ids = np.array([r.id for r in records])
@@ -67,12 +61,10 @@ def skymap_tracts(butler: Butler, skymap: str) -> SkymapTracts:
     dec[ids] = [c.getLat().asDegrees() for c in centres]
     # Ring skymaps give every tract of a ring the same centre declination.
     _, ring = np.unique(np.round(dec, 6), return_inverse=True)
-    return SkymapTracts(ra, dec, ring.astype(np.int64))
+    return TractCentres(ra, dec, ring.astype(np.int64))
 
 
-def inventory_from_butler(
-    butler: Butler, raw_collection: str, instrument: str, skymap: str, tracts: SkymapTracts
-) -> Inventory:
+def inventory_from_butler(butler: Butler, raw_collection: str, instrument: str, skymap: str) -> Inventory:
     """Read every raw of a collection with the tracts it overlaps, its detector centre and its size.
 
     Parameters
@@ -83,20 +75,30 @@ def inventory_from_butler(
         Collection of the raws.
     instrument, skymap : `str`
         Instrument and skymap names.
-    tracts : `SkymapTracts`
-        The skymap's tracts (`skymap_tracts`).
 
     Returns
     -------
     inventory : `multisite.inventory.Inventory`
         The raws, one per (exposure, detector), with their overlapping tracts.
+
+    Raises
+    ------
+    InventoryError
+        Raised when the Butler refuses the names, or no raw overlaps a tract.
     """
-    with butler.query() as query:
-        query = query.join_dataset_search("raw", [raw_collection]).where(instrument=instrument, skymap=skymap)
-        rows = [
-            (d["exposure"], d["visit"], d["detector"], d["tract"])
-            for d in query.data_ids(["exposure", "visit", "detector", "tract"])
-        ]
+    try:
+        with butler.query() as query:
+            query = query.join_dataset_search("raw", [raw_collection]).where(
+                instrument=instrument, skymap=skymap
+            )
+            rows = [
+                (d["exposure"], d["visit"], d["detector"], d["tract"])
+                for d in query.data_ids(["exposure", "visit", "detector", "tract"])
+            ]
+    except ButlerUserError as err:
+        raise InventoryError(
+            f"raws of {raw_collection!r} ({instrument}, skymap {skymap!r}): {err}; check the names"
+        ) from None
     if not rows:
         raise InventoryError(f"no raws in {raw_collection!r} overlap a tract of {skymap!r}; check the names")
     table = pd.DataFrame(rows, columns=["exposure", "visit", "detector", "tract"])
@@ -114,7 +116,4 @@ def inventory_from_butler(
     table["dec"] = [c.getLat().asDegrees() for c in centre]
     table["bytes"] = [size[(e, d)] for e, d in zip(table["exposure"], table["detector"], strict=True)]
     _LOG.info("%d raws, %d (raw, tract) overlaps from %s.", len(size), len(table), raw_collection)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "visits.parquet"
-        table.drop(columns="exposure").to_parquet(path)
-        return read_visits_table(path, tracts)
+    return inventory_from_frame(table.drop(columns="exposure"), f"raws of {raw_collection}")

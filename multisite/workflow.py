@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from .config import Campaign, load_campaign
+from .errors import event_kind
 from .events import EventLog, notify
+from .layout import step_id
 from .markers import write_marker
+from .states import EventKind
 
 
 def run_rule(snakemake: Any, step: Callable[[Campaign], dict[str, Any] | None]) -> None:
@@ -39,15 +42,15 @@ def run_rule(snakemake: Any, step: Callable[[Campaign], dict[str, Any] | None]) 
     log = logging.getLogger("multisite.rule")
     campaign = load_campaign(snakemake.config)
     wildcards = dict(snakemake.wildcards.items())
-    step_name = " ".join([snakemake.rule, *wildcards.values()])
+    step_name = step_id(snakemake.rule, wildcards)
     site = wildcards.get("site") or getattr(snakemake.params, "site", None) or campaign.central.name
-    events = EventLog(campaign.events, campaign.instance or "all")
-    events.record("started", step_name, site, log=str(log_path.resolve()))
+    events = EventLog(campaign.layout.events, campaign.instance or "all")
+    events.record(EventKind.STARTED, step_name, site, log=str(log_path.resolve()))
     try:
         content = step(campaign)
     except Exception as err:
         log.error("%s failed: %s", step_name, err)
-        kind = getattr(err, "event_kind", "failed")
+        kind = event_kind(err)
         event = events.record(
             kind, step_name, site, str(err).splitlines()[0], log=str(log_path.resolve()), error=str(err)
         )
@@ -59,7 +62,7 @@ def run_rule(snakemake: Any, step: Callable[[Campaign], dict[str, Any] | None]) 
         for output in snakemake.output:
             if output.endswith(".json"):
                 write_marker(output, content | {"rule": snakemake.rule, "marker": str(output)})
-    event = events.record("done", step_name, site, _summary(content), marker=content or {})
+    event = events.record(EventKind.DONE, step_name, site, _summary(content), marker=content or {})
     notify(campaign.notify, event, campaign.name)
     log.info("%s done.", step_name)
 

@@ -3,11 +3,11 @@
 
 rule bps_yaml:
     input:
-        placement=f"{MARKERS}/placement/raws.tsv",
+        placement=LAYOUT.placement_table,
     output:
-        submit_yaml=f"{BPS_DIR}/{{site}}/{{stage}}/{{chunk}}.yaml",
+        submit_yaml=LAYOUT.submit_yaml("{site}", "{stage}", "{chunk}"),
     log:
-        f"{LOGS}/bps_yaml/{{site}}/{{stage}}/{{chunk}}.log",
+        LAYOUT.rule_log("bps_yaml", "{site}", "{stage}", "{chunk}"),
     localrule: True
     script:
         "../scripts/bps_yaml.py"

@@ -7,9 +7,9 @@ rule handoff:
     input:
         unpack(handoff_inputs),
     output:
-        marker=f"{MARKERS}/handoff/{{handoff}}/{{site}}.json",
+        marker=LAYOUT.handoff_marker("{handoff}", "{site}"),
     log:
-        f"{LOGS}/handoff/{{handoff}}/{{site}}.log",
+        LAYOUT.handoff_log("{handoff}", "{site}"),
     # Rucio moves the files and the rule imports them in place: submit-host work.
     # The butler backend copies the files: batch work.
     localrule: campaign.transfer_backend == "rucio"
@@ -21,9 +21,9 @@ rule send_handoff:
     input:
         unpack(sending_inputs),
     output:
-        marker=f"{MARKERS}/sent/{{handoff}}/{{site}}.json",
+        marker=LAYOUT.sent_marker("{handoff}", "{site}"),
     log:
-        f"{LOGS}/send_handoff/{{handoff}}/{{site}}.log",
+        LAYOUT.send_log("{handoff}", "{site}"),
     localrule: True
     script:
         "../scripts/send_handoff.py"
@@ -31,11 +31,11 @@ rule send_handoff:
 
 rule verify_inputs:
     input:
-        placement=f"{MARKERS}/placement/raws.tsv",
-        raws=f"{MARKERS}/handoff/raws/{{site}}.json",
+        placement=LAYOUT.placement_table,
+        raws=LAYOUT.handoff_marker("raws", "{site}"),
     output:
-        marker=f"{MARKERS}/inputs/{{site}}.json",
+        marker=LAYOUT.inputs_marker("{site}"),
     log:
-        f"{LOGS}/verify_inputs/{{site}}.log",
+        LAYOUT.rule_log("verify_inputs", "{site}"),
     script:
         "../scripts/verify_inputs.py"

@@ -5,11 +5,11 @@ rule plan:
     input:
         unpack(plan_inputs),
     output:
-        placement=f"{MARKERS}/placement/raws.tsv",
-        summary=f"{MARKERS}/placement/summary.tsv",
-        marker=f"{MARKERS}/placement/plan.json",
+        placement=LAYOUT.placement_table,
+        summary=LAYOUT.placement_summary,
+        marker=LAYOUT.placement_marker,
     log:
-        f"{LOGS}/plan.log",
+        LAYOUT.rule_log("plan"),
     localrule: True
     script:
         "../scripts/plan.py"

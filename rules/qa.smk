@@ -3,27 +3,25 @@
 
 rule reference:
     input:
-        survey=survey_marker(),
+        survey=TARGETS.survey_marker(),
     output:
-        marker=f"{MARKERS}/reference/reference.json",
+        marker=LAYOUT.reference_marker,
     log:
-        f"{LOGS}/reference.log",
-        pipetask=f"{LOGS}/reference.pipetask.log",
+        LAYOUT.rule_log("reference"),
+        pipetask=LAYOUT.reference_pipetask_log,
     script:
         "../scripts/reference.py"
 
 
 rule qa:
     input:
-        reference=f"{MARKERS}/reference/reference.json",
-        final=[handoff_marker("final", site) for site in PROCESSING],
-        central=[stage_marker(CENTRAL, stage.name) for stage in campaign.stages if stage.is_central],
+        **TARGETS.qa_inputs(),
     output:
-        marker=f"{MARKERS}/qa/qa.json",
+        marker=LAYOUT.qa_marker,
     params:
         # Not an output: Snakemake deletes a failed job's outputs, and a failed QA table is the one to read.
-        table=f"{LOGS}/qa/qa.csv",
+        table=LAYOUT.qa_table,
     log:
-        f"{LOGS}/qa.log",
+        LAYOUT.rule_log("qa"),
     script:
         "../scripts/qa.py"

@@ -3,9 +3,9 @@
 
 rule prepare_repo:
     output:
-        marker=f"{MARKERS}/repos/{{site}}.json",
+        marker=LAYOUT.repo_marker("{site}"),
     log:
-        f"{LOGS}/prepare_repo/{{site}}.log",
+        LAYOUT.rule_log("prepare_repo", "{site}"),
     localrule: True
     script:
         "../scripts/prepare_repo.py"
@@ -13,10 +13,10 @@ rule prepare_repo:
 
 rule demo_survey:
     input:
-        repo=f"{MARKERS}/repos/{CENTRAL}.json",
+        repo=LAYOUT.repo_marker(CENTRAL),
     output:
-        marker=f"{MARKERS}/demo/survey.json",
+        marker=LAYOUT.survey_marker(),
     log:
-        f"{LOGS}/demo_survey.log",
+        LAYOUT.rule_log("demo_survey"),
     script:
         "../scripts/demo_survey.py"

@@ -6,9 +6,9 @@ rule run_stage:
     input:
         unpack(chunk_inputs),
     output:
-        marker=f"{MARKERS}/stage/{{site}}/{{stage}}/{{chunk}}.json",
+        marker=LAYOUT.chunk_marker("{site}", "{stage}", "{chunk}"),
     log:
-        f"{LOGS}/stage/{{site}}/{{stage}}/{{chunk}}.log",
+        LAYOUT.chunk_log("{site}", "{stage}", "{chunk}"),
     localrule: True
     script:
         "../scripts/run_stage.py"
@@ -19,13 +19,13 @@ for _stage in campaign.stages:
 
         rule:
             name:
-                f"{_stage.name}_{_site.name}"
+                LAYOUT.stage_step(_site.name, _stage.name)
             input:
-                chunks=chunk_markers(_site.name, _stage.name),
+                chunks=TARGETS.chunk_markers(_site.name, _stage.name),
             output:
-                marker=stage_marker(_site.name, _stage.name),
+                marker=TARGETS.stage_marker(_site.name, _stage.name),
             log:
-                f"{LOGS}/stage/{_site.name}/{_stage.name}.log",
+                LAYOUT.stage_log(_site.name, _stage.name),
             params:
                 site=_site.name,
                 stage=_stage.name,

@@ -4,12 +4,19 @@ This instance sends it too when it runs the source site; otherwise it waits for
 the source site's instance to send it.
 """
 
+from multisite.handoff import receive_handoff, run_handoff
 from multisite.placement import read_placement
-from multisite.transfer import receive_handoff, run_handoff
+from multisite.targets import Targets
 from multisite.workflow import run_rule
 
 handoff, site = snakemake.wildcards.handoff, snakemake.wildcards.site
-if "placement" in snakemake.input.keys():
-    run_rule(snakemake, lambda c: run_handoff(c, handoff, site, read_placement(snakemake.input.placement)))
-else:
-    run_rule(snakemake, lambda campaign: receive_handoff(campaign, handoff, site))
+
+
+def step(campaign):
+    """Both halves when this instance sends the hand-off, else only the receiving half."""
+    if Targets(campaign, campaign.layout).sends(handoff, site):
+        return run_handoff(campaign, handoff, site, read_placement(snakemake.input.placement))
+    return receive_handoff(campaign, handoff, site)
+
+
+run_rule(snakemake, step)

@@ -1,7 +1,7 @@
 """Snakemake shim: send one hand-off to another site's instance (the sending half)."""
 
+from multisite.handoff import send_handoff
 from multisite.placement import read_placement
-from multisite.transfer import send_handoff
 from multisite.workflow import run_rule
 
 run_rule(

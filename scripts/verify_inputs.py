@@ -1,7 +1,6 @@
 """Snakemake shim: verify every input a site needs is in its repository."""
 
-from multisite.placement import read_placement
-from multisite.transfer import verify_site_inputs
+from multisite.placement import read_placement, verify_site_inputs
 from multisite.workflow import run_rule
 
 run_rule(

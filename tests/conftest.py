@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from multisite.demo.campaign import relocate_config
-
+from .demo_config import relocate_config
 from .rucio_harness.local_rucio import LocalRucio
 
 REPO = Path(__file__).resolve().parent.parent

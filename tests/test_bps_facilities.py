@@ -24,8 +24,9 @@ import pytest
 import yaml
 from lsst.daf.butler import Butler
 
-from multisite.bps import PreparedChunk, StageFailed, prepare_stage, write_stage_yaml
+from multisite.bps import PreparedChunk, prepare_stage, write_stage_yaml
 from multisite.config import Campaign, load_campaign
+from multisite.errors import StageFailed
 from multisite.placement import read_placement
 
 from .conftest import REPO, demo_config, snakemake
@@ -44,7 +45,7 @@ def demo(tmp_path_factory) -> tuple[Campaign, object]:
     demo_config(directory)
     snakemake(directory, f"work/markers/inputs/{SITE}.json", f"work/bps/{SITE}/{STAGE}/{CHUNK}.yaml")
     campaign = load_campaign(directory / "config.yaml")
-    return campaign, read_placement(campaign.markers / "placement" / "raws.tsv")
+    return campaign, read_placement(campaign.layout.placement_table)
 
 
 def at_facility(campaign: Campaign, facility: str) -> Campaign:

@@ -22,11 +22,13 @@ from lsst.daf.butler import Butler
 from multisite.cli import main
 from multisite.config import load_campaign
 from multisite.demo.images import SkyImageFormatter
+from multisite.errors import QAFailed
+from multisite.handoff import run_handoff
+from multisite.layout import Layout
 from multisite.markers import read_marker
 from multisite.placement import read_placement
-from multisite.qa import QAFailed, run_qa
+from multisite.qa import run_qa
 from multisite.status import campaign_status, format_status
-from multisite.transfer import run_handoff
 
 from .conftest import BIN, REPO, Webhook, browser_dom, demo_config, snakemake
 
@@ -124,7 +126,7 @@ def test_2_failed_quantum_fails_its_site_only(campaign_dir, campaign, webhook):
         failed.state == "failed" and "1 of 1 quanta failed" in failed.detail and failed.log.endswith(".log")
     )
     assert cells[("step3", "t0p0", "usdf")].state == cells[("step3", "t0p1", "in2p3")].state == "done"
-    waiting = cells[("handoff final in2p3", "final", "in2p3")]
+    waiting = cells[(Layout.handoff_step("final", "in2p3"), "final", "in2p3")]
     assert waiting.state == "waiting" and waiting.detail == "from in2p3: waiting for step3 at in2p3"
     text = format_status(list(cells.values()), campaign)
     assert "FAILED: step3 t0p4 at in2p3" in text and "WAITING: handoff final in2p3" in text
@@ -135,7 +137,8 @@ def test_2_failed_quantum_fails_its_site_only(campaign_dir, campaign, webhook):
     # The webhook heard about the failure, with what failed, and about finished stages.
     failures = [p for p in webhook.received if p["event"]["kind"] == "failed"]
     assert any(
-        p["event"]["step"] == "run_stage in2p3 step3 t0p4" and "patch: 4" in p["event"]["details"]["error"]
+        p["event"]["step"] == Layout.chunk_step("in2p3", "step3", "t0p4")
+        and "patch: 4" in p["event"]["details"]["error"]
         for p in failures
     )
     assert any(p["event"]["step"] == "step1_ral" and p["event"]["kind"] == "done" for p in webhook.received)

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from multisite.config import CampaignConfigError, load_campaign
+from multisite.config import load_campaign
+from multisite.errors import CampaignConfigError
 from multisite.sites import prepare_repo
 
 from .conftest import demo_config, snakemake

@@ -1,34 +1,28 @@
-"""Placement planning at scale: the synthetic inventory, the planner's invariants, chunks, bad input."""
+"""Planning at scale: synthetic inventory, visits tables, tract geometry, the planner, chunks, bad input."""
 
 from __future__ import annotations
 
 import dataclasses
-import logging
+import json
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from multisite.inventory import (
+from multisite.demo.synthetic import (
     DETECTOR_MARGIN_DEG,
-    Inventory,
-    InventoryError,
+    MAX_SCALE,
     RingTracts,
-    encode_tract_sets,
     focal_plane,
     make_dr1_inventory,
     make_ring_tracts,
-    read_visits_table,
+    scaled_dr1_inventory,
 )
-from multisite.planner import (
-    PlacementError,
-    UnitMap,
-    chunk_units,
-    make_plan,
-    make_units,
-    plan_chunks,
-    write_plan,
-)
+from multisite.errors import InventoryError, PlacementError
+from multisite.flow import chunk_units
+from multisite.geometry import TractCentres, TractGeometry, tracts_from_raws
+from multisite.inventory import MAX_TRACT_ID, Inventory, encode_tract_sets, read_visits_table
+from multisite.planner import UnitMap, check_sites, make_plan, make_units, plan_chunks, write_plan
 
 SHARES = {"usdf": 0.35, "in2p3": 0.40, "lancs": 0.10, "ral": 0.15}
 
@@ -56,7 +50,7 @@ def _needed_pairs(plan) -> np.ndarray:
         np.maximum((plan.inventory.tract_sets[plan.inventory.tract_set] >= 0).sum(axis=1), 1),
     )
     long = long[long.tract >= 0]
-    site_of_tract = plan.placement.set_index("tract")["site"].map(plan.sites.index)
+    site_of_tract = plan.assignment.set_index("tract")["site"].map(plan.sites.index)
     site = site_of_tract.reindex(long.tract).to_numpy()
     keep = ~np.isnan(site)  # tracts in no unit: not processed, nothing to ship
     return np.unique(long.raw.to_numpy()[keep] * len(plan.sites) + site[keep].astype(np.int64))
@@ -182,8 +176,8 @@ def test_read_visits_table_round_trip(survey, tmp_path, suffix):
     # Shuffled, as a database export would be.
     long = long.sample(frac=1.0, random_state=0)
     long.to_parquet(path) if suffix == ".parquet" else long.to_csv(path, index=False)
-    read = read_visits_table(path, tracts)
-    assert len(read) == len(rows)
+    read = read_visits_table(path)
+    assert len(read) == len(rows) and read.n_tracts <= tracts.n_tracts
     assert np.array_equal(read.visit, inventory.visit[rows])
     assert np.array_equal(read.detector, inventory.detector[rows])
     assert np.array_equal(read.bytes, inventory.bytes[rows])
@@ -191,39 +185,135 @@ def test_read_visits_table_round_trip(survey, tmp_path, suffix):
         assert read.tracts_of(i) == inventory.tracts_of(int(rows[i]))
 
 
-def test_read_visits_table_computes_tracts_from_geometry(survey, tmp_path):
-    inventory, tracts = survey
-    rows = np.arange(0, len(inventory), 53)
+def _table(**columns) -> pd.DataFrame:
+    """Return a visits table of three raws of two visits over tracts 5 and 6, ``columns`` replaced."""
+    table = {
+        "visit": [10, 10, 11, 11],
+        "detector": [0, 0, 1, 2],
+        "ra": [150.0, 150.0, 151.2, 151.4],
+        "dec": [-30.0, -30.0, -30.2, -30.1],
+        "bytes": [1000, 1000, 1200, 1100],
+        "tract": [5, 6, 6, 6],
+    }
+    table.update(columns)
+    return pd.DataFrame(table)
+
+
+def test_read_visits_table_boresights_from_the_detectors(tmp_path):
+    path = tmp_path / "visits.tsv"
+    _table().to_csv(path, sep="\t", index=False)
+    read = read_visits_table(path)
+    assert len(read) == 3 and read.n_visits == 2 and read.n_tracts == 7
+    assert [read.tracts_of(i) for i in range(3)] == [[5, 6], [6], [6]]
+    assert read.visit_ra == pytest.approx([150.0, 151.3]) and read.visit_dec == pytest.approx([-30.0, -30.15])
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (_table().drop(columns="bytes"), r"missing column\(s\) \['bytes'\]"),
+        (
+            _table().drop(columns="tract"),
+            r"missing column\(s\) \['tract'\]; the table needs .* one row per raw",
+        ),
+        (_table().iloc[:0], "no rows"),
+        (_table(ra=["150", "x", "151", "151"]), r"column 'ra' is not numeric \(e.g. 'x'\)"),
+        (_table(bytes=[True, True, False, True]), "column 'bytes' is not numeric"),
+        (_table(dec=[-30.0, np.nan, -30.2, -30.1]), "column 'dec' has empty values"),
+        (_table(ra=[150.0, np.inf, 151.2, 151.4]), "column 'ra' has infinite values"),
+        (_table(visit=[10.5, 10.5, 11, 11]), r"column 'visit' has fractional values \(e.g. 10.5\)"),
+        (_table(dec=[-30.0, -30.0, -95.0, -30.1]), r"column 'dec' has values outside \[-90, 90\]"),
+        (_table(bytes=[1000, 1000, -1, 1100]), "column 'bytes' has values outside"),
+        (_table(detector=[0, 0, 1, 40_000]), "column 'detector' has values outside"),
+        (_table(tract=[5, 6, -2, 6]), "column 'tract' has values outside"),
+        (_table(tract=[5, 6, MAX_TRACT_ID + 1, 6]), "column 'tract' has values outside"),
+    ],
+)
+def test_read_visits_table_bad_input(tmp_path, table, message):
     path = tmp_path / "visits.parquet"
-    inventory.frame(rows).drop(columns=["visit_ra", "visit_dec"]).to_parquet(path)
-    with pytest.raises(InventoryError, match="no 'tract' column"):
+    table.to_parquet(path)
+    with pytest.raises(InventoryError, match=message) as info:
         read_visits_table(path)
-    read = read_visits_table(path, tracts)
-    assert [read.tracts_of(i) for i in range(len(rows))] == [inventory.tracts_of(int(r)) for r in rows]
-    # Boresights estimated from the detectors: near the true ones (several detectors of a visit are kept).
-    assert np.abs(read.visit_dec - inventory.visit_dec[np.unique(inventory.visit_index[rows])]).max() < 1.0
+    assert str(path) in str(info.value)
 
 
-def test_read_visits_table_bad_input(tmp_path):
-    path = tmp_path / "visits.csv"
-    pd.DataFrame({"visit": [1], "detector": [0], "ra": [10.0], "dec": [-30.0]}).to_csv(path, index=False)
-    with pytest.raises(InventoryError, match=r"missing column\(s\) \['bytes'\]"):
-        read_visits_table(path)
-    pd.DataFrame(
-        {"visit": [1, 1], "detector": [0, 0], "ra": [10.0] * 2, "dec": [-30.0] * 2, "bytes": [1, 1]}
-    ).to_csv(path, index=False)
-    with pytest.raises(InventoryError, match="listed twice"):
-        read_visits_table(path, make_ring_tracts(10))
+def test_read_visits_table_bad_file(tmp_path):
     with pytest.raises(InventoryError, match="file not found"):
         read_visits_table(tmp_path / "absent.parquet")
+    garbage = tmp_path / "visits.parquet"
+    garbage.write_text("not parquet")
+    with pytest.raises(InventoryError, match="cannot be read"):
+        read_visits_table(garbage)
+    empty = tmp_path / "visits.csv"
+    empty.write_text("")
+    with pytest.raises(InventoryError, match="cannot be read"):
+        read_visits_table(empty)
+    # A raw outside every tract (empty tract) is kept, and overlaps nothing.
+    _table(tract=[5, 6, None, 6]).to_csv(empty, index=False)
+    assert read_visits_table(empty).tracts_of(1) == []
+
+
+def test_tracts_from_raws_recover_the_ring_geometry(survey):
+    inventory, tracts = survey
+    derived = tracts_from_raws(inventory)
+    assert isinstance(derived, TractGeometry) and derived.n_tracts == tracts.n_tracts
+    # Centres within a detector's size of the true ones, the same rings, the same units and plan.
+    assert np.abs(derived.dec - tracts.dec).max() < 0.3
+    assert np.abs((derived.ra - tracts.ra + 180.0) % 360.0 - 180.0).max() < 0.3
+    assert np.array_equal(derived.ring, tracts.ring)
+    for size in (1, 3):
+        assert np.array_equal(make_units(derived, size).unit_of_tract, make_units(tracts, size).unit_of_tract)
+    plan = make_plan(inventory, derived, SHARES)
+    assert plan.max_share_error <= 0.02
+    assert plan.duplication_factor == pytest.approx(make_plan(inventory, tracts, SHARES).duplication_factor)
+
+
+def test_visits_table_with_tract_ids_of_a_large_skymap(survey, tmp_path):
+    inventory, tracts = survey
+    rows = np.arange(0, len(inventory), 5)
+    long = inventory.frame(rows, tracts=True)
+    long["tract"] = np.where(long["tract"] >= 0, long["tract"] + 9_800, -1)
+    path = tmp_path / "visits.parquet"
+    long.to_parquet(path)
+    read = read_visits_table(path)
+    derived = tracts_from_raws(read)
+    assert read.n_tracts == derived.n_tracts == 9_800 + tracts.n_tracts
+    units = make_units(derived)
+    assert units.names == tuple(f"t{9_800 + t}" for t in range(tracts.n_tracts))
+    plan = make_plan(read, derived, SHARES, units=units, pins={"t9813": "lancs"})
+    assert sorted(plan.assignment.tract) == list(range(9_800, 9_800 + tracts.n_tracts))
+    assert plan.max_share_error <= 0.02 and "t9813" in plan.site_units("lancs")
+    assert np.array_equal(_shipped_pairs(plan), _needed_pairs(plan))
+    assert list(plan.campaign_units.tract) == [int(u[1:]) for s in plan.sites for u in plan.site_units(s)]
+
+
+def test_tracts_from_raws_needs_a_tract(tmp_path):
+    path = tmp_path / "visits.csv"
+    _table(tract=[-1, -1, None, -1]).to_csv(path, index=False)
+    with pytest.raises(InventoryError, match="no raw overlaps a tract"):
+        tracts_from_raws(read_visits_table(path))
+
+
+def test_units_of_a_geometry_with_absent_tract_ids():
+    nan = np.nan
+    tracts = TractCentres(
+        ra=np.array([nan, 10.0, 11.0, nan, 12.0, 10.5]),
+        dec=np.array([nan, 0.0, 0.0, nan, 0.0, 1.0]),
+        ring=np.array([-1, 0, 0, -1, 0, 1]),
+    )
+    single = make_units(tracts)
+    assert single.names == ("t1", "t2", "t4", "t5") and list(single.unit_of_tract) == [-1, 0, 1, -1, 2, 3]
+    pairs = make_units(tracts, 2)
+    assert pairs.names == ("g0", "g1", "g2")
+    assert [list(pairs.tracts_of(name)) for name in pairs.names] == [[1, 2], [4], [5]]
 
 
 def test_every_unit_placed_exactly_once(plan, survey):
     _, tracts = survey
-    placement = plan.placement
-    assert sorted(placement.tract) == list(range(tracts.n_tracts))
-    assert placement.groupby("unit").site.nunique().max() == 1
-    assert set(placement.site) <= set(SHARES)
+    assignment = plan.assignment
+    assert sorted(assignment.tract) == list(range(tracts.n_tracts))
+    assert assignment.groupby("unit").site.nunique().max() == 1
+    assert set(assignment.site) <= set(SHARES)
     assert plan.summary.units.sum() == plan.units.n_units == tracts.n_tracts
     assert plan.summary.tracts.sum() == tracts.n_tracts
     assert sum(len(plan.site_units(s)) for s in plan.sites) == plan.units.n_units
@@ -262,7 +352,7 @@ def test_planner_duplicates_less_than_the_baselines(plan, survey):
     round_robin = make_plan(inventory, tracts, SHARES, method="round_robin")
     id_blocks = make_plan(inventory, tracts, SHARES, method="id_blocks")
     for baseline in (round_robin, id_blocks):
-        assert sorted(baseline.placement.tract) == list(range(tracts.n_tracts))
+        assert sorted(baseline.assignment.tract) == list(range(tracts.n_tracts))
         assert np.array_equal(_shipped_pairs(baseline), _needed_pairs(baseline))
     assert round_robin.max_share_error <= 0.04
     assert plan.duplication_factor < id_blocks.duplication_factor < round_robin.duplication_factor
@@ -279,17 +369,17 @@ def test_pins_respected(survey):
     # Three tracts far apart pinned to one small site, one to another.
     pins = {"t0": "lancs", "t35": "lancs", "t69": "lancs", "t20": "ral"}
     plan = make_plan(inventory, tracts, SHARES, units=units, pins=pins)
-    site_of = dict(zip(plan.placement.unit, plan.placement.site, strict=True))
+    site_of = dict(zip(plan.assignment.unit, plan.assignment.site, strict=True))
     assert all(site_of[unit] == site for unit, site in pins.items())
     assert plan.max_share_error <= 0.02
     table = plan.unit_table.set_index("unit")
     assert table.pinned.sum() == 4 and table.loc["t35", "pinned"]
     # Pinned work counts towards the site's share: lancs gets few other tracts.
-    assert (plan.placement.site == "lancs").sum() < 0.2 * tracts.n_tracts
+    assert (plan.assignment.site == "lancs").sum() < 0.2 * tracts.n_tracts
     # Baselines honour pins too.
     for method in ("round_robin", "id_blocks"):
         other = make_plan(inventory, tracts, SHARES, pins=pins, method=method)
-        other_site = dict(zip(other.placement.unit, other.placement.site, strict=True))
+        other_site = dict(zip(other.assignment.unit, other.assignment.site, strict=True))
         assert all(other_site[unit] == site for unit, site in pins.items())
 
 
@@ -299,7 +389,7 @@ def test_explicit_assignment(survey):
     assignment = {name: list(SHARES)[i % 4] for i, name in enumerate(units.names)}
     plan = make_plan(inventory, tracts, SHARES, assignment=assignment, pins={"t5": assignment["t5"]})
     assert plan.method == "explicit"
-    assert dict(zip(plan.placement.unit, plan.placement.site, strict=True)) == assignment
+    assert dict(zip(plan.assignment.unit, plan.assignment.site, strict=True)) == assignment
     assert np.array_equal(_shipped_pairs(plan), _needed_pairs(plan))
 
 
@@ -312,8 +402,8 @@ def test_groups_of_tracts_as_units(survey):
         members = units.tracts_of(name)
         assert len(set(tracts.ring[members])) == 1 and np.all(np.diff(members) == 1) and len(members) <= 3
     plan = make_plan(inventory, tracts, SHARES, units=units, share_tolerance=0.03)
-    assert plan.placement.groupby("unit").site.nunique().max() == 1
-    assert sorted(plan.placement.tract) == list(range(tracts.n_tracts))
+    assert plan.assignment.groupby("unit").site.nunique().max() == 1
+    assert sorted(plan.assignment.tract) == list(range(tracts.n_tracts))
     assert plan.max_share_error <= 0.03
     assert np.array_equal(_shipped_pairs(plan), _needed_pairs(plan))
 
@@ -329,7 +419,7 @@ def test_units_from_table(survey):
     needed = _needed_pairs(plan)
     assert np.array_equal(_shipped_pairs(plan), needed)
     assert plan.unique_raws == len(np.unique(needed // 2)) < 0.1 * len(inventory)
-    assert set(plan.placement.tract) == {10, 11, 40}
+    assert set(plan.assignment.tract) == {10, 11, 40}
     with pytest.raises(PlacementError, match="tract 10 is in more than one unit"):
         UnitMap.from_table(pd.DataFrame({"unit": ["a", "b"], "tract": [10, 10]}), tracts.n_tracts)
 
@@ -386,6 +476,32 @@ def test_empty_inventory_is_a_clear_error(survey):
         make_plan(empty, tracts, SHARES)
 
 
+@pytest.mark.parametrize("site", ["../../etc", "USDF", "1site", "", "a" * 33, "us-df", "us df"])
+def test_site_names_are_plain_names(survey, site):
+    with pytest.raises(PlacementError, match=f"site name {site!r} is not a plain name"):
+        check_sites({site: 0.5, "usdf": 0.5})
+    inventory, tracts = survey
+    with pytest.raises(PlacementError, match="is not a plain name"):
+        make_plan(inventory, tracts, {site: 0.5, "usdf": 0.5})
+
+
+def test_check_sites():
+    check_sites({"usdf": 0.35, "in2p3": 0.4, "lancs": 0.1, "ral_2": 0.15}, pins={"t1": "ral_2"})
+    with pytest.raises(PlacementError) as info:
+        check_sites({"usdf": float("nan"), "ral": 1.0}, pins={"t1": "../x"})
+    assert info.value.problems == [
+        "shares: site 'usdf' has share nan; give a number between 0 and 1",
+        "pins: unit 't1' is pinned to unknown site '../x'; known sites: ['ral', 'usdf']; add the site to "
+        "shares or fix the pin",
+    ]
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -5.0, 0.0, MAX_SCALE * 1.01])
+def test_scaled_synthetic_inventory_bad_scale(scale):
+    with pytest.raises(InventoryError, match="give a number above 0 and at most"):
+        scaled_dr1_inventory(scale)
+
+
 def test_all_problems_reported_together(survey):
     inventory, tracts = survey
     with pytest.raises(PlacementError) as info:
@@ -393,41 +509,51 @@ def test_all_problems_reported_together(survey):
     assert len(info.value.problems) == 3
 
 
-def test_chunk_units_respects_the_cap(caplog):
-    units = [f"t{i}" for i in range(10)]
-    quanta = [40, 30, 50, 10, 250, 60, 40, 100, 0, 5]
-    with caplog.at_level(logging.WARNING, logger="multisite.planner"):
-        chunks = chunk_units(units, quanta, max_quanta=100)
-    assert list(chunks) == [f"c{i:04d}" for i in range(len(chunks))]
-    assert [u for chunk in chunks.values() for u in chunk] == units  # every unit once, in order
-    load = dict(zip(units, quanta, strict=True))
-    assert chunks["c0002"] == ["t4"]  # the unit over the cap, alone
-    for chunk in chunks.values():
-        assert sum(load[u] for u in chunk) <= 100 or len(chunk) == 1
-    assert list(chunks.values()) == [["t0", "t1"], ["t2", "t3"], ["t4"], ["t5", "t6"], ["t7", "t8"], ["t9"]]
-    assert any("t4 has 250 quanta" in r.getMessage() for r in caplog.records)
-    assert chunk_units(units, dict(zip(units, quanta, strict=True)), max_quanta=1_000) == {"c0000": units}
-    with pytest.raises(PlacementError, match="quanta_per_unit"):
-        chunk_units(units, {"t0": 1}, max_quanta=100)
+def test_chunk_units():
+    units = [f"t{i}" for i in range(7)]
+    chunks = chunk_units(units, max_quanta=100, quanta_per_unit=30)
+    assert chunks == {"c0000": ("t0", "t1", "t2"), "c0001": ("t3", "t4", "t5"), "c0002": ("t6",)}
+    # One unit a chunk: chunks are named after their unit; units_per_chunk wins over the estimate.
+    assert list(chunk_units(units, max_quanta=100, quanta_per_unit=500)) == units
+    assert list(chunk_units(units, max_quanta=100, quanta_per_unit=1, units_per_chunk=4)) == [
+        "c0000",
+        "c0001",
+    ]
 
 
-def test_plan_chunks(plan):
-    cap = 30_000
-    chunks = plan_chunks(plan, max_quanta=cap)
+def test_plan_chunks_are_the_workflow_chunks(plan):
+    chunks = plan_chunks(plan, max_quanta=30_000, quanta_per_unit=6_000)
+    assert list(chunks.columns) == ["site", "chunk", "unit", "raws"]
     assert sorted(chunks.unit) == sorted(plan.units.names)
-    per_chunk = chunks.groupby(["site", "chunk"]).agg(quanta=("quanta", "sum"), units=("unit", "size"))
-    assert ((per_chunk.quanta <= cap) | (per_chunk.units == 1)).all()
-    assert per_chunk.quanta.max() <= cap  # tracts of ~6,000 raws: none alone over the cap
-    assert chunks.groupby("site").chunk.nunique().sum() >= plan.site_raws.sum() / cap
+    for site in plan.sites:
+        mine = chunks[chunks.site == site]
+        expected = chunk_units(plan.site_units(site), max_quanta=30_000, quanta_per_unit=6_000)
+        assert {c: tuple(g.unit) for c, g in mine.groupby("chunk", sort=False)} == expected
+        assert mine.groupby("chunk").size().max() == 5
     raws = plan.unit_table.set_index("unit").raws
-    assert (chunks.set_index("unit").quanta == raws.reindex(chunks.unit).to_numpy()).all()
+    assert (chunks.set_index("unit").raws == raws.reindex(chunks.unit).to_numpy()).all()
+    single = plan_chunks(plan, max_quanta=30_000, quanta_per_unit=1, units_per_chunk=1)
+    assert (single.chunk == single.unit).all()
 
 
 def test_write_plan(plan, tmp_path):
     paths = write_plan(plan, tmp_path / "plan")
-    placement = pd.read_csv(paths["placement"], sep="\t")
-    assert list(placement.columns) == ["unit", "tract", "site"] and len(placement) == plan.units.n_units
+    assert {name: path.name for name, path in paths.items() if ":" not in name} == {
+        "assignment": "assignment.tsv",
+        "summary": "summary.tsv",
+        "planner": "planner.json",
+        "units": "units.tsv",
+    }
+    assignment = pd.read_csv(paths["assignment"], sep="\t")
+    assert list(assignment.columns) == ["unit", "tract", "site"] and len(assignment) == plan.units.n_units
     summary = pd.read_csv(paths["summary"], sep="\t")
     assert list(summary.site) == list(SHARES)
+    assert json.loads(paths["planner"].read_text()) == json.loads(json.dumps(plan.to_dict()))
+    units = pd.read_csv(paths["units"], sep="\t", keep_default_na=False)
+    assert list(units.columns) == ["unit", "tract", "patch", "site"] and set(units.patch) == {""}
+    assert list(units.unit) == [u for site in plan.sites for u in plan.site_units(site)]
+    assert dict(zip(units.unit, units.site, strict=True)) == dict(
+        zip(assignment.unit, assignment.site, strict=True)
+    )
     lancs = pd.read_parquet(paths["manifest:lancs"])
     assert len(lancs) == len(plan.manifest("lancs")) and list(lancs.columns) == ["visit", "detector", "bytes"]

@@ -20,20 +20,16 @@ from pathlib import Path
 import pytest
 from lsst.daf.butler import Butler, Config
 
+from multisite.backends import HandoffPayload
 from multisite.config import load_campaign
 from multisite.demo.survey import SurveySpec, make_survey
+from multisite.errors import HandoffError, RucioHandoffError
 from multisite.events import read_events
+from multisite.handoff import make_backend, receive_handoff, run_handoff, send_handoff
+from multisite.layout import Layout
 from multisite.placement import compute_placement
-from multisite.rucio_backend import RucioBackend, RucioHandoffError
+from multisite.rucio_backend import RucioBackend
 from multisite.status import campaign_status
-from multisite.transfer import (
-    HandoffError,
-    HandoffPayload,
-    make_backend,
-    receive_handoff,
-    run_handoff,
-    send_handoff,
-)
 
 from .conftest import REPO, SCOPE, rucio_config
 
@@ -199,7 +195,7 @@ def test_3_corrupted_source_file_fails_clearly_and_ingests_nothing(setup):
     assert rucio.password not in message
 
 
-def test_4_server_stopped_midway_then_rerun_completes_without_duplicates(setup):
+def test_4_server_outage_is_ridden_out_or_named_then_rerun_completes_without_duplicates(setup, caplog):
     campaign, placement, rucio = setup
     central, lancs = campaign.central, campaign.sites["lancs"]
     butler = Butler.from_config(central.repo)
@@ -210,26 +206,40 @@ def test_4_server_stopped_midway_then_rerun_completes_without_duplicates(setup):
         }
     )
     refs = raws(campaign, butler, set(visits[1:3]))
-    backend = make_backend(campaign)
+    # An outage longer than the wait's timeout: a clear error naming it, nothing ingested.
+    short = dataclasses.replace(make_backend(campaign).settings, timeout=3.0, poll_interval=0.5)
     rucio.pause_daemons()
     try:
-        thread, outcome = _deliver_in_thread(backend, central, lancs, HandoffPayload(refs), "outage/lancs")
+        thread, outcome = _deliver_in_thread(
+            RucioBackend(campaign.name, short), central, lancs, HandoffPayload(refs), "outage/lancs"
+        )
         rule_id = _wait_for_rule(campaign, "multisite.demo.outage.lancs")
         rucio.stop_server()
+        thread.join(300)
+        assert not thread.is_alive()
+        error = outcome.get("error")
+        assert isinstance(error, RucioHandoffError), outcome
+        assert "Rucio call failed" in str(error) and "unreachable for" in str(error), str(error)
+        assert "rerun" in str(error) and rucio.password not in str(error)
+        assert nothing_of(lancs.repo, refs)
+
+        # The rerun starts while the server is still down, and rides the outage out.
+        caplog.set_level(logging.WARNING, logger="multisite.rucio_backend")
+        thread, outcome = _deliver_in_thread(
+            make_backend(campaign), central, lancs, HandoffPayload(refs), "outage/lancs"
+        )
+        time.sleep(5)
+        assert thread.is_alive(), outcome
+        rucio.start_server()
     finally:
         rucio.resume_daemons()
+    before = scope_state(campaign)
     thread.join(300)
     assert not thread.is_alive()
-    error = outcome.get("error")
-    assert isinstance(error, RucioHandoffError), outcome
-    assert "Rucio call failed" in str(error) and "rerun" in str(error), str(error)
-    assert rucio.password not in str(error)
-    assert nothing_of(lancs.repo, refs)
-    rucio.start_server()
-    before = scope_state(campaign)
-    result, _ = make_backend(campaign).deliver(central, lancs, HandoffPayload(refs), "outage/lancs")
-    info = result["rucio"]
+    assert "result" in outcome, outcome
+    info = outcome["result"][0]["rucio"]
     assert info["rule_id"] == rule_id and not info["rule_created"] and info["files_registered_now"] == 0
+    assert any("Rucio unreachable" in r.getMessage() for r in caplog.records)
     assert scope_state(campaign) == before
     assert [r["id"] for r in client(campaign).list_did_rules(SCOPE, "multisite.demo.outage.lancs")] == [
         rule_id
@@ -265,11 +275,11 @@ def test_6_site_instances_wait_for_what_another_sends(setup, caplog):
     with pytest.raises(HandoffError, match="usdf has not sent it after 3 s") as failure:
         receive_handoff(at_ral, "fanout_step3", "ral")
     assert "transfer.wait.timeout_s" in str(failure.value)
-    (waiting,) = [e for e in read_events([at_ral.events / "ral.jsonl"]) if e.kind == "waiting"]
-    assert waiting.step == "handoff fanout_step3 ral" and waiting.details["source"] == "usdf"
+    (waiting,) = [e for e in read_events([at_ral.layout.event_log("ral")]) if e.kind == "waiting"]
+    assert waiting.step == Layout.handoff_step("fanout_step3", "ral") and waiting.details["source"] == "usdf"
     assert "waiting for fanout_step3 from usdf since" in waiting.message
-    cells = campaign_status(at_ral, read_events([at_ral.events / "ral.jsonl"]), site="ral")
-    (cell,) = [c for c in cells if c.step == "handoff fanout_step3 ral"]
+    cells = campaign_status(at_ral, read_events([at_ral.layout.event_log("ral")]), site="ral")
+    (cell,) = [c for c in cells if c.step == Layout.handoff_step("fanout_step3", "ral")]
     assert cell.state == "waiting" and "from usdf" in cell.detail and cell.since
 
     # The USDF instance sends the raws; the lancs instance, started first, receives them when they come.

@@ -79,7 +79,7 @@ def test_inventory_and_tracts_from_the_source_butler(source):
     tracts = skymap_tracts(butler, "rings")
     assert tracts.n_tracts == 8 and list(tracts.ring) == [0] * 4 + [1] * 4
     assert np.allclose(tracts.ra[:4], [150.5, 151.5, 152.5, 153.5], atol=0.01)
-    inventory = inventory_from_butler(butler, RAW_COLLECTION, "DemoCam", "rings", tracts)
+    inventory = inventory_from_butler(butler, RAW_COLLECTION, "DemoCam", "rings")
     assert len(inventory) == 120
     # A raw's tracts are those its detector region overlaps, checked against the boxes' geometry
     # (away from the edges, where great circles and boxes differ by a hair).
@@ -131,3 +131,29 @@ def test_plan_command_from_the_source_butler(source, tmp_path):
     assert sorted(units.tract) == list(range(8)) and set(units.site) == {"usdf", "in2p3"}
     summary = pd.read_csv(out / "summary.tsv", sep="\t")
     assert (summary["share_minus_target_pp"].abs() < 25).all()
+
+
+def test_plan_command_from_a_visits_table_with_the_skymap_of_a_butler(source, tmp_path, capsys):
+    inventory = inventory_from_butler(Butler.from_config(source), RAW_COLLECTION, "DemoCam", "rings")
+    table = tmp_path / "visits.csv"
+    inventory.frame(tracts=True).to_csv(table, index=False)
+    shares = ["--share", "usdf=0.5", "--share", "in2p3=0.5"]
+    out = tmp_path / "plan"
+    common = ["plan", "--visits-table", str(table), *shares, "-o", str(out)]
+    assert main([*common, "--butler", source, "--skymap", "rings"]) == 0
+    # Units are the skymap's tracts, raws or not, placed by the skymap's centres.
+    units = pd.read_csv(out / "units.tsv", sep="\t")
+    assert sorted(units.tract) == list(range(8)) and set(units.site) == {"usdf", "in2p3"}
+    assert main([*common, "--butler", source, "--skymap", "nosuch"]) == 2
+    assert "skymap 'nosuch'" in capsys.readouterr().err
+    # Without the Butler, the tracts are those the raws overlap, with the same assignment of raws.
+    assert main([*common[:-1], str(tmp_path / "own")]) == 0
+    own = pd.read_csv(tmp_path / "own" / "units.tsv", sep="\t")
+    assert set(own.tract) == {t for i in range(len(inventory)) for t in inventory.tracts_of(i)}
+
+
+def test_plan_command_refuses_unknown_butler_names(source, tmp_path, capsys):
+    arguments = ["plan", "--butler", source, "--share", "usdf=1", "-o", str(tmp_path / "plan")]
+    assert main([*arguments, "--collection", "no/such", "--instrument", "DemoCam", "--skymap", "rings"]) == 2
+    assert "raws of 'no/such'" in capsys.readouterr().err
+    assert not (tmp_path / "plan").exists()

@@ -1,4 +1,4 @@
-"""Relocate the demo campaign config, for tests and benchmarks that run it elsewhere."""
+"""The demo campaign config relocated into a directory, for tests and benchmarks that run it there."""
 
 from __future__ import annotations
 

@@ -1,0 +1,102 @@
+"""The package's exceptions, and the kind of campaign event each one records.
+
+Each exception keeps the built-in base it always had (`ValueError` for bad
+input, `RuntimeError` for a step that did not deliver), so ``except`` clauses
+written against those bases behave the same. `event_kind` is the one place that
+decides which event a failed step records.
+"""
+
+from __future__ import annotations
+
+__all__ = (
+    "CampaignConfigError",
+    "HandoffError",
+    "InventoryError",
+    "PlacementError",
+    "PlanInputError",
+    "QAFailed",
+    "RucioHandoffError",
+    "RucioTransferStuck",
+    "StageFailed",
+    "event_kind",
+)
+
+from .states import EventKind
+
+
+class CampaignConfigError(ValueError):
+    """The campaign configuration is invalid; the message lists every problem and its fix.
+
+    Parameters
+    ----------
+    source : `str`
+        Where the configuration came from (a file, or ``config`` for a mapping).
+    problems : `list` [`str`]
+        One sentence per problem, naming the field and how to fix it.
+    """
+
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = problems
+        super().__init__(
+            f"{source}: invalid campaign configuration:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
+class InventoryError(ValueError):
+    """An inventory or visits table cannot be used; the message names the problem and its fix."""
+
+
+class PlacementError(ValueError):
+    """The planner's inputs are inconsistent; the message lists each problem and its fix.
+
+    Parameters
+    ----------
+    problems : `list` [`str`]
+        One sentence per problem, each naming the input (``shares``, ``pins``,
+        ``assignment``, ``inventory``, ...) and how to fix it.
+    """
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("cannot plan the placement:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class PlanInputError(ValueError):
+    """An option of ``multisite plan`` cannot be used; the message names it and the fix."""
+
+
+class HandoffError(RuntimeError):
+    """A hand-off did not deliver everything it should have."""
+
+
+class RucioHandoffError(HandoffError):
+    """A Rucio hand-off failed; the message names the files, the rule and Rucio's reasons."""
+
+
+class RucioTransferStuck(RucioHandoffError):
+    """A Rucio rule is STUCK, SUSPENDED or did not finish in time: operators are notified as stuck."""
+
+
+class StageFailed(RuntimeError):
+    """Quanta of a stage failed; the message names them and their logs."""
+
+
+class QAFailed(RuntimeError):
+    """A QA check failed; the message summarises which product and why."""
+
+
+def event_kind(error: BaseException) -> EventKind:
+    """Return the kind of the campaign event a step that raised ``error`` records.
+
+    Parameters
+    ----------
+    error : `BaseException`
+        What the step raised.
+
+    Returns
+    -------
+    kind : `EventKind`
+        `EventKind.STUCK` for a transfer that stopped moving (`RucioTransferStuck`),
+        so that operators are told it is stuck; `EventKind.FAILED` for anything else.
+    """
+    return EventKind.STUCK if isinstance(error, RucioTransferStuck) else EventKind.FAILED

@@ -1,0 +1,322 @@
+"""Hand-offs: what moves between sites, and the sending and receiving halves.
+
+A hand-off has two halves. The sending half decides what moves (the pipeline's
+dataset types, restricted to the site's data IDs, with the dimension records and
+campaign metadata the destination needs) and publishes it through a transfer
+backend (`multisite.backends`). The receiving half waits for that publication,
+brings the files to the destination and imports them into the destination Butler,
+then checks that every dataset is stored there.
+
+`run_handoff` does both halves, in an instance that runs both sites;
+`send_handoff` and `receive_handoff` do one half each, in the instances of the
+sending and the receiving site, which see nothing of each other but what the
+backend carries.
+"""
+
+from __future__ import annotations
+
+__all__ = ("make_backend", "receive_handoff", "run_handoff", "send_handoff")
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pandas as pd
+from lsst.daf.butler import Butler
+
+from .backends import ButlerBackend, HandoffPayload, TransferBackend, exported_dataset_ids
+from .butler_utils import ensure_in_chain, open_butler, repo_write_lock
+from .config import Campaign, Site
+from .errors import HandoffError
+from .events import EventLog
+from .flow import Handoff, handoffs
+from .layout import Layout
+from .markers import provenance
+from .metadata import store_events_snapshot, store_placement_share
+from .pipeline import PipelineFlow
+from .placement import SiteSelection
+from .rucio_backend import RucioBackend
+from .states import EventKind
+
+_LOG = logging.getLogger(__name__)
+
+# Dimension records a site needs beyond the data IDs of the datasets it receives:
+# visits (with their detector regions, for spatial joins) and its sky units.
+VISIT_ELEMENTS = (
+    "visit_system",
+    "visit",
+    "visit_definition",
+    "visit_detector_region",
+    "visit_system_membership",
+)
+SKY_ELEMENTS = ("skymap", "tract", "patch")
+
+
+def make_backend(campaign: Campaign) -> TransferBackend:
+    """Return the transfer backend the campaign is configured for."""
+    if campaign.transfer_backend == "butler":
+        return ButlerBackend(campaign.name, campaign.transfer_mode)
+    if campaign.transfer_backend == "rucio":
+        return RucioBackend(campaign.name, campaign.rucio)
+    raise ValueError(
+        f"transfer.backend {campaign.transfer_backend!r} is not available; use 'butler' or 'rucio'"
+    )
+
+
+def _site_records(butler: Butler, campaign: Campaign, selection: SiteSelection) -> dict[str, list]:
+    """Return the visit and sky-unit records a site needs to run its stages."""
+    records: dict[str, list] = {}
+    visits = {"visits": sorted(selection.visits_needed)}
+    for element in VISIT_ELEMENTS:
+        where = "" if element == "visit_system" else "visit IN (:visits)"
+        records[element] = butler.query_dimension_records(
+            element,
+            data_id={"instrument": campaign.instrument},
+            where=where,
+            bind=visits,
+            limit=None,
+            explain=False,
+        )
+    tracts = {"tracts": sorted({tract for tract, _ in selection.units})}
+    for element in SKY_ELEMENTS:
+        where = "" if element == "skymap" else "tract IN (:tracts)"
+        found = butler.query_dimension_records(
+            element, data_id={"skymap": campaign.skymap}, where=where, bind=tracts, limit=None, explain=False
+        )
+        if element == "patch":
+            found = [
+                r for r in found if (r.tract, r.id) in selection.units or (r.tract, None) in selection.units
+            ]
+        records[element] = found
+    return records
+
+
+def _endpoints(campaign: Campaign, handoff: Handoff, site: str) -> tuple[Site, Site, list[str]]:
+    """Return the source site, destination site and source collections of a hand-off for ``site``."""
+    sender, receiver = handoff.ends(campaign, site)
+    if handoff.name == "raws":
+        collections = [campaign.raw_collection]
+    else:
+        collections = [campaign.stage_chain(sender, stage) for stage in reversed(handoff.producers)]
+    return campaign.sites[sender], campaign.sites[receiver], collections
+
+
+@dataclass
+class _Outgoing:
+    """What one hand-off for one site moves, from where to where."""
+
+    label: str
+    source: Site
+    destination: Site
+    collections: list[str]
+    payload: HandoffPayload
+
+
+def _outgoing(campaign: Campaign, name: str, site: str, placement: pd.DataFrame) -> _Outgoing:
+    """Return what a hand-off for ``site`` moves: source, destination, source collections, payload."""
+    handoff = next(h for h in handoffs(campaign) if h.name == name)
+    source, destination, collections = _endpoints(campaign, handoff, site)
+    selection = SiteSelection.from_placement(campaign, placement, site)
+    source_butler = open_butler(source.repo)
+    refs = [
+        ref
+        for dataset_type in PipelineFlow(campaign).handoff_types(handoff)
+        for ref in source_butler.query_datasets(
+            dataset_type, collections=collections, limit=None, explain=False
+        )
+        if selection.accepts(ref.dataId, owned=handoff.to_central)
+    ]
+    payload = HandoffPayload(refs)
+    if source.repo != destination.repo:
+        if handoff.name == "raws":
+            payload.records = _site_records(source_butler, campaign, selection)
+            # The site's instance learns its share of the placement with its raws.
+            payload.refs.append(store_placement_share(campaign, source, site, placement))
+        if handoff.to_central:
+            # The sending instance's event log travels with its data, for the central status.
+            payload.refs.append(store_events_snapshot(campaign, source, handoff.name))
+    _LOG.info(
+        "Hand-off %s for %s: %d datasets %s -> %s.",
+        handoff.name,
+        site,
+        len(payload.refs),
+        source.name,
+        destination.name,
+    )
+    return _Outgoing(f"{name}/{site}", source, destination, collections, payload)
+
+
+def _arrived(campaign: Campaign, label: str, destination: Site, dataset_ids: list[str]) -> dict[str, Any]:
+    """Check every dataset of a hand-off is stored at the destination; chain its RUNs there."""
+    with repo_write_lock(destination.repo), open_butler(destination.repo, writeable=True) as dest:
+        found = {dataset_id: dest.get_dataset(dataset_id) for dataset_id in dataset_ids}
+        refs = [ref for ref in found.values() if ref is not None]
+        stored = dest.stored_many(refs)
+        missing = [i for i, ref in found.items() if ref is None or not stored[ref]]
+        if missing:
+            raise HandoffError(
+                f"Hand-off {label}: {len(missing)} of {len(dataset_ids)} datasets are missing in "
+                f"{destination.name}'s repository {destination.repo} after the transfer:\n"
+                + "\n".join(f"    dataset {i}" for i in missing[:20])
+                + "\nRerun the rule; already delivered datasets are not moved again."
+            )
+        runs = sorted({ref.run for ref in refs})
+        ensure_in_chain(dest, campaign.handoff_chain(destination.name), runs)
+        uris = dest.get_many_uris(refs)
+    return {
+        "datasets": dict(sorted(Counter(ref.datasetType.name for ref in refs).items())),
+        "bytes": sum(uris[ref].primaryURI.size() for ref in refs),
+        "destination_chain": campaign.handoff_chain(destination.name),
+        "runs": runs,
+    }
+
+
+def _identity(
+    label: str, source: Site, destination: Site, backend: TransferBackend, same_repo: bool = False
+) -> dict[str, str]:
+    """Return the first fields of every hand-off marker: what, for which site, from where to where, how."""
+    handoff, site = label.split("/", 1)
+    return {
+        "handoff": handoff,
+        "site": site,
+        "source": source.name,
+        "destination": destination.name,
+        "backend": "none (same repository)" if same_repo else backend.name,
+    }
+
+
+def run_handoff(
+    campaign: Campaign,
+    handoff_name: str,
+    site: str,
+    placement: pd.DataFrame,
+    backend: TransferBackend | None = None,
+) -> dict[str, Any]:
+    """Move one hand-off for one site and verify it arrived (both halves in this instance).
+
+    Parameters
+    ----------
+    campaign : `Campaign`
+        The campaign.
+    handoff_name : `str`
+        ``raws``, ``fanin_<stage>``, ``fanout_<stage>`` or ``final``.
+    site : `str`
+        The processing site at the far end from the central site.
+    placement : `pandas.DataFrame`
+        The campaign's placement table.
+    backend : `TransferBackend`, optional
+        Backend to use; the configured one by default.
+
+    Returns
+    -------
+    marker : `dict`
+        Provenance for the hand-off marker.
+
+    Raises
+    ------
+    HandoffError
+        Raised when a dataset is missing at the destination after the transfer.
+    """
+    started = datetime.now(UTC)
+    backend = backend or make_backend(campaign)
+    out = _outgoing(campaign, handoff_name, site, placement)
+    same_repo = out.source.repo == out.destination.repo
+    if same_repo:
+        details, dataset_ids = {}, [str(ref.id) for ref in out.payload.refs]
+    else:
+        details, export = backend.deliver(out.source, out.destination, out.payload, out.label)
+        dataset_ids = exported_dataset_ids(export)
+    return {
+        **_identity(out.label, out.source, out.destination, backend, same_repo),
+        "backend_details": details,
+        "source_collections": out.collections,
+        "dimension_records": {element: len(records) for element, records in out.payload.records.items()},
+        **_arrived(campaign, out.label, out.destination, dataset_ids),
+        **provenance(started),
+    }
+
+
+def send_handoff(
+    campaign: Campaign,
+    handoff_name: str,
+    site: str,
+    placement: pd.DataFrame,
+    backend: TransferBackend | None = None,
+) -> dict[str, Any]:
+    """Do the sending half of a hand-off, in the instance of its source site.
+
+    Parameters are those of `run_handoff`. Returns the provenance of the ``sent`` marker.
+    """
+    started = datetime.now(UTC)
+    backend = backend or make_backend(campaign)
+    out = _outgoing(campaign, handoff_name, site, placement)
+    details = backend.send(out.source, out.destination, out.payload, out.label)
+    return {
+        **_identity(out.label, out.source, out.destination, backend),
+        "backend_details": details,
+        "source_collections": out.collections,
+        "datasets": out.payload.counts(),
+        **provenance(started),
+    }
+
+
+def receive_handoff(
+    campaign: Campaign, handoff_name: str, site: str, backend: TransferBackend | None = None
+) -> dict[str, Any]:
+    """Do the receiving half of a hand-off, in the instance of its destination site.
+
+    Waits (up to ``transfer.wait.timeout_s``) for the source site's instance to
+    send it, recording a ``waiting`` event that names the hand-off, the sender and
+    since when; then brings and imports it, and verifies it.
+
+    Raises
+    ------
+    HandoffError
+        Raised on timeout, naming the site to look at, or when a dataset is missing.
+    """
+    started = datetime.now(UTC)
+    handoff = next(h for h in handoffs(campaign) if h.name == handoff_name)
+    backend = backend or make_backend(campaign)
+    source, destination, _ = _endpoints(campaign, handoff, site)
+    label = f"{handoff_name}/{site}"
+    if not backend.published(source, destination, label):
+        _wait_until_published(campaign, backend, source, destination, label, started)
+    details, export = backend.receive(source, destination, label)
+    return {
+        **_identity(label, source, destination, backend),
+        "backend_details": details,
+        **_arrived(campaign, label, destination, exported_dataset_ids(export)),
+        **provenance(started),
+    }
+
+
+def _wait_until_published(
+    campaign: Campaign,
+    backend: TransferBackend,
+    source: Site,
+    destination: Site,
+    label: str,
+    started: datetime,
+) -> None:
+    """Wait for the sending instance to publish a hand-off, saying so in the event log."""
+    handoff_name, site = label.split("/", 1)
+    message = (
+        f"waiting for {handoff_name} from {source.name} since {started:%Y-%m-%d %H:%M:%S} UTC "
+        f"(timeout {campaign.wait_timeout:g} s)"
+    )
+    EventLog(campaign.layout.events, campaign.instance or "all").record(
+        EventKind.WAITING, Layout.handoff_step(handoff_name, site), site, message, source=source.name
+    )
+    deadline = time.monotonic() + campaign.wait_timeout
+    while not backend.published(source, destination, label):
+        _LOG.info("Hand-off %s: %s.", label, message)
+        if time.monotonic() >= deadline:
+            raise HandoffError(
+                f"Hand-off {label}: {source.name} has not sent it after {campaign.wait_timeout:g} s "
+                "(transfer.wait.timeout_s). Look at that site's instance (multisite status there); "
+                "rerun this rule to wait again."
+            )
+        time.sleep(min(campaign.wait_interval, max(0.0, deadline - time.monotonic())))

@@ -1,0 +1,166 @@
+"""What an instance runs, and what each of its steps waits for.
+
+The rules' input functions are one-line calls into `Targets`, so the decisions
+(which hand-offs this instance sends or only receives, what a waiting receive
+holds back for, which stages a chunk depends on) are plain Python that unit tests
+reach without Snakemake. Paths come from the `Layout` the rules use (relative to the
+directory Snakemake runs in).
+"""
+
+from __future__ import annotations
+
+__all__ = ("Targets",)
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from .config import Campaign
+from .flow import Handoff, handoffs, stage_chunks, stage_dependencies
+from .layout import Layout
+
+
+@dataclass(frozen=True)
+class Targets:
+    """The targets and rule inputs of one instance of a campaign.
+
+    Parameters
+    ----------
+    campaign : `Campaign`
+        The campaign, with the instance's site (`None`: one instance runs every site).
+    layout : `Layout`
+        Where the instance's files are.
+    """
+
+    campaign: Campaign
+    layout: Layout
+
+    @cached_property
+    def handoffs(self) -> dict[str, Handoff]:
+        return {handoff.name: handoff for handoff in handoffs(self.campaign)}
+
+    @cached_property
+    def processing(self) -> list[str]:
+        return [site.name for site in self.campaign.processing_sites]
+
+    # ------------------------------------------------------------------ decisions
+    def sends(self, handoff: str, site: str) -> bool:
+        """Whether this instance sends hand-off ``handoff`` for processing site ``site`` itself."""
+        sender, _ = self.handoffs[handoff].ends(self.campaign, site)
+        return self.campaign.runs_here(sender)
+
+    def chunks(self, site: str, stage: str) -> list[str]:
+        """Chunk names of a stage at a site (one BPS workflow each)."""
+        return list(stage_chunks(self.campaign, site, self.campaign.stage(stage)))
+
+    # ------------------------------------------------------------------ markers
+    def stage_marker(self, site: str, stage: str) -> Path:
+        """Return the marker of a stage complete at a site (the central site for a central stage)."""
+        runner = self.campaign.central.name if self.campaign.stage(stage).is_central else site
+        return self.layout.stage_marker(runner, stage)
+
+    def chunk_markers(self, site: str, stage: str) -> list[Path]:
+        return [self.layout.chunk_marker(site, stage, chunk) for chunk in self.chunks(site, stage)]
+
+    def survey_marker(self) -> Path:
+        """Return the demo survey marker when the config has a demo section, else the central repo's."""
+        if self.campaign.demo:
+            return self.layout.survey_marker()
+        return self.layout.repo_marker(self.campaign.central.name)
+
+    # ------------------------------------------------------------------ rule inputs
+    def sending_inputs(self, handoff: str, site: str) -> dict[str, Path | list[Path]]:
+        """Return what sending a hand-off waits for: the placement, the source repo, the producing stages."""
+        sender, _ = self.handoffs[handoff].ends(self.campaign, site)
+        return {
+            "placement": self.layout.placement_table,
+            "source_repo": self.layout.repo_marker(sender),
+            "producers": [self.stage_marker(sender, stage) for stage in self.handoffs[handoff].producers],
+        }
+
+    def handoff_inputs(self, handoff: str, site: str) -> dict[str, Path | list[Path]]:
+        """Return what receiving a hand-off waits for: its destination repository, and what sending needs.
+
+        One that another site's instance sends is awaited through the transfer backend,
+        once this instance's own work before it is done: a waiting rule holds a job slot.
+        """
+        flow = self.handoffs[handoff]
+        _, receiver = flow.ends(self.campaign, site)
+        inputs: dict[str, Path | list[Path]] = {"destination_repo": self.layout.repo_marker(receiver)}
+        if self.sends(handoff, site):
+            return inputs | self.sending_inputs(handoff, site)
+        if flow.to_central:
+            before = list(flow.producers)
+        else:
+            before, _ = stage_dependencies(self.campaign, self.campaign.stage(flow.consumers[0]))
+        own = [self.stage_marker(receiver, stage) for stage in before if receiver in self.processing]
+        return inputs | {"own_work": own}
+
+    def plan_inputs(self) -> dict[str, Path]:
+        """Return what the plan needs: the central repository, or at another site's instance its raws."""
+        if self.campaign.runs_here(self.campaign.central.name):
+            return {"survey": self.survey_marker()}
+        return {"raws": self.layout.handoff_marker("raws", self.campaign.instance)}
+
+    def chunk_inputs(self, site: str, stage_name: str, chunk: str) -> dict[str, Path | list[Path]]:
+        """Return what a chunk waits for: its site's verified inputs, earlier stages, incoming hand-offs."""
+        stage = self.campaign.stage(stage_name)
+        earlier, incoming = stage_dependencies(self.campaign, stage)
+        inputs: dict[str, Path | list[Path]] = {
+            "placement": self.layout.placement_table,
+            "submit_yaml": self.layout.submit_yaml(site, stage_name, chunk),
+            "earlier": [self.stage_marker(site, name) for name in earlier],
+        }
+        if stage.is_central:
+            inputs["handoffs"] = [
+                self.layout.handoff_marker(h.name, s) for h in incoming for s in self.processing
+            ]
+        else:
+            inputs["verified_inputs"] = self.layout.inputs_marker(site)
+            inputs["handoffs"] = [
+                self.layout.handoff_marker(h.name, site) for h in incoming if h.name != "raws"
+            ]
+        return inputs
+
+    def qa_inputs(self) -> dict[str, Path | list[Path]]:
+        """Return what the QA waits for: the reference, every final hand-off and the central stages."""
+        central = self.campaign.central.name
+        return {
+            "reference": self.layout.reference_marker,
+            "final": [self.layout.handoff_marker("final", site) for site in self.processing],
+            "central": [
+                self.layout.stage_marker(central, stage.name)
+                for stage in self.campaign.stages
+                if stage.is_central
+            ],
+        }
+
+    # ------------------------------------------------------------------ the instance's share
+    def submit_yamls(self) -> list[Path]:
+        """Return the BPS submit YAML of every chunk this instance runs."""
+        return [
+            self.layout.submit_yaml(site.name, stage.name, chunk)
+            for stage in self.campaign.stages
+            for site in self.campaign.stage_sites(stage)
+            if self.campaign.runs_here(site.name)
+            for chunk in self.chunks(site.name, stage.name)
+        ]
+
+    def sent_markers(self) -> list[Path]:
+        """Hand-offs this instance sends to another site's instance."""
+        return [
+            self.layout.sent_marker(name, site)
+            for name, handoff in self.handoffs.items()
+            for site in self.processing
+            for sender, receiver in [handoff.ends(self.campaign, site)]
+            if self.campaign.runs_here(sender) and not self.campaign.runs_here(receiver)
+        ]
+
+    def campaign_targets(self) -> list[Path]:
+        """Return the instance's share of the campaign.
+
+        The QA at the central site (which needs the whole campaign), the hand-offs it
+        sends to other instances, and its BPS YAMLs.
+        """
+        qa = [self.layout.qa_marker] if self.campaign.runs_here(self.campaign.central.name) else []
+        return [*qa, *self.sent_markers(), *self.submit_yamls()]
