@@ -1,4 +1,8 @@
 # Multi-site data-release production campaign: placement, transfers, BPS stages, QA.
+import os
+
+from multisite.lock import HoldRefused, InstanceHold
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -27,10 +31,34 @@ rule all:
     default_target: True
 
 
-# Refresh the campaign report after every run, successful or not.
+# One instance per campaign work directory, wherever it was started from: Snakemake's own lock
+# covers only the directory it runs in. `onstart` runs in the main process only: never for a
+# dry run (-n), nor in the job processes executors start (they get --no-hooks). Raising there
+# stops the run before any job, and Snakemake releases its own lock.
+INSTANCE_HOLD = InstanceHold(
+    campaign.layout.instance_lock, os.path.abspath(workflow.configfiles[-1]) if workflow.configfiles else None
+)
+
+
+onstart:
+    try:
+        stale = INSTANCE_HOLD.acquire(campaign.instance or "all")
+    except HoldRefused as err:
+        raise WorkflowError(str(err)) from None
+    if stale is not None:
+        print(f"Took over the hold of {campaign.workdir} from {stale}: that process is gone.")
+
+
+# Refresh the campaign report after every run, successful or not; then give the hold back.
 onsuccess:
-    write_report()
+    try:
+        write_report()
+    finally:
+        INSTANCE_HOLD.release()
 
 
 onerror:
-    write_report()
+    try:
+        write_report()
+    finally:
+        INSTANCE_HOLD.release()

@@ -4,28 +4,37 @@ A `TransferBackend` moves one hand-off's payload (dataset refs and dimension
 records) from a source site's Butler to a destination site's, in a sending and a
 receiving half. Both publish the payload as a Butler export file written beside the
 source files (``<EXPORT_DIR>/<campaign>/<handoff>/<site>.yaml`` under the source
-datastore root) and import it at the destination. `ButlerBackend` copies the files
-from repository to repository; ``multisite.rucio_backend`` replicates them with Rucio.
+datastore root), with the hand-off's manifest beside it (``<site>.manifest.json``:
+each file's size and adler32, recorded at the source; `multisite.integrity`), import
+it at the destination and verify every file there against the manifest, which the
+destination keeps at the same place in its own datastore. `ButlerBackend` copies the
+files from repository to repository; ``multisite.rucio_backend`` replicates them
+with Rucio. Each backend also repairs a received hand-off (`TransferBackend.repair`).
 """
 
 from __future__ import annotations
 
 __all__ = (
     "EXPORT_DIR",
+    "MANIFEST_SUFFIX",
     "ButlerBackend",
     "HandoffPayload",
     "TransferBackend",
     "datastore_root",
     "exported_dataset_ids",
+    "handoff_file_name",
     "import_export",
+    "repair_outcome",
+    "verify_received",
     "write_export",
 )
 
 import abc
+import logging
 import os
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +45,40 @@ from lsst.daf.butler import Butler, DatasetRef, DimensionRecord
 from .butler_utils import open_butler, repo_write_lock
 from .config import Site
 from .errors import HandoffError
+from .integrity import (
+    FileRecord,
+    Manifest,
+    check_files,
+    copy_verified,
+    damaged_files,
+    datastore_files,
+    held_files,
+    repair_command,
+)
+
+_LOG = logging.getLogger(__name__)
 
 EXPORT_DIR = "handoff_exports"
 """Directory, in the source datastore, of the Butler export files that publish hand-offs."""
+
+MANIFEST_SUFFIX = ".manifest.json"
+"""Suffix of a hand-off's manifest, beside its export file (``<site>.yaml``)."""
+
+
+def handoff_file_name(campaign: str, label: str, suffix: str) -> str:
+    """Return the datastore-relative name of a hand-off's own file (its export or its manifest).
+
+    Parameters
+    ----------
+    campaign : `str`
+        Campaign name.
+    label : `str`
+        The hand-off, ``<handoff>/<site>``.
+    suffix : `str`
+        ``.yaml`` for the export file, `MANIFEST_SUFFIX` for the manifest.
+    """
+    handoff, site = label.split("/", 1)
+    return f"{EXPORT_DIR}/{campaign}/{handoff}/{site}{suffix}"
 
 
 @dataclass
@@ -61,10 +101,11 @@ class HandoffPayload:
 
 
 class TransferBackend(abc.ABC):
-    """Moves hand-offs between sites' Butlers, in a sending and a receiving half.
+    """Moves hand-offs between sites' Butlers, in a sending and a receiving half, and repairs them.
 
     ``label`` names a hand-off for one site, ``<handoff>/<site>``; its export file
-    is ``<EXPORT_DIR>/<campaign>/<handoff>/<site>.yaml`` under a datastore root.
+    is ``<EXPORT_DIR>/<campaign>/<handoff>/<site>.yaml`` under a datastore root, its
+    manifest ``<site>.manifest.json`` beside it.
     """
 
     name: str
@@ -96,6 +137,23 @@ class TransferBackend(abc.ABC):
             The hand-off's export file, whose datasets must now be in the destination Butler.
         """
 
+    @abc.abstractmethod
+    def repair(self, source: Site, destination: Site, label: str) -> dict[str, Any]:
+        """Fetch the damaged or missing files of a received hand-off again from its source; verify them.
+
+        Registry entries at the destination are kept as they are.
+
+        Returns
+        -------
+        outcome : `dict`
+            `repair_outcome`'s fields.
+
+        Raises
+        ------
+        DamagedFilesError
+            Raised when a file cannot be repaired, naming it.
+        """
+
     def deliver(
         self, source: Site, destination: Site, payload: HandoffPayload, label: str
     ) -> tuple[dict[str, Any], Path]:
@@ -108,8 +166,10 @@ class TransferBackend(abc.ABC):
         return provenance, export
 
     def export_name(self, label: str) -> str:
-        handoff, site = label.split("/", 1)
-        return f"{EXPORT_DIR}/{self.campaign}/{handoff}/{site}.yaml"
+        return handoff_file_name(self.campaign, label, ".yaml")
+
+    def manifest_name(self, label: str) -> str:
+        return handoff_file_name(self.campaign, label, MANIFEST_SUFFIX)
 
 
 class ButlerBackend(TransferBackend):
@@ -131,8 +191,32 @@ class ButlerBackend(TransferBackend):
 
     def send(self, source: Site, destination: Site, payload: HandoffPayload, label: str) -> dict[str, Any]:
         butler = open_butler(source.repo)
-        export = write_export(butler, datastore_root(butler), payload, self.export_name(label))
-        return {"mode": self.mode, "export": str(export)}
+        root = datastore_root(butler)
+        # The manifest first: the export file is what tells a receiver the hand-off is sent.
+        manifest = self._write_manifest(butler, root, payload, label)
+        export = write_export(butler, root, payload, self.export_name(label))
+        return {
+            "mode": self.mode,
+            "export": str(export),
+            "manifest": str(root / self.manifest_name(label)),
+            "files": len(manifest.files),
+        }
+
+    def _write_manifest(self, butler: Butler, root: Path, payload: HandoffPayload, label: str) -> Manifest:
+        """Record the size and adler32 of the payload's files at the source, once per content."""
+        path = root / self.manifest_name(label)
+        inside, outside = datastore_files(butler, root, payload.refs)
+        files = inside + outside
+        if path.exists():
+            try:
+                existing = Manifest.read(path)
+            except HandoffError:
+                existing = None
+            if existing is not None and existing.label == label and existing.matches(r for r, _ in files):
+                return existing
+        manifest = Manifest(label, tuple(record.measured(where) for record, where in files))
+        manifest.write(path)
+        return manifest
 
     def published(self, source: Site, destination: Site, label: str) -> bool:
         return (datastore_root(open_butler(source.repo)) / self.export_name(label)).exists()
@@ -140,8 +224,97 @@ class ButlerBackend(TransferBackend):
     def receive(self, source: Site, destination: Site, label: str) -> tuple[dict[str, Any], Path]:
         root = datastore_root(open_butler(source.repo))
         export = root / self.export_name(label)
+        manifest = self._sent_manifest(root, source, label)
+        with open_butler(destination.repo) as butler:
+            kept = datastore_root(butler) / self.manifest_name(label)
+        # The destination keeps the manifest, for verify_inputs and repairs.
+        record = FileRecord(self.manifest_name(label)).measured(root / self.manifest_name(label))
+        if problem := copy_verified(root / record.name, kept, record):
+            raise HandoffError(f"Hand-off {label}: cannot keep its manifest at {destination.name}: {problem}")
         imported = import_export(destination, root, export, self.mode)
-        return {"mode": self.mode, "transferred": imported}, export
+        verified = verify_received(destination, manifest, f"Hand-off {label}")
+        return {"mode": self.mode, "transferred": imported, "verified_files": verified}, export
+
+    def _sent_manifest(self, root: Path, source: Site, label: str) -> Manifest:
+        path = root / self.manifest_name(label)
+        if not path.exists():
+            raise HandoffError(
+                f"Hand-off {label}: {source.name} published it without a manifest ({path} is missing), so "
+                "its files cannot be verified. Rerun its sending half (the hand-off rule, or send_handoff "
+                "in the sending instance): it records the files' sizes and checksums."
+            )
+        return Manifest.read(path)
+
+    def repair(self, source: Site, destination: Site, label: str) -> dict[str, Any]:
+        root = datastore_root(open_butler(source.repo))
+        if not (root / self.export_name(label)).exists() or not (root / self.manifest_name(label)).exists():
+            return repair_outcome("not sent")
+        manifest = Manifest.read(root / self.manifest_name(label))
+        with open_butler(destination.repo) as butler:
+            dst_root = datastore_root(butler)
+            held, unknown = held_files(butler, manifest.files)
+        if not held:
+            return repair_outcome("not received", not_received=len(unknown))
+        own = FileRecord(self.manifest_name(label)).measured(root / self.manifest_name(label))
+        damage = check_files([*held, (own, dst_root / own.name)])
+        refused = []
+        for damaged in damage:
+            if problem := copy_verified(root / damaged.record.name, damaged.path, damaged.record):
+                refused.append(replace(damaged, problem=problem))
+            else:
+                _LOG.info("Repaired %s (%s) from %s.", damaged.path, damaged.problem, source.name)
+        if refused:
+            raise damaged_files(
+                f"Repair of hand-off {label}",
+                destination.name,
+                refused,
+                dst_root,
+                fix=f"Restore these files at {source.name} (the hand-off's source) first, then run "
+                f"{repair_command(destination.name)} again.",
+            )
+        return repair_outcome(
+            "repaired" if damage else "intact", len(held), [d.record.name for d in damage], len(unknown)
+        )
+
+
+def repair_outcome(
+    state: str, files: int = 0, repaired: list[str] | None = None, not_received: int = 0
+) -> dict[str, Any]:
+    """Return what `TransferBackend.repair` did to one hand-off.
+
+    Parameters
+    ----------
+    state : `str`
+        ``not sent``, ``not received``, ``intact`` or ``repaired``.
+    files : `int`
+        Dataset files checked at the destination.
+    repaired : `list` [`str`], optional
+        Names (source Butler-relative paths) of the files fetched again.
+    not_received : `int`
+        Files of datasets the destination's registry does not have yet (the hand-off's rule brings them).
+    """
+    return {"state": state, "files": files, "repaired": repaired or [], "not_received": not_received}
+
+
+def verify_received(destination: Site, manifest: Manifest, context: str) -> int:
+    """Check every file of a received hand-off at the destination against its manifest.
+
+    Returns
+    -------
+    files : `int`
+        How many files were verified.
+
+    Raises
+    ------
+    DamagedFilesError
+        Raised naming each file that is missing or differs, and the repair command.
+    """
+    with open_butler(destination.repo) as butler:
+        root = datastore_root(butler)
+        held, _ = held_files(butler, manifest.files)
+    if damage := check_files(held):
+        raise damaged_files(context, destination.name, damage, root)
+    return len(held)
 
 
 def datastore_root(butler: Butler) -> Path:
@@ -192,14 +365,15 @@ def _dataset_ids(content: dict[str, Any]) -> list[str]:
 def import_export(destination: Site, directory: Path, export: Path, transfer: str | None) -> int:
     """Import an export whose paths are relative to ``directory``; return how many datasets were new.
 
-    Datasets already stored at the destination (a rerun, or an earlier hand-off of
-    the same datasets) are left out of the import.
+    Datasets the destination's registry already has (a rerun, or an earlier
+    hand-off of the same datasets) are left out of the import, whether or not
+    their files are still right: the caller verifies the files, and a damaged or
+    deleted one is repaired in place (`TransferBackend.repair`), never imported twice.
     """
     content = _read_export(export)
     ids = _dataset_ids(content)
     with repo_write_lock(destination.repo), open_butler(destination.repo, writeable=True) as dest:
-        found = [ref for ref in (dest.get_dataset(i) for i in ids) if ref is not None]
-        present = {str(ref.id) for ref, stored in dest.stored_many(found).items() if stored}
+        present = {str(ref.id) for ref in dest.get_many_datasets(ids)}
         if len(present) == len(ids):
             return 0
         if present:

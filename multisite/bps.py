@@ -1,22 +1,33 @@
 """BPS: the submit YAML of each chunk of a stage at a site, and running a chunk until verified.
 
 `submit_config` builds the YAML an operator would write by hand for one chunk;
-`run_stage` builds the quantum graph of what is still missing (`chunk_graph`),
-submits it with ``bps submit``, and verifies the outputs, because ``bps submit``
-exits 0 even when quanta fail; `prepare_stage` stops at ``bps prepare`` on the same
-graph, to check a facility's WMS settings; `finish_stage` gathers a stage's
-verified chunks at a site.
+`run_stage` checks the site's repository first (`preflight`: its registry takes
+writes, its datastore has room for the chunk's estimated outputs), builds the
+quantum graph of what is still missing (`chunk_graph`), submits it with ``bps
+submit``, and verifies the outputs, because ``bps submit`` exits 0 even when quanta
+fail; a failure names the first real error line of the jobs' logs (`first_error`).
+`prepare_stage` stops at ``bps prepare`` on the same graph, to check a facility's
+WMS settings; `finish_stage` gathers a stage's verified chunks at a site.
 """
 
 from __future__ import annotations
 
 __all__ = (
+    "SPACE_MARGIN",
+    "SPACE_RESERVE_GB",
     "ChunkGraph",
     "ChunkQuery",
+    "ErrorLine",
+    "Preflight",
     "PreparedChunk",
+    "check_registry_writable",
     "chunk_graph",
     "chunk_query",
+    "chunk_refs",
+    "estimate_output_bytes",
     "finish_stage",
+    "first_error",
+    "preflight",
     "prepare_stage",
     "run_stage",
     "stage_inputs",
@@ -26,12 +37,16 @@ __all__ = (
 )
 
 import contextlib
+import getpass
 import json
 import logging
+import math
 import os
 import re
+import shutil
 import sys
-from collections.abc import Iterator, Mapping
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,13 +55,14 @@ from typing import Any
 import pandas as pd
 import yaml
 from astropy.table import Table
-from lsst.daf.butler import Butler
+from lsst.daf.butler import Butler, CollectionType, DatasetRef
 from lsst.pipe.base import Pipeline
 from lsst.pipe.base.all_dimensions_quantum_graph_builder import AllDimensionsQuantumGraphBuilder
 
+from .backends import datastore_root
 from .butler_utils import collection_exists, ensure_in_chain, open_butler, repo_write_lock, run_tool
 from .config import Campaign, shell_unsafe
-from .errors import CampaignConfigError, StageFailed
+from .errors import CampaignConfigError, HandoffError, StageFailed
 from .flow import stage_chunks, stage_dependencies
 from .markers import provenance, read_marker
 from .pipeline import PipelineFlow
@@ -208,21 +224,39 @@ def write_submit_yaml(config: Mapping[str, Any], path: str | Path, header: str) 
     path.write_text(text + yaml.safe_dump(dict(config), sort_keys=False, width=1_000_000))
 
 
-def _present(butler: Butler, dataset_type: str, chain: str) -> set:
-    """Return the data IDs of ``dataset_type`` written by a chunk's own attempts.
+def chunk_refs(butler: Butler, dataset_type: str, chain: str) -> list[DatasetRef]:
+    """Return the datasets of ``dataset_type`` written by a chunk's own attempts.
 
-    Only the chunk's RUNs count: its chain also holds, flattened, the input
-    collections it started from, which may include other sites' products handed
-    to this site (final products arriving at the central site, say).
+    Only the chunk's RUNs (``<chain>/<timestamp>``) count: its chain also holds,
+    flattened, the input collections it started from, which may include other
+    sites' products handed to this site (final products arriving at the central
+    site, say).
+
+    Parameters
+    ----------
+    butler : `lsst.daf.butler.Butler`
+        The site's repository.
+    dataset_type : `str`
+        Dataset type name.
+    chain : `str`
+        The chunk's output CHAINED collection.
+
+    Returns
+    -------
+    refs : `list` [`lsst.daf.butler.DatasetRef`]
+        Empty when the type or the chain is not registered.
     """
     if not butler.registry.queryDatasetTypes(dataset_type) or not collection_exists(butler, chain):
-        return set()
+        return []
     runs = [run for run in butler.collections.get_info(chain).children if run.startswith(f"{chain}/")]
     if not runs:
-        return set()
-    return {
-        ref.dataId for ref in butler.query_datasets(dataset_type, collections=runs, limit=None, explain=False)
-    }
+        return []
+    return butler.query_datasets(dataset_type, collections=runs, limit=None, explain=False)
+
+
+def _present(butler: Butler, dataset_type: str, chain: str) -> set:
+    """Return the data IDs of ``dataset_type`` written by a chunk's own attempts (see `chunk_refs`)."""
+    return {ref.dataId for ref in chunk_refs(butler, dataset_type, chain)}
 
 
 def _check_outputs(
@@ -344,7 +378,7 @@ def chunk_graph(
     chain = campaign.stage_chain(site, stage, chunk)
     inputs = stage_inputs(campaign, site, stage)
     query = chunk_query(campaign, flow, site, stage, chunk, placement)
-    label = f"{stage} at {site} (chunk {chunk})"
+    label = _chunk_label(site, stage, chunk)
     butler = open_butler(campaign.sites[site].repo)
     resumed = collection_exists(butler, chain)
     builder = AllDimensionsQuantumGraphBuilder(
@@ -380,6 +414,427 @@ def chunk_graph(
     return ChunkGraph(label, chain, inputs, query, resumed, quanta, n_quanta, graph, path)
 
 
+def _chunk_label(site: str, stage: str, chunk: str) -> str:
+    """Name a chunk in messages: ``step1 at ral (chunk c0000)``."""
+    return f"{stage} at {site} (chunk {chunk})"
+
+
+# ---------------------------------------------------------------------- preflight
+
+SPACE_MARGIN = 0.5
+"""Default ``preflight.space_margin``: the fraction of a chunk's estimated output bytes added to them."""
+SPACE_RESERVE_GB = 0.0
+"""Default ``preflight.space_reserve_gb``: free space (GB) a datastore keeps on top of a chunk's outputs."""
+_SIZE_SAMPLE = 50
+"""Files whose size is read per dataset type to estimate the bytes of all of them."""
+
+
+class _ProbeDone(Exception):
+    """Raised inside the registry probe's transaction to roll its write back."""
+
+
+def _root_cause(error: BaseException) -> str:
+    """Return the first line of the innermost cause of ``error`` (the DBAPI error under SQLAlchemy's)."""
+    while True:
+        inner = getattr(error, "orig", None) or error.__cause__
+        if not isinstance(inner, BaseException) or inner is error:
+            break
+        error = inner
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def check_registry_writable(campaign: Campaign, site: str, what: str) -> None:
+    """Refuse to go on unless a site's registry accepts a write.
+
+    The probe opens the repository for writing and registers a RUN collection of
+    a unique name in a transaction that is rolled back, so nothing stays; it
+    fails the way the chunk's jobs would (``attempt to write a readonly
+    database`` for a read-only SQLite file, a permission error for a PostgreSQL
+    account without grants or a read-only replica). Call it holding the
+    repository's write lock: another writer would make SQLite answer ``database
+    is locked``.
+
+    Parameters
+    ----------
+    campaign : `Campaign`
+        The campaign.
+    site : `str`
+        The site whose repository is checked.
+    what : `str`
+        The step, for the message (``step1 at ral (chunk c0000)``).
+
+    Raises
+    ------
+    StageFailed
+        Raised naming the site, the repository, the database's error and the fix.
+    """
+    repo = campaign.sites[site].repo
+    probe = f"{campaign.root_collection}/{site}/preflight/{uuid.uuid4().hex}"
+    try:
+        with open_butler(repo, writeable=True) as butler:
+            with contextlib.suppress(_ProbeDone), butler.transaction():
+                butler.collections.register(probe, CollectionType.RUN)
+                raise _ProbeDone()
+    except FileNotFoundError as err:
+        raise StageFailed(f"{what}: preflight: {err}; fix sites.{site}.repo in the campaign config") from None
+    except Exception as err:
+        database = Path(repo) / "gen3.sqlite3"
+        where = (
+            f"the SQLite file {database} and its directory (permissions for user {getpass.getuser()}, "
+            "a read-only mount, an immutable flag: lsattr)"
+            if database.exists()
+            else "the database account's grants (INSERT, UPDATE, DELETE) and that it is no read-only replica"
+        )
+        raise StageFailed(
+            f"{what}: preflight: the registry of site {site}'s repository {repo} is not writable: "
+            f"{_root_cause(err)}. Nothing was submitted. Fix: make the registry writable (check {where}), "
+            "then rerun."
+        ) from err
+
+
+def _size(nbytes: float) -> str:
+    """Format a byte count for a person (``1.5 GB``)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(nbytes) >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """A site's datastore as found before a chunk is submitted, to check it has room for the chunk.
+
+    Attributes
+    ----------
+    what : `str`
+        The chunk, for messages.
+    site : `str`
+        Its site.
+    repo : `str`
+        The site's repository.
+    datastore : `pathlib.Path` or `None`
+        The datastore's local root; `None` when it is not one local file datastore
+        (an object store): its space is then not checked.
+    margin : `float`
+        ``preflight.space_margin``: the fraction of the estimated output bytes added to them.
+    reserve : `int`
+        ``preflight.space_reserve_gb``, in bytes: kept free on top.
+    """
+
+    what: str
+    site: str
+    repo: str
+    datastore: Path | None
+    margin: float
+    reserve: int
+
+    def require(self, estimated: int = 0, basis: str = "nothing yet") -> dict[str, Any]:
+        """Refuse to go on unless the datastore's filesystem has room for ``estimated`` bytes of outputs.
+
+        It needs ``estimated * (1 + margin) + reserve`` bytes free.
+
+        Parameters
+        ----------
+        estimated : `int`
+            The chunk's estimated output bytes (`estimate_output_bytes`).
+        basis : `str`
+            What the estimate comes from, for the message and the marker.
+
+        Returns
+        -------
+        figures : `dict`
+            What was checked: datastore, free, estimated and required bytes, basis.
+
+        Raises
+        ------
+        StageFailed
+            Raised naming the site, the datastore, the numbers and the fixes.
+        """
+        figures: dict[str, Any] = {"datastore": None if self.datastore is None else str(self.datastore)}
+        if self.datastore is None:
+            return figures | {"checked": False}
+        existing = next(p for p in (self.datastore, *self.datastore.parents) if p.exists())
+        free = shutil.disk_usage(existing).free
+        required = math.ceil(estimated * (1 + self.margin)) + self.reserve
+        if free < required:
+            raise StageFailed(
+                f"{self.what}: preflight: not enough free space for site {self.site}'s datastore "
+                f"{self.datastore} (repository {self.repo}): {_size(free)} free, {_size(required)} needed = "
+                f"the chunk's outputs, estimated at {_size(estimated)} ({basis}), "
+                f"+ {self.margin:.0%} (preflight.space_margin) + {_size(self.reserve)} kept free "
+                "(preflight.space_reserve_gb). Nothing was submitted. Fix: free space on that filesystem "
+                f"(`multisite orphans CONFIG --site {self.site} --delete` removes the files of failed and "
+                "killed attempts), or give the datastore more room, or lower preflight.space_reserve_gb or "
+                "preflight.space_margin in the campaign config; then rerun."
+            )
+        return figures | {
+            "checked": True,
+            "free_bytes": free,
+            "estimated_bytes": estimated,
+            "estimate_from": basis,
+            "required_bytes": required,
+        }
+
+
+def preflight(campaign: Campaign, site: str, what: str) -> Preflight:
+    """Check a site's repository before anything of a chunk is submitted.
+
+    The registry must accept a write (`check_registry_writable`) and the
+    datastore keep ``preflight.space_reserve_gb`` free; the room for the chunk's
+    outputs is checked with `Preflight.require` once its graph is known. Call it
+    holding the repository's write lock.
+
+    Parameters
+    ----------
+    campaign : `Campaign`
+        The campaign; its ``preflight`` settings give the margin and the reserve.
+    site : `str`
+        The site.
+    what : `str`
+        The chunk, for messages.
+
+    Returns
+    -------
+    checks : `Preflight`
+        The site's datastore and the settings, to check the chunk's needs with.
+
+    Raises
+    ------
+    StageFailed
+        Raised when the registry is not writable or the reserve is not free.
+    """
+    check_registry_writable(campaign, site, what)
+    repo = campaign.sites[site].repo
+    try:
+        root: Path | None = datastore_root(open_butler(repo))
+    except HandoffError:
+        _LOG.info(
+            "%s: the datastore of %s is not one local directory; its free space is not checked.", what, site
+        )
+        root = None
+    settings = campaign.preflight
+    checks = Preflight(
+        what,
+        site,
+        repo,
+        root,
+        float(settings.get("space_margin", SPACE_MARGIN)),
+        round(float(settings.get("space_reserve_gb", SPACE_RESERVE_GB)) * 1e9),
+    )
+    checks.require()
+    return checks
+
+
+def _bytes_of(butler: Butler, ids: Sequence[Any]) -> int:
+    """Estimate the bytes of the files of datasets ``ids`` from an even sample of at most 50 of them."""
+    if not ids:
+        return 0
+    sample = list(ids[:: max(1, len(ids) // _SIZE_SAMPLE)][:_SIZE_SAMPLE])
+    total = 0
+    for uris in butler.get_many_uris(butler.get_many_datasets(sample), allow_missing=True).values():
+        for uri in (uris.primaryURI, *uris.componentURIs.values()):
+            if uri is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    total += uri.size()
+    return round(total * len(ids) / len(sample))
+
+
+def _bytes_per_dataset(campaign: Campaign, stage: str) -> dict[str, float]:
+    """Return the mean bytes of each output type of a stage in its chunks verified so far (their markers)."""
+    sums: dict[str, list[float]] = {}
+    for runner in campaign.stage_sites(campaign.stage(stage)):
+        for chunk in stage_chunks(campaign, runner.name, campaign.stage(stage)):
+            path = campaign.layout.chunk_marker(runner.name, stage, chunk)
+            marker = read_marker(path) if path.exists() else {}
+            for name, nbytes in marker.get("output_bytes", {}).items():
+                if count := marker["datasets"].get(name, 0):
+                    totals = sums.setdefault(name, [0.0, 0])
+                    totals[0] += nbytes
+                    totals[1] += count
+    return {name: nbytes / count for name, (nbytes, count) in sums.items()}
+
+
+def estimate_output_bytes(
+    campaign: Campaign, flow: PipelineFlow, site: str, stage: str, graph: Any
+) -> tuple[int, str]:
+    """Estimate the bytes a chunk's quantum graph will write to the datastore, and say from what.
+
+    The graph's predicted output datasets at the mean size of the stage's outputs
+    in the chunks verified so far (their markers' ``output_bytes``), when those
+    cover every output type; otherwise as many bytes as the graph's overall
+    inputs hold (the sizes of a sample of them).
+
+    Parameters
+    ----------
+    campaign : `Campaign`
+        The campaign.
+    flow : `PipelineFlow`
+        Its pipeline's dataset types per stage.
+    site, stage : `str`
+        Where the chunk runs, and its stage.
+    graph : `lsst.pipe.base.quantum_graph.PredictedQuantumGraph`
+        The chunk's quantum graph (`ChunkGraph.graph`).
+
+    Returns
+    -------
+    estimated : `int`
+        Bytes.
+    basis : `str`
+        What the estimate comes from, for messages and the marker.
+    """
+    outputs = flow.outputs(stage)
+    predicted = {name: len(by_id) for name, by_id in graph.datasets_by_type.items() if name in outputs}
+    per_dataset = _bytes_per_dataset(campaign, stage)
+    if predicted and all(name in per_dataset for name in predicted):
+        estimated = round(sum(count * per_dataset[name] for name, count in predicted.items()))
+        return estimated, f"{sum(predicted.values())} output datasets at their mean size in verified chunks"
+    inputs = flow.inputs(stage) - outputs
+    butler = open_butler(campaign.sites[site].repo)
+    by_type = {name: list(by_id.values()) for name, by_id in graph.datasets_by_type.items() if name in inputs}
+    estimated = sum(_bytes_of(butler, ids) for ids in by_type.values())
+    n_inputs = sum(len(ids) for ids in by_type.values())
+    return estimated, f"as many bytes as its {n_inputs} input datasets"
+
+
+# ---------------------------------------------------------------------- the first real error
+
+_ROOT_CAUSE = re.compile(
+    r"No space left on device|Disk quota exceeded|Read-only file system|readonly database|"
+    r"Permission denied|Operation not permitted|database is locked|unable to open database file|"
+    r"Too many open files|Cannot allocate memory|MemoryError|Out of memory|Connection refused"
+)
+"""Words of the errors that are a failure's cause rather than its consequence."""
+_EXCEPTION = re.compile(
+    r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Failure|Interrupt|Exit)\b(?::.*)?$"
+)
+"""The last line of a Python traceback: ``RuntimeError: ...``, ``sqlite3.OperationalError: ...``."""
+_ERROR_LEVEL = re.compile(r"^(?:ERROR|CRITICAL|FATAL)\b|\s(?:ERROR|CRITICAL):\s")
+"""A log line at an error level: LSST's ``--long-log`` format, or parsl's."""
+_QUIET_LEVEL = re.compile(r"^(?:INFO|VERBOSE|DEBUG|TRACE|WARNING)\b|\s(?:INFO|DEBUG|WARNING):\s|^\+ ")
+"""A log line that is not an error, whatever it mentions (and a shell's trace of a command)."""
+_LONG_LOG = re.compile(r"^(?P<level>[A-Z]+) \S+ (?P<logger>\S+) .*?\(\S+:\d+\) - (?P<message>.*)$")
+"""LSST's ``--long-log`` line: level, time, logger, (label)(file:line) - message."""
+_LOG_SUFFIXES = (".stderr", ".stdout", ".err", ".out")
+_MAX_LOG_BYTES = 20_000_000
+"""Bytes read of one log at most."""
+
+
+@dataclass(frozen=True)
+class ErrorLine:
+    """The line of a failed submission's logs that says what went wrong.
+
+    Attributes
+    ----------
+    text : `str`
+        The line (an LSST log line shortened to its level, logger and message).
+    path : `pathlib.Path`
+        The log it is in.
+    line : `int`
+        Its line number there (from 1).
+    """
+
+    text: str
+    path: Path
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.text} (first error: {self.path} line {self.line})"
+
+
+def _log_files(submit_dir: Path | None, logs: Sequence[Path]) -> list[Path]:
+    """Return a submission's logs in the order its jobs ran, then parsl's logs of it, then ``logs``.
+
+    Jobs' logs are the submit directory's ``*.stderr``/``*.stdout`` (``*.err``,
+    ``*.out`` for HTCondor), ``pipetaskInit`` first and ``finalJob`` last, each
+    job's stderr before its stdout; parsl's are the ``runinfo/*/parsl.log`` files
+    of the directory BPS ran in (the rule's) that name the submit directory.
+    """
+
+    def job_order(path: Path) -> tuple[int, bool, str]:
+        rank = 0 if "pipetaskInit" in path.name else 2 if "finalJob" in path.name else 1
+        return rank, path.suffix not in (".stderr", ".err"), str(path)
+
+    found: list[Path] = []
+    if submit_dir is not None and submit_dir.is_dir():
+        jobs = [p for p in submit_dir.rglob("*") if p.suffix in _LOG_SUFFIXES and p.is_file()]
+        found += sorted(jobs, key=job_order)
+        for parsl_log in sorted(Path("runinfo").resolve().glob("*/parsl.log")):
+            with contextlib.suppress(OSError), parsl_log.open(errors="replace") as stream:
+                if str(submit_dir) in stream.read(_MAX_LOG_BYTES):
+                    found.append(parsl_log)
+    return found + [path for path in logs if path.is_file()]
+
+
+def _shorten(line: str) -> str:
+    """Return a log line without its time and code location, at most 400 characters."""
+    if match := _LONG_LOG.match(line):
+        line = f"{match['level']} {match['logger']}: {match['message']}"
+    return line if len(line) <= 400 else line[:397] + "..."
+
+
+def first_error(submit_dir: str | Path | None, logs: Sequence[Path] = ()) -> ErrorLine | None:
+    """Return the first line of a failed submission's logs that says what went wrong.
+
+    The logs are read in the order the jobs ran (see `_log_files`). The first line
+    naming a known root cause (``No space left on device``, ``attempt to write a
+    readonly database``, ``Permission denied``, ...) wins; failing that, the first
+    exception line of a traceback (``RuntimeError: ...``); failing that, the first
+    line logged at ERROR or CRITICAL level. Informational lines (INFO, VERBOSE,
+    WARNING, a shell's ``+ command`` trace) never count.
+
+    Parameters
+    ----------
+    submit_dir : `str` or `pathlib.Path` or `None`
+        The BPS submit directory (`None` when BPS stopped before making one).
+    logs : `~collections.abc.Sequence` [`pathlib.Path`]
+        Further logs to read last (the ``bps submit`` output).
+
+    Returns
+    -------
+    error : `ErrorLine` or `None`
+        `None` when no log holds an error line.
+    """
+    found: dict[str, ErrorLine] = {}
+    for path in _log_files(None if submit_dir is None else Path(submit_dir), logs):
+        with contextlib.suppress(OSError), path.open(errors="replace") as stream:
+            read = 0
+            for number, raw in enumerate(stream, start=1):
+                read += len(raw)
+                line = raw.strip()
+                if read > _MAX_LOG_BYTES or not line or _QUIET_LEVEL.search(line):
+                    continue
+                for kind, pattern in (
+                    ("cause", _ROOT_CAUSE),
+                    ("exception", _EXCEPTION),
+                    ("error", _ERROR_LEVEL),
+                ):
+                    if kind not in found and pattern.search(line):
+                        found[kind] = ErrorLine(_shorten(line), path, number)
+                if "cause" in found:
+                    return found["cause"]
+    return found.get("exception") or found.get("error")
+
+
+def _because(error: ErrorLine | None) -> str:
+    return f": {error}" if error else ""
+
+
+@contextlib.contextmanager
+def _write_lock(campaign: Campaign, site: str, what: str) -> Iterator[None]:
+    """Hold a site repository's write lock (`repo_write_lock`); a lock that cannot be taken is refused."""
+    repo = campaign.sites[site].repo
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(repo_write_lock(repo))
+        except OSError as err:
+            raise StageFailed(
+                f"{what}: preflight: cannot take the write lock of site {site}'s repository {repo}: {err}. "
+                f"Nothing was submitted. Fix: make {repo} writable for user {getpass.getuser()}, then rerun."
+            ) from err
+        yield
+
+
 def run_stage(
     campaign: Campaign, site: str, stage: str, chunk: str, submit_yaml: str | Path, placement: pd.DataFrame
 ) -> dict[str, Any]:
@@ -387,7 +842,9 @@ def run_stage(
 
     Quanta whose outputs already exist in the chunk's output chain are skipped, so
     a rerun after a failure runs only the failed quanta, in a new RUN collection
-    prepended to the chain, and never duplicates a dataset.
+    prepended to the chain, and never duplicates a dataset. Before anything is
+    submitted, the site's repository is checked (`preflight`): its registry takes
+    writes, its datastore has room for the chunk's estimated outputs.
 
     Parameters
     ----------
@@ -408,24 +865,31 @@ def run_stage(
     Raises
     ------
     StageFailed
-        Raised naming each failed quantum and its log when outputs are missing,
-        or when the chunk is larger than the campaign's ``max_quanta``.
+        Raised before anything is submitted when the site's registry is not
+        writable or its datastore lacks room (naming the numbers and the fix), or
+        when the chunk is larger than the campaign's ``max_quanta``; after the
+        submission, naming the first real error line of the jobs' logs
+        (`first_error`) and each failed quantum and its log.
     """
     started = datetime.now(UTC)
     flow = PipelineFlow(campaign)
     repo = campaign.sites[site].repo
     stamp = started.strftime("%Y%m%dT%H%M%S%fZ")
     qgraph_dir = campaign.layout.qgraph_dir(site, stage, chunk)
+    label = _chunk_label(site, stage, chunk)
     submit_dir = None
     command: list[str] | None = None
-    with repo_write_lock(repo):
+    space: dict[str, Any] = {}
+    with _write_lock(campaign, site, label):
+        checks = preflight(campaign, site, label)
         built = chunk_graph(campaign, site, stage, chunk, placement, qgraph_dir, stamp, flow)
-        label, chain, quanta, n_quanta = built.label, built.chain, built.quanta, built.n_quanta
+        chain, quanta, n_quanta = built.chain, built.quanta, built.n_quanta
         if built.path is not None:
+            space = checks.require(*estimate_output_bytes(campaign, flow, site, stage, built.graph))
             _write_expected(built.path.with_suffix(".expected.json"), built.graph, flow.outputs(stage))
             _LOG.info("%s: submitting %d quanta (%s).", label, n_quanta, built.path)
             command = ["bps", "submit", str(submit_yaml), "-g", str(built.path)]
-            submit_dir = _bps_submit(command, built.path.with_suffix(".bps.log"))
+            submit_dir = _bps_submit(command, built.path.with_suffix(".bps.log"), label)
         else:
             _LOG.info("%s: every quantum already has its outputs in %s.", label, chain)
         butler = open_butler(repo)
@@ -433,11 +897,13 @@ def run_stage(
     if failures:
         listing = "\n".join(f"    {line}" for line in failures[:50])
         raise StageFailed(
-            f"{label}: {len(failures)} of {n_quanta} quanta failed (bps submit dir {submit_dir}):\n"
-            f"{listing}\nFix the cause and rerun: only the failed quanta run again."
+            f"{label}: {len(failures)} of {n_quanta} quanta failed{_because(first_error(submit_dir))}\n"
+            f"    bps submit dir: {submit_dir}\n{listing}\n"
+            "Fix the cause and rerun: only the failed quanta run again."
         )
     query = built.query
-    produced = {name: _present(butler, name, chain) for name in sorted(flow.outputs(stage))}
+    refs = {name: chunk_refs(butler, name, chain) for name in sorted(flow.outputs(stage))}
+    produced = {name: {ref.dataId for ref in found} for name, found in refs.items()}
     expected = _read_expected(qgraph_dir)
     return {
         "site": site,
@@ -454,6 +920,8 @@ def run_stage(
         "data_ids": None if query.data_ids is None else len(query.data_ids),
         "quanta_run": n_quanta,
         "datasets": {name: len(ids) for name, ids in produced.items()},
+        "output_bytes": {name: _bytes_of(butler, [ref.id for ref in found]) for name, found in refs.items()},
+        "preflight": space,
         "bps_submit_dir": submit_dir,
         "submit_yaml": str(Path(submit_yaml).resolve()),
         **provenance(started, command),
@@ -559,8 +1027,10 @@ def finish_stage(campaign: Campaign, site: str, stage: str, chunk_markers: list[
     chunks = [read_marker(path) for path in chunk_markers]
     chain = campaign.stage_chain(site, stage)
     repo = campaign.sites[site].repo
-    with repo_write_lock(repo), open_butler(repo, writeable=True) as butler:
-        ensure_in_chain(butler, chain, [chunk["output_chain"] for chunk in chunks])
+    with _write_lock(campaign, site, stage):
+        check_registry_writable(campaign, site, f"{stage} at {site}")
+        with open_butler(repo, writeable=True) as butler:
+            ensure_in_chain(butler, chain, [chunk["output_chain"] for chunk in chunks])
     totals: dict[str, dict[str, int]] = {"datasets": {}, "expected": {}}
     for chunk in chunks:
         for key, counts in totals.items():
@@ -594,14 +1064,26 @@ def _tools_on_path() -> Iterator[None]:
             os.environ["PATH"] = path
 
 
-def _bps_submit(command: list[str], log_path: Path) -> str | None:
-    """Run ``bps submit``; return its submit directory."""
+def _bps_submit(command: list[str], log_path: Path, what: str) -> str | None:
+    """Run ``bps submit``; return its submit directory.
+
+    Raises
+    ------
+    StageFailed
+        Raised when it fails, naming the first real error line of its jobs' logs
+        and its own (`first_error`), where its output is, and its last lines.
+    """
     returncode, output = run_tool(command, log_path)
-    if returncode != 0:
-        tail = "\n".join(output.splitlines()[-15:])
-        raise StageFailed(f"bps submit failed (exit {returncode}); full output in {log_path}:\n{tail}")
     match = re.search(r"^Submit dir: (.+)$", output, re.MULTILINE)
-    return match.group(1).strip() if match else None
+    submit_dir = match.group(1).strip() if match else None
+    if returncode != 0:
+        tail = "\n".join(f"    {line}" for line in output.splitlines()[-10:])
+        raise StageFailed(
+            f"{what}: bps submit failed (exit {returncode}){_because(first_error(submit_dir, [log_path]))}\n"
+            f"    bps submit dir: {submit_dir}; full output in {log_path}, which ends:\n{tail}\n"
+            "Fix the cause and rerun: the quanta without registered outputs run again."
+        )
+    return submit_dir
 
 
 def write_stage_yaml(

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import load_campaign
+from .config import Campaign, load_campaign
 from .errors import CampaignConfigError, InventoryError, PlacementError, PlanInputError
 from .flow import handoffs, stage_chunks
 from .markers import read_marker
@@ -48,6 +48,22 @@ def _summary(config: str) -> int:
                 print(f"  {handoff.name:14s} {site.name:8s} not done")
     qa = layout.qa_marker
     print(f"  QA: {read_marker(qa)['summary']}" if qa.exists() else "  QA: not done")
+    return 0
+
+
+def _unlock(campaign: Campaign, config: Path) -> int:
+    """Clear the hold a killed or lost instance left on the campaign work directory."""
+    from .lock import HoldRefused, InstanceHold
+
+    try:
+        holder = InstanceHold(campaign.layout.instance_lock, config).clear()
+    except HoldRefused as err:
+        print(err, file=sys.stderr)
+        return 1
+    if holder is None:
+        print(f"{campaign.workdir}: no instance holds it; nothing to clear")
+    else:
+        print(f"{campaign.workdir}: cleared the hold of {holder}; the next snakemake run takes it")
     return 0
 
 
@@ -190,6 +206,70 @@ def _add_plan_parser(commands: argparse._SubParsersAction) -> None:
     plan.add_argument("-o", "--output", type=Path, required=True, help="directory for the plan and units.tsv")
 
 
+def _repair(campaign: Campaign, site: str) -> int:
+    """Fetch the damaged or missing files a site received again from their source, and verify them."""
+    import logging
+
+    from .errors import HandoffError
+    from .handoff import make_backend, repair_site
+
+    if site not in campaign.sites:
+        print(
+            f"--site: {site!r} is not a site of this campaign; choose one of {', '.join(campaign.sites)}",
+            file=sys.stderr,
+        )
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("multisite").setLevel(logging.INFO)
+    try:
+        outcomes = repair_site(campaign, site, make_backend(campaign))
+    except HandoffError as err:
+        print(f"repair {site}: {err}", file=sys.stderr)
+        return 1
+    for outcome in outcomes:
+        line = f"  {outcome['handoff']:20s} from {outcome['source']:8s} {outcome['state']}"
+        if outcome["files"]:
+            line += f": {outcome['files']} files checked"
+        if outcome["repaired"]:
+            line += f", {len(outcome['repaired'])} fetched again and verified"
+        print(line)
+        for name in outcome["repaired"]:
+            print(f"      {name}")
+    repaired = sum(len(outcome["repaired"]) for outcome in outcomes)
+    print(f"{site}: {repaired} file(s) repaired; rerun the workflow to go on (nothing is imported twice)")
+    return 0
+
+
+def _unknown_site(campaign: Campaign, site: str | None) -> bool:
+    """Whether ``--site`` names a site the campaign does not have (then say so on stderr)."""
+    if site is None or site in campaign.sites:
+        return False
+    print(
+        f"--site: {site!r} is not a site of this campaign; choose one of {', '.join(campaign.sites)}",
+        file=sys.stderr,
+    )
+    return True
+
+
+def _consistency(campaign: Campaign, args: argparse.Namespace) -> int:
+    """``check``: markers against the Butlers (1 when inconsistent); ``orphans``: files no registry knows."""
+    from .consistency import check_campaign, find_orphans, format_check, format_orphans
+    from .errors import HandoffError
+
+    if _unknown_site(campaign, args.site):
+        return 2
+    if args.command == "check":
+        report = check_campaign(campaign, site=args.site)
+        print(format_check(report, campaign))
+        return 0 if report.consistent else 1
+    try:
+        print(format_orphans(find_orphans(campaign, args.site, delete=args.delete), args.config))
+    except HandoffError as err:
+        print(f"orphans {args.site}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``multisite`` command."""
     parser = argparse.ArgumentParser(prog="multisite", description=__doc__)
@@ -201,12 +281,28 @@ def main(argv: list[str] | None = None) -> int:
             ("summary", "hand-offs and stages done, by the markers"),
             ("status", "the campaign grid: site and unit by stage, with what runs, waits or failed"),
             ("report", "write the static HTML campaign report"),
+            ("unlock", "clear the hold of an instance that no longer runs on the campaign work directory"),
+            ("check", "compare the markers with what the Butlers hold; print what to redo and how"),
+            ("orphans", "list, or --delete, a site's datastore files that no registry row refers to"),
         ]
     }
     for sub in subs.values():
         sub.add_argument("config", type=Path, help="campaign config YAML")
     _add_plan_parser(commands)
+    repair = commands.add_parser(
+        "repair",
+        help="fetch the damaged or missing files a site received again from their source; verify them",
+    )
+    repair.add_argument("config", type=Path, help="campaign config YAML")
+    repair.add_argument("--site", required=True, help="the site whose received files to repair")
     subs["status"].add_argument("--site", help="show one site's view only")
+    subs["check"].add_argument("--site", help="check one site's stages and hand-offs only")
+    subs["orphans"].add_argument("--site", required=True, help="the site whose datastore to look at")
+    subs["orphans"].add_argument(
+        "--delete",
+        action="store_true",
+        help="delete them (never a file the registry knows, nor a hand-off export)",
+    )
     subs["report"].add_argument("-o", "--output", type=Path, help="HTML file (default <workdir>/report.html)")
     args = parser.parse_args(argv)
     if args.command == "plan":
@@ -218,19 +314,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.config}: valid; {len(campaign.sites)} sites, {len(campaign.units)} units")
             return 0
         campaign = load_campaign(args.config)
+        if args.command == "repair":
+            return _repair(campaign, args.site)
+        if args.command in ("check", "orphans"):
+            return _consistency(campaign, args)
         if args.command == "status":
-            if args.site is not None and args.site not in campaign.sites:
-                print(
-                    f"--site: {args.site!r} is not a site of this campaign; "
-                    f"choose one of {', '.join(campaign.sites)}",
-                    file=sys.stderr,
-                )
+            if _unknown_site(campaign, args.site):
                 return 2
             print(format_status(campaign_status(campaign, site=args.site), campaign))
             return 0
         if args.command == "report":
             print(render_report(campaign, args.output or campaign.layout.report))
             return 0
+        if args.command == "unlock":
+            return _unlock(campaign, args.config)
         return _summary(str(args.config))
     except CampaignConfigError as err:
         print(err, file=sys.stderr)

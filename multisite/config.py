@@ -161,6 +161,10 @@ class Campaign:
     """Seconds a site instance waits for a hand-off another instance sends."""
     wait_interval: float = 30.0
     """Seconds between two looks for a hand-off another instance sends."""
+    preflight: Mapping[str, Any] = field(default_factory=dict)
+    """Checks before each chunk is submitted (``space_margin``, ``space_reserve_gb``; see `multisite.bps`)."""
+    heartbeat_s: float = 30.0
+    """Seconds between two heartbeats of a running step (``status.heartbeat_s``)."""
 
     def runs_here(self, site: str) -> bool:
         """Whether this instance does ``site``'s work (every site's when no instance site is set)."""
@@ -560,4 +564,6 @@ def load_campaign(config: Mapping[str, Any] | str | Path, base: str | Path = "."
         instance=data.get("site"),
         wait_timeout=float(transfer.get("wait", {}).get("timeout_s", Campaign.wait_timeout)),
         wait_interval=float(transfer.get("wait", {}).get("interval_s", Campaign.wait_interval)),
+        preflight=data.get("preflight", {}),
+        heartbeat_s=float(data.get("status", {}).get("heartbeat_s", Campaign.heartbeat_s)),
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = (
     "CampaignConfigError",
+    "DamagedFilesError",
     "HandoffError",
     "InventoryError",
     "PlacementError",
@@ -67,6 +68,28 @@ class PlanInputError(ValueError):
 
 class HandoffError(RuntimeError):
     """A hand-off did not deliver everything it should have."""
+
+
+class DamagedFilesError(HandoffError):
+    """Files at a site are missing or differ from what their source recorded.
+
+    The message names each file (Butler-relative path, dataset type and data ID)
+    and how to repair it (`multisite.integrity.damaged_files` writes it).
+
+    Parameters
+    ----------
+    message : `str`
+        The message.
+    site : `str`
+        The site holding the files.
+    damage : `list`
+        The files (`multisite.integrity.Damage`).
+    """
+
+    def __init__(self, message: str, site: str, damage: list):
+        super().__init__(message)
+        self.site = site
+        self.damage = damage
 
 
 class RucioHandoffError(HandoffError):

@@ -1,7 +1,9 @@
 """The campaign event log, and notifications of the events that matter to operators.
 
 Each instance appends one JSON line per event to ``<workdir>/events/<instance>.jsonl``:
-what changed (``kind``), where (``site``, ``step``), when, and by which instance.
+what changed (``kind``), where (``site``, ``step``), when, by which instance, and which
+process (``host``, ``pid``). A running step's liveness is no event: its heartbeat file
+(`multisite.lock.Heartbeat`) is touched instead, so the log does not grow while it runs.
 Hand-offs to the central site carry the sending instance's log with the data, so
 the central status and report show the whole campaign.
 
@@ -54,7 +56,11 @@ class Event:
     message : `str`
         One line for a person.
     details : `dict`
-        Extra facts (log path, counts, marker content).
+        Extra facts (log path, counts, marker content, heartbeat interval).
+    host : `str`
+        Host of the process that recorded it (empty in logs older than this field).
+    pid : `int`
+        Its process id (0 in logs older than this field).
     """
 
     kind: str
@@ -64,6 +70,8 @@ class Event:
     time: str
     message: str = ""
     details: Mapping[str, Any] = field(default_factory=dict)
+    host: str = ""
+    pid: int = 0
 
 
 class EventLog:
@@ -83,14 +91,15 @@ class EventLog:
         self.path = self.directory / f"{instance}.jsonl"
 
     def record(self, kind: EventKind, step: str, site: str, message: str = "", **details: Any) -> Event:
-        """Append an event and return it."""
-        event = Event(
-            kind, step, site, self.instance, datetime.now(UTC).isoformat(timespec="seconds"), message, details
-        )
+        """Append an event, with this process's host and pid, and return it."""
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        host, pid = socket.gethostname(), os.getpid()
+        event = Event(kind, step, site, self.instance, now, message, details, host, pid)
         self.directory.mkdir(parents=True, exist_ok=True)
         line = json.dumps(asdict(event), default=str, sort_keys=True) + "\n"
         # One write() per line with O_APPEND: lines of concurrent rules never interleave on a local disk.
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # Mode 0666: the umask decides who else reads it, as for every file the campaign writes.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         try:
             os.write(fd, line.encode())
         finally:

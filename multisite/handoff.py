@@ -3,9 +3,13 @@
 A hand-off has two halves. The sending half decides what moves (the pipeline's
 dataset types, restricted to the site's data IDs, with the dimension records and
 campaign metadata the destination needs) and publishes it through a transfer
-backend (`multisite.backends`). The receiving half waits for that publication,
-brings the files to the destination and imports them into the destination Butler,
-then checks that every dataset is stored there.
+backend (`multisite.backends`), with a manifest of every file's size and adler32
+recorded at the source (`multisite.integrity`). The receiving half waits for that
+publication, brings the files to the destination and imports them into the
+destination Butler, verifies every file there against its source's size and
+checksum (on every run: a rerun re-verifies what an earlier run delivered), then
+checks that every dataset is stored there. A file that fails is named with the
+command that repairs it (``multisite repair``, `repair_site`).
 
 `run_handoff` does both halves, in an instance that runs both sites;
 `send_handoff` and `receive_handoff` do one half each, in the instances of the
@@ -15,7 +19,14 @@ backend carries.
 
 from __future__ import annotations
 
-__all__ = ("make_backend", "receive_handoff", "run_handoff", "send_handoff")
+__all__ = (
+    "make_backend",
+    "receive_handoff",
+    "received_handoffs",
+    "repair_site",
+    "run_handoff",
+    "send_handoff",
+)
 
 import logging
 import time
@@ -217,6 +228,9 @@ def run_handoff(
 
     Raises
     ------
+    multisite.errors.DamagedFilesError
+        Raised naming each file at the destination that is missing or differs from
+        its source's size and checksum, and the repair command.
     HandoffError
         Raised when a dataset is missing at the destination after the transfer.
     """
@@ -274,6 +288,9 @@ def receive_handoff(
 
     Raises
     ------
+    multisite.errors.DamagedFilesError
+        Raised naming each file at the destination that is missing or differs from
+        its source's size and checksum, and the repair command.
     HandoffError
         Raised on timeout, naming the site to look at, or when a dataset is missing.
     """
@@ -320,3 +337,65 @@ def _wait_until_published(
                 "rerun this rule to wait again."
             )
         time.sleep(min(campaign.wait_interval, max(0.0, deadline - time.monotonic())))
+
+
+def received_handoffs(campaign: Campaign, site: str) -> list[tuple[str, Site, Site]]:
+    """Return the hand-offs a site receives from another repository.
+
+    Returns
+    -------
+    handoffs : `list` [`tuple` [`str`, `Site`, `Site`]]
+        Label (``<handoff>/<site>``), source and destination of each.
+    """
+    received = []
+    for handoff in handoffs(campaign):
+        for far_end in campaign.processing_sites:
+            sender, receiver = handoff.ends(campaign, far_end.name)
+            source, destination = campaign.sites[sender], campaign.sites[receiver]
+            if receiver == site and source.repo != destination.repo:
+                received.append((f"{handoff.name}/{far_end.name}", source, destination))
+    return received
+
+
+def repair_site(campaign: Campaign, site: str, backend: TransferBackend) -> list[dict[str, Any]]:
+    """Fetch the damaged or missing files of every hand-off a site received again, and verify them.
+
+    Each hand-off the site received (raws, fan-outs; at the central site the
+    fan-ins and final products) is checked file by file against what its source
+    recorded; each file that is missing or differs is fetched again through the
+    backend (`TransferBackend.repair`) and verified. Registry entries are kept as
+    they are, so the workflow goes on afterwards with no duplicate dataset.
+    Hand-offs not received yet are left to the workflow.
+
+    Parameters
+    ----------
+    campaign : `Campaign`
+        The campaign.
+    site : `str`
+        The site whose received files to repair.
+    backend : `TransferBackend`
+        The campaign's transfer backend.
+
+    Returns
+    -------
+    outcomes : `list` [`dict`]
+        One per hand-off: ``handoff``, ``source``, ``state`` (``not sent``,
+        ``not received``, ``intact`` or ``repaired``), ``files`` checked and the
+        names ``repaired``.
+
+    Raises
+    ------
+    DamagedFilesError
+        Raised when a file could not be repaired (its source's copy differs too),
+        naming it.
+    """
+    if site not in campaign.sites:
+        raise ValueError(
+            f"--site: {site!r} is not a site of this campaign; choose one of {', '.join(campaign.sites)}"
+        )
+    outcomes = []
+    for label, source, destination in received_handoffs(campaign, site):
+        outcome = {"handoff": label, "source": source.name} | backend.repair(source, destination, label)
+        _LOG.info("Repair %s at %s: %s.", label, site, outcome["state"])
+        outcomes.append(outcome)
+    return outcomes

@@ -60,6 +60,25 @@ class Layout:
     def event_log(self, instance: str) -> Path:
         return self.events / f"{instance}.jsonl"
 
+    @property
+    def instance_lock(self) -> Path:
+        """The hold of the one instance running on this work directory (`multisite.lock.InstanceHold`)."""
+        return self.workdir / "instance.lock"
+
+    @property
+    def heartbeats(self) -> Path:
+        """Heartbeat files of the steps running now, one directory per instance."""
+        return self.workdir / "heartbeats"
+
+    def heartbeat(self, instance: str, step: str) -> Path:
+        """Return the heartbeat file of a running step: ``heartbeats/<instance>/<step, spaces as .>``.
+
+        Names read from an event log stay inside the directory: ``/`` becomes ``_``, and
+        leading dots are dropped.
+        """
+        names = (instance, step.replace(" ", "."))
+        return self.heartbeats.joinpath(*(name.replace("/", "_").lstrip(".") or "_" for name in names))
+
     def qgraph_dir(self, site: str, stage: str, chunk: str) -> Path:
         """Quantum graphs and BPS submit directories of a chunk's attempts."""
         return self.workdir / "qgraph" / site / stage / chunk

@@ -12,9 +12,9 @@ __all__ = ("read_marker", "write_marker", "provenance")
 import getpass
 import json
 import os
+import secrets
 import shlex
 import socket
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,8 +32,24 @@ def provenance(started: datetime, command: list[str] | None = None) -> dict[str,
     }
 
 
+def _new_temporary(path: Path) -> tuple[int, Path]:
+    """Create a hidden temporary file beside ``path``, open for writing, with the mode the umask gives.
+
+    `tempfile.mkstemp` makes its files 0600 whatever the umask, and `os.replace`
+    keeps that mode: the group could not read the marker.
+    """
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
 def write_marker(path: str | Path, content: dict[str, Any]) -> None:
     """Write ``content`` as JSON to ``path`` atomically (never half-written).
+
+    The file gets the mode the umask gives (0644 under umask 022, 0664 under 002).
 
     Parameters
     ----------
@@ -44,7 +60,7 @@ def write_marker(path: str | Path, content: dict[str, Any]) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _new_temporary(path)
     try:
         with os.fdopen(fd, "w") as stream:
             json.dump(content, stream, indent=2, sort_keys=True, default=str)

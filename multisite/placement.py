@@ -32,9 +32,11 @@ import pandas as pd
 from astropy.table import Table
 from lsst.daf.butler import Butler, DataCoordinate
 
+from .backends import MANIFEST_SUFFIX, datastore_root, handoff_file_name
 from .butler_utils import open_butler
 from .config import Campaign
 from .errors import HandoffError
+from .integrity import Manifest, check_files, damaged_files, held_files, repair_command
 from .markers import provenance
 from .metadata import read_placement_share
 
@@ -284,10 +286,33 @@ def plan_placement(campaign: Campaign, placement_path: str | Path, summary_path:
 
 
 def verify_site_inputs(campaign: Campaign, site: str, placement: pd.DataFrame) -> dict[str, Any]:
-    """Check that every raw, visit and sky unit a site needs is in its repository.
+    """Check that every raw, visit and sky unit a site needs is in its repository, and its raws intact.
+
+    Every file the site's ``raws`` hand-off delivered (each raw of its share, and its
+    share of the placement) is checked against the size and adler32 its source
+    recorded when sending (the hand-off's manifest, which the site keeps in its
+    datastore), unless the site's repository is the central one (its raws are the
+    originals).
+
+    Parameters
+    ----------
+    campaign : `Campaign`
+        The campaign.
+    site : `str`
+        The processing site.
+    placement : `pandas.DataFrame`
+        The placement table (this instance's share of it).
+
+    Returns
+    -------
+    marker : `dict`
+        What was checked, for the inputs marker.
 
     Raises
     ------
+    DamagedFilesError
+        Raised naming each raw that is missing from the datastore or differs from
+        its source, and the repair command (and any missing input too).
     HandoffError
         Raised listing every missing input.
     """
@@ -308,11 +333,33 @@ def verify_site_inputs(campaign: Campaign, site: str, placement: pd.DataFrame) -
         for t, p in sorted(selection.units)
         if p is not None and (t, p) not in patches
     ]
+    damage, checked, root = [], "the central repository's own raws (no copy to check)", None
+    if campaign.sites[site].repo != campaign.central.repo:
+        root = datastore_root(butler)
+        manifest = root / handoff_file_name(campaign.name, f"raws/{site}", MANIFEST_SUFFIX)
+        held = []
+        if not manifest.is_file():
+            problems.append(
+                f"the raws hand-off's manifest {manifest} (each raw's recorded size and checksum)"
+            )
+        else:
+            try:
+                held, _ = held_files(butler, Manifest.read(manifest).files)
+            except HandoffError as err:
+                problems.append(f"a readable raws hand-off manifest: {err}")
+        damage = check_files(held)
+        checked = len(held)
+    listing = "\n".join(f"    {p}" for p in problems[:50])
+    repo = campaign.sites[site].repo
+    if damage:
+        raise damaged_files(
+            f"{site}: inputs", site, damage, root, note=f"Also missing:\n{listing}" if problems else ""
+        )
     if problems:
-        listing = "\n".join(f"    {p}" for p in problems[:50])
         raise HandoffError(
-            f"{site}: {len(problems)} expected input(s) missing from {campaign.sites[site].repo} "
-            f"(collection {chain}):\n{listing}\nRerun the 'raws' hand-off for {site}."
+            f"{site}: {len(problems)} expected input(s) missing from {repo} (collection {chain}):\n"
+            f"{listing}\nRerun the 'raws' hand-off for {site}; a file that is registered there but deleted "
+            f"or damaged is put back by {repair_command(site)}."
         )
     return {
         "site": site,
@@ -320,5 +367,6 @@ def verify_site_inputs(campaign: Campaign, site: str, placement: pd.DataFrame) -
         "visits": len(selection.visits_needed),
         "units": len(selection.units),
         "collection": chain,
+        "files_verified": checked,
         **provenance(started),
     }

@@ -28,6 +28,7 @@ COLOURS = {
     StepState.RUNNING: "#1565c0",
     StepState.WAITING: "#ef6c00",
     StepState.FAILED: "#c62828",
+    StepState.DEAD: "#4a148c",
     StepState.NOT_STARTED: "#9e9e9e",
 }
 PALETTE = ["#1565c0", "#c62828", "#2e7d32", "#6a1b9a", "#ef6c00", "#00838f"]
@@ -158,7 +159,7 @@ def render_report(campaign: Campaign, path: str | Path) -> Path:
         for stage in stages:
             cell = by_stage.get(stage)
             state = cell.state if cell else ""
-            title = _e(f"{cell.detail} {cell.log}".strip()) if cell else ""
+            title = _e(f"{cell.last_seen_note} {cell.detail} {cell.log}".strip()) if cell else ""
             body.append(
                 f"<td class='state' style='background:{COLOURS.get(state, '#fff')}' "
                 f"title='{title}'>{_e(state)}</td>"
@@ -173,8 +174,8 @@ def render_report(campaign: Campaign, path: str | Path) -> Path:
             since = f" since {_e(cell.since)}" if cell.since else ""
             css = " class='fail'" if cell.state.is_bad else ""
             body.append(
-                f"<li{css}>{_e(cell.state)}: {_e(cell.step)} {_e(cell.unit)} at {_e(cell.site)}"
-                f"{since}: {_e(cell.detail)}{log}</li>"
+                f"<li{css}>{_e(cell.state)}{_e(cell.last_seen_note)}: {_e(cell.step)} {_e(cell.unit)} "
+                f"at {_e(cell.site)}{since}: {_e(cell.detail)}{log}</li>"
             )
         body.append("</ul>")
 

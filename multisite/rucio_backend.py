@@ -12,7 +12,8 @@ One hand-off (``label`` ``<handoff>/<site>``) is, on the sending side:
 1. its files registered where they are (replicas at the source RSE, with size and
    adler32), plus the hand-off's Butler export file (dimension records, dataset
    types, RUN collections and dataset refs with their formatters) so the
-   destination Butler accepts every dataset, all in one Rucio dataset
+   destination Butler accepts every dataset, and its manifest (each file's dataset
+   type, data ID, size and adler32: `multisite.integrity`), all in one Rucio dataset
    ``multisite.<campaign>.<handoff>.<site>``, inside the container
    ``multisite.<campaign>.<handoff>``, inside ``multisite.<campaign>``;
 2. the dataset closed: a closed dataset is a sent hand-off;
@@ -23,8 +24,16 @@ and on the receiving side, once the dataset is closed:
    account, grouping from config);
 4. a wait for the rule, polling with back-off and logging files and bytes done, that
    stops with an error naming the files and Rucio's reasons on STUCK or timeout;
-5. on OK, the files checked at the destination and the export imported into the
-   destination Butler with ``transfer=None`` (the files are already in its datastore).
+5. on OK, every file checked at the destination against Rucio's size and adler32
+   (`multisite.integrity.check_files`, on every run: a rerun re-verifies) and the
+   export imported into the destination Butler with ``transfer=None`` (the files
+   are already in its datastore).
+
+A damaged or deleted file at the destination is repaired through Rucio
+(`RucioBackend.repair`, ``multisite repair``): its replica is declared bad, Rucio's
+necromancer recovers it (a new transfer of the file into the rule's lock, from a
+good replica), the conveyor copies it, and the repair waits for the rule and
+verifies the file again.
 
 Reruns look up what exists (files in the dataset, replicas, the rule) and add only
 what is missing; a rerun after a failure or timeout resumes waiting on the same
@@ -41,25 +50,35 @@ import configparser
 import logging
 import os
 import time
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from lsst.daf.butler import Butler, DatasetRef
-from lsst.resources import ResourcePath
 
 from .backends import (
     HandoffPayload,
     TransferBackend,
     datastore_root,
     import_export,
+    repair_outcome,
     write_export,
 )
 from .butler_utils import open_butler
 from .config import Site
 from .errors import RucioHandoffError, RucioTransferStuck
+from .integrity import (
+    Damage,
+    FileRecord,
+    Manifest,
+    adler32_of,
+    check_files,
+    damaged_files,
+    datastore_files,
+    repair_command,
+    with_descriptions,
+)
 
 _LOG = logging.getLogger(__name__)
 
@@ -142,15 +161,6 @@ class _File:
     path: Path
     bytes: int | None = None
     adler32: str | None = None
-
-
-def adler32_of(path: Path) -> str:
-    """Return a file's adler32 as Rucio writes it (8 lower-case hex digits)."""
-    value = 1
-    with open(path, "rb") as stream:
-        while chunk := stream.read(1 << 20):
-            value = zlib.adler32(chunk, value)
-    return f"{value & 0xFFFFFFFF:08x}"
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
@@ -293,7 +303,7 @@ class RucioBackend(TransferBackend):
 
     # ------------------------------------------------------------------ naming
     def names(self, label: str) -> dict[str, str]:
-        """Rucio container and dataset names of a hand-off ``<handoff>/<site>``, and its export file's."""
+        """Rucio container and dataset names of a hand-off ``<handoff>/<site>``, its export and manifest."""
         handoff, site = label.split("/", 1)
         campaign = f"multisite.{self.campaign}"
         return {
@@ -301,6 +311,7 @@ class RucioBackend(TransferBackend):
             "stage_container": f"{campaign}.{handoff}",
             "dataset": f"{campaign}.{handoff}.{site}",
             "export": self.export_name(label),
+            "manifest": self.manifest_name(label),
         }
 
     def _rse(self, site: Site) -> str:
@@ -384,19 +395,11 @@ class RucioBackend(TransferBackend):
         with open_butler(destination.repo) as dest_butler:
             dst_root = self._check_rse(destination, dest_butler)
         src_rse, dst_rse = self._rse(source), self._rse(destination)
-        files = {
-            f["name"]: _File(f["name"], dst_root / f["name"], f["bytes"], f["adler32"])
-            for f in self._call(
-                f"list the files of {scope}:{names['dataset']}",
-                self.client.list_files,
-                scope,
-                names["dataset"],
-            )
-        }
+        files = self._dataset_files(names["dataset"], dst_root)
         rule_id, created = self._ensure_rule(names["dataset"], src_rse, dst_rse, label)
         self._wait(rule_id, files, label, dst_rse)
         t_ok = time.monotonic()
-        self._check_arrived(destination, files, label)
+        self._check_arrived(destination, dst_root, files, label)
         imported = import_export(destination, dst_root, dst_root / names["export"], None)
         _LOG.info("Rucio %s: %d datasets ingested into %s.", label, imported, destination.name)
         details = {
@@ -410,6 +413,7 @@ class RucioBackend(TransferBackend):
                 "bytes": sum(f.bytes or 0 for f in files.values()),
             },
             "imported_datasets": imported,
+            "verified_files": len(files),
             "timings_s": {
                 "rule_to_ok": round(t_ok - started, 3),
                 "ingest": round(time.monotonic() - t_ok, 3),
@@ -418,25 +422,26 @@ class RucioBackend(TransferBackend):
         return details, dst_root / names["export"]
 
     # ------------------------------------------------------------------ registration
-    def _files_of(self, butler: Butler, root: Path, refs: list[DatasetRef]) -> list[_File]:
-        root_uri = ResourcePath(f"{root}/", forceDirectory=True)
-        files: dict[str, _File] = {}
-        outside = []
-        for ref, uris in butler.get_many_uris(refs).items():
-            for uri in [uris.primaryURI, *uris.componentURIs.values()]:
-                if uri is None:
-                    continue
-                name = uri.relative_to(root_uri)
-                if name is None:
-                    outside.append(f"{ref.datasetType.name} {ref.dataId}: {uri}")
-                    continue
-                files[name] = _File(name, Path(uri.ospath))
+    def _files_of(self, butler: Butler, root: Path, refs: list[DatasetRef]) -> dict[str, FileRecord]:
+        """Return the records (no checksums yet) of the files of ``refs``, all under ``root``, by name."""
+        inside, outside = datastore_files(butler, root, refs)
         if outside:
             raise RucioHandoffError(
                 f"{len(outside)} file(s) are outside the source datastore root {root} and cannot be "
-                f"registered in Rucio by their Butler path:\n{_listing(outside)}"
+                "registered in Rucio by their Butler path:\n"
+                + _listing(f"{record.describe()}: {path}" for record, path in outside)
             )
-        return list(files.values())
+        return {record.name: record for record, _ in inside}
+
+    def _dataset_files(self, dataset: str, root: Path) -> dict[str, _File]:
+        """Return the files of a hand-off's Rucio dataset, with Rucio's size and adler32, under ``root``."""
+        scope = self.settings.scope
+        return {
+            f["name"]: _File(f["name"], root / f["name"], f["bytes"], f["adler32"])
+            for f in self._call(
+                f"list the files of {scope}:{dataset}", self.client.list_files, scope, dataset
+            )
+        }
 
     def _register(
         self,
@@ -449,7 +454,7 @@ class RucioBackend(TransferBackend):
     ) -> dict[str, Any]:
         """Register the hand-off's files (where they are) in its Rucio dataset; idempotent."""
         client, scope, chunk = self.client, self.settings.scope, self.settings.chunk_size
-        files = self._files_of(butler, root, payload.refs)
+        records = self._files_of(butler, root, payload.refs)
         self._ensure_did(client.add_container, names["campaign_container"])
         self._ensure_did(client.add_container, names["stage_container"])
         self._ensure_did(client.add_dataset, names["dataset"])
@@ -462,32 +467,30 @@ class RucioBackend(TransferBackend):
                 f"list the files of {scope}:{names['dataset']}", client.list_files, scope, names["dataset"]
             )
         }
-        wanted = {f.name: f for f in files}
-        if names["export"] not in content:
-            write_export(butler, root, payload, names["export"])
-        wanted[names["export"]] = _File(names["export"], root / names["export"])
-        extra = sorted(set(content) - set(wanted))
+        own = (names["manifest"], names["export"])
+        extra = sorted(set(content) - set(records) - set(own))
         if extra:
             raise RucioHandoffError(
                 f"Rucio dataset {scope}:{names['dataset']} holds {len(extra)} file(s) this hand-off does not "
                 f"move (was the hand-off's content changed since it was registered?):\n{_listing(extra)}"
             )
+        wanted = {name: _File(name, root / name) for name in records}
+        to_add = self._checksums(rse, list(wanted.values()), content)
+        # The hand-off's own files, written once: their registered checksums must stay true.
+        if names["manifest"] not in content:
+            Manifest(
+                label,
+                tuple(
+                    replace(r, bytes=wanted[n].bytes, adler32=wanted[n].adler32) for n, r in records.items()
+                ),
+            ).write(root / names["manifest"])
+        if names["export"] not in content:
+            write_export(butler, root, payload, names["export"])
+        own_files = [_File(name, root / name) for name in own]
+        to_add += self._checksums(rse, own_files, content)
+        wanted |= {f.name: f for f in own_files}
         new = [f for name, f in wanted.items() if name not in content]
-        for f in wanted.values():
-            if f.name in content:
-                f.bytes, f.adler32 = content[f.name]["bytes"], content[f.name]["adler32"]
         if new:
-            # Which of them already have a replica at the source RSE (e.g. a raw going to two sites)?
-            existing: dict[str, dict] = {}
-            for part in _chunks(new, chunk):
-                existing |= self._replicas_at(rse, part)
-            to_add = []
-            for f in new:
-                if f.name in existing:
-                    f.bytes, f.adler32 = existing[f.name]["bytes"], existing[f.name]["adler32"]
-                else:
-                    f.bytes, f.adler32 = f.path.stat().st_size, adler32_of(f.path)
-                    to_add.append(f)
             for part in _chunks(to_add, chunk):
                 self._add_replicas(rse, part)
             for part in _chunks(new, chunk):
@@ -509,6 +512,28 @@ class RucioBackend(TransferBackend):
             len(new),
         )
         return {"files": wanted, "bytes": total, "added": len(new)}
+
+    def _checksums(self, rse: str, files: list[_File], content: dict[str, dict]) -> list[_File]:
+        """Give each file its size and adler32; return those to register as replicas at ``rse``.
+
+        A file already in the hand-off's dataset, or with a replica at the RSE (e.g. a
+        raw going to two sites), keeps what Rucio has; the others are read.
+        """
+        new = [f for f in files if f.name not in content]
+        for f in files:
+            if f.name in content:
+                f.bytes, f.adler32 = content[f.name]["bytes"], content[f.name]["adler32"]
+        existing: dict[str, dict] = {}
+        for part in _chunks(new, self.settings.chunk_size):
+            existing |= self._replicas_at(rse, part)
+        to_add = []
+        for f in new:
+            if f.name in existing:
+                f.bytes, f.adler32 = existing[f.name]["bytes"], existing[f.name]["adler32"]
+            else:
+                f.bytes, f.adler32 = f.path.stat().st_size, adler32_of(f.path)
+                to_add.append(f)
+        return to_add
 
     def _add_replicas(self, rse: str, files: list[_File]) -> None:
         """Register replicas, tolerating those another hand-off registered at the same moment.
@@ -581,19 +606,23 @@ class RucioBackend(TransferBackend):
             )
 
     # ------------------------------------------------------------------ rule
+    def _account(self) -> str | None:
+        return self.settings.account or getattr(self.client, "account", None)
+
+    def _find_rule(self, dataset: str, dst_rse: str) -> str | None:
+        """Return the id of the hand-off's rule to ``dst_rse`` (of the configured account), if any."""
+        scope, account = self.settings.scope, self._account()
+        rules = self._call(f"list rules of {scope}:{dataset}", self.client.list_did_rules, scope, dataset)
+        for rule in rules:
+            if rule["rse_expression"] == dst_rse and (account is None or rule["account"] == account):
+                return rule["id"]
+        return None
+
     def _ensure_rule(self, dataset: str, src_rse: str, dst_rse: str, label: str) -> tuple[str, bool]:
         """Return the hand-off's rule id, creating the rule only if there is none."""
         scope, client = self.settings.scope, self.client
-        account = self.settings.account or getattr(client, "account", None)
-
-        def find() -> str | None:
-            rules = self._call(f"list rules of {scope}:{dataset}", client.list_did_rules, scope, dataset)
-            for rule in rules:
-                if rule["rse_expression"] == dst_rse and (account is None or rule["account"] == account):
-                    return rule["id"]
-            return None
-
-        rule_id = find()
+        account = self._account()
+        rule_id = self._find_rule(dataset, dst_rse)
         if rule_id:
             _LOG.info("Rucio %s: rule %s to %s exists; resuming the wait.", label, rule_id, dst_rse)
             return rule_id, False
@@ -613,7 +642,7 @@ class RucioBackend(TransferBackend):
         try:
             rule_ids = client.add_replication_rule(**rule)
         except DuplicateRule:
-            rule_id = find()
+            rule_id = self._find_rule(dataset, dst_rse)
             if rule_id is None:
                 raise RucioHandoffError(
                     f"Rucio reports a rule of {scope}:{dataset} to {dst_rse} but none is listed for account "
@@ -622,7 +651,7 @@ class RucioBackend(TransferBackend):
             return rule_id, False
         except Exception:
             # The real failure, scrubbed (a second attempt raises it again or finds the rule).
-            rule_id = find()
+            rule_id = self._find_rule(dataset, dst_rse)
             if rule_id is None:
                 rule_ids = self._call(
                     f"add a rule of {scope}:{dataset} to {dst_rse}", client.add_replication_rule, **rule
@@ -632,8 +661,34 @@ class RucioBackend(TransferBackend):
         _LOG.info("Rucio %s: created rule %s of %s:%s to %s.", label, rule_ids[0], scope, dataset, dst_rse)
         return rule_ids[0], True
 
-    def _wait(self, rule_id: str, files: dict[str, _File], label: str, dst_rse: str) -> None:
-        """Poll the rule with back-off until OK; raise on STUCK, SUSPENDED or timeout."""
+    def _wait(
+        self,
+        rule_id: str,
+        files: dict[str, _File],
+        label: str,
+        dst_rse: str,
+        recovering: Callable[[], list[str]] | None = None,
+        note: str = "Nothing from this hand-off was ingested.",
+    ) -> None:
+        """Poll the rule with back-off until OK; raise on STUCK, SUSPENDED or timeout.
+
+        Parameters
+        ----------
+        rule_id : `str`
+            The hand-off's rule.
+        files : `dict` [`str`, `_File`]
+            Its files, by name.
+        label : `str`
+            The hand-off, for messages.
+        dst_rse : `str`
+            The rule's RSE.
+        recovering : `~collections.abc.Callable`, optional
+            Names of files Rucio is still recovering (declared bad); the wait also
+            lasts until it returns none (a rule reads OK until the necromancer has
+            turned a bad replica into a transfer).
+        note : `str`
+            Sentence on what the failure leaves behind, for the error message.
+        """
         client, settings = self.client, self.settings
         total_bytes = sum(f.bytes or 0 for f in files.values())
         deadline = time.monotonic() + settings.timeout
@@ -642,7 +697,8 @@ class RucioBackend(TransferBackend):
         while True:
             rule = self._call(f"read rule {rule_id}", client.get_replication_rule, rule_id)
             state = str(rule["state"])
-            if state == "OK":
+            pending_recovery = recovering() if recovering is not None else []
+            if state == "OK" and not pending_recovery:
                 _LOG.info(
                     "Rucio %s: rule %s OK: %d/%d files, %d/%d bytes at %s.",
                     label,
@@ -658,7 +714,7 @@ class RucioBackend(TransferBackend):
             by_state: dict[str, list[str]] = {}
             for lock in locks:
                 by_state.setdefault(str(lock["state"]), []).append(lock["name"])
-            done = by_state.get("OK", [])
+            done = [name for name in by_state.get("OK", []) if name not in pending_recovery]
             done_bytes = sum(files[name].bytes or 0 for name in done if name in files)
             _LOG.info(
                 "Rucio %s: rule %s %s: %d/%d files, %d/%d bytes at %s (%d replicating, %d stuck).",
@@ -680,7 +736,7 @@ class RucioBackend(TransferBackend):
                     f"Hand-off {label}: Rucio rule {rule_id} to {dst_rse} is {state}: {len(stuck)} of "
                     f"{len(files)} file(s) could not be transferred. Rucio's reason: {reason}\n"
                     f"Files:\n{_listing(stuck)}\n"
-                    "Nothing from this hand-off was ingested. Fix the source files (or the storage), "
+                    f"{note} Fix the source files (or the storage), "
                     "let Rucio retry the rule (rucio update-rule --stuck), then rerun."
                 )
             if time.monotonic() >= deadline:
@@ -697,18 +753,119 @@ class RucioBackend(TransferBackend):
             time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
             interval = min(interval * settings.poll_backoff, settings.poll_max_interval)
 
-    # ------------------------------------------------------------------ arrival
-    def _check_arrived(self, destination: Site, files: dict[str, _File], label: str) -> None:
-        """Check every file is at the destination with Rucio's size before anything is ingested."""
-        wrong = []
-        for f in files.values():
-            if not f.path.exists():
-                wrong.append(f"{f.name}: missing at {f.path}")
-            elif f.bytes is not None and f.path.stat().st_size != f.bytes:
-                size = f.path.stat().st_size
-                wrong.append(f"{f.name}: {size} bytes at {f.path}, Rucio registered {f.bytes}")
-        if wrong:
-            raise RucioHandoffError(
-                f"Hand-off {label}: Rucio reports the rule OK but {len(wrong)} file(s) are not right in "
-                f"{destination.name}'s datastore; nothing was ingested:\n{_listing(wrong)}"
+    # ------------------------------------------------------------------ arrival and repair
+    def _damage(
+        self, root: Path, files: dict[str, _File], label: str, only: Iterable[str] | None = None
+    ) -> list[Damage]:
+        """Check a hand-off's files at ``root`` against Rucio's size and adler32 (all, or those ``only``).
+
+        Damaged files are described (dataset type, data ID) from the hand-off's manifest.
+        """
+        chosen = files.values() if only is None else [files[name] for name in only]
+        damage = check_files((FileRecord(f.name, f.bytes, f.adler32), f.path) for f in chosen)
+        return with_descriptions(damage, root / self.manifest_name(label)) if damage else damage
+
+    def _check_arrived(self, destination: Site, root: Path, files: dict[str, _File], label: str) -> None:
+        """Check every file at the destination against Rucio's size and adler32, before any import."""
+        if damage := self._damage(root, files, label):
+            raise damaged_files(
+                f"Hand-off {label}",
+                destination.name,
+                damage,
+                root,
+                note="Rucio reports the rule OK, but these files differ from what Rucio registered at the "
+                "source; nothing was imported by this attempt.",
             )
+
+    def _replica_states(self, rse: str, names: list[str]) -> dict[str, str]:
+        """Rucio's state (``AVAILABLE``, ``BAD``, ``COPYING``, ...) of each file's replica at ``rse``."""
+        scope, states = self.settings.scope, {}
+        for part in _chunks(names, self.settings.chunk_size):
+            for replica in self._call(
+                f"look up replica states at {rse}",
+                self.client.list_replicas,
+                [{"scope": scope, "name": name} for name in part],
+                rse_expression=rse,
+                all_states=True,
+                ignore_availability=True,
+            ):
+                states[replica["name"]] = str(replica.get("states", {}).get(rse))
+        return states
+
+    def repair(self, source: Site, destination: Site, label: str) -> dict[str, Any]:
+        """Have Rucio recover each damaged or missing file of a received hand-off, then verify it.
+
+        No copy behind Rucio's back: each destination replica that Rucio holds as
+        available but that is missing or differs from its registered size and
+        adler32 is declared bad (``declare_bad_file_replicas``); Rucio's necromancer
+        then queues a transfer from a good replica into the rule's lock, the conveyor
+        copies it, and the rule returns to OK. The repair waits for that (replicas
+        already being recovered, e.g. after an interrupted repair, are waited for
+        too) and checks the files again. Registry entries at the destination are
+        left as they are. The Rucio account needs the right to declare bad replicas
+        (``root`` or an admin in Rucio's generic permission policy).
+        """
+        names, scope = self.names(label), self.settings.scope
+        if not self.published(source, destination, label):
+            return repair_outcome("not sent")
+        dst_rse = self._rse(destination)
+        rule_id = self._find_rule(names["dataset"], dst_rse)
+        if rule_id is None:
+            return repair_outcome("not received")
+        with open_butler(destination.repo) as butler:
+            root = self._check_rse(destination, butler)
+        files = self._dataset_files(names["dataset"], root)
+        states = self._replica_states(dst_rse, list(files))
+        held = [name for name in files if states.get(name) == "AVAILABLE"]
+        in_recovery = [name for name in files if states.get(name) in ("BAD", "COPYING")]
+        damage = self._damage(root, files, label, held)
+        if not damage and not in_recovery:
+            return repair_outcome("intact", len(files))
+        bad = [d.record.name for d in damage]
+        if bad:
+            refused = self._call(
+                f"declare {len(bad)} replica(s) at {dst_rse} bad",
+                self.client.declare_bad_file_replicas,
+                [{"scope": scope, "name": name, "rse": dst_rse} for name in bad],
+                f"multisite repair: {destination.name}'s copy is missing or differs from its registered "
+                f"size and adler32 (hand-off {label})",
+            )
+            problems = [f"{rse}: {entry}" for rse, entries in (refused or {}).items() for entry in entries]
+            if problems := [p for p in problems if "Already declared" not in p]:
+                raise RucioHandoffError(
+                    f"Repair of hand-off {label}: Rucio did not accept these replicas at {dst_rse} as bad:\n"
+                    f"{_listing(problems)}\nNothing was changed for them. A Rucio admin can declare them: "
+                    f"rucio replica state update bad --reason REASON --lfn --scope {scope} --rse {dst_rse} "
+                    "FILE_OF_NAMES; then rerun the repair."
+                )
+            _LOG.info(
+                "Rucio %s: declared %d replica(s) at %s bad for Rucio to recover:\n%s",
+                label,
+                len(bad),
+                dst_rse,
+                _listing(f"{d.record.name}: {d.problem}" for d in damage),
+            )
+        waited = bad + in_recovery
+
+        def recovering() -> list[str]:
+            return [n for n, state in self._replica_states(dst_rse, waited).items() if state != "AVAILABLE"]
+
+        self._wait(
+            rule_id,
+            files,
+            label,
+            dst_rse,
+            recovering=recovering,
+            note=f"The damaged files at {destination.name} are not repaired yet.",
+        )
+        if still := self._damage(root, files, label, waited):
+            raise damaged_files(
+                f"Repair of hand-off {label}",
+                destination.name,
+                still,
+                root,
+                note="Rucio reports them recovered, yet they still differ.",
+                fix=f"Check their replicas at the source RSE {self._rse(source)} (rucio replica list file "
+                f"{scope}:NAME), then run {repair_command(destination.name)} again.",
+            )
+        return repair_outcome("repaired", len(files), waited)

@@ -1,33 +1,39 @@
-"""Campaign status: site by unit by stage, from the markers and the event log.
+"""Campaign status: site by unit by stage, from the markers, the event log and the heartbeats.
 
 Works from any site's view (its own markers and events) and, at the central
 site, for the whole campaign: event logs that hand-offs carried there are read
-from the central Butler.
+from the central Butler. A step whose last event says it runs (or waits) is dead
+when its heartbeat file names a process gone from this host or stopped beating
+(`multisite.lock.stale_heartbeat`); the status then says how to resume its instance.
 """
 
 from __future__ import annotations
 
-__all__ = ("Cell", "campaign_events", "campaign_status", "format_status")
+__all__ = ("Cell", "campaign_events", "campaign_status", "format_status", "resume_command")
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import Campaign
 from .events import Event, read_events
 from .flow import CENTRAL_CHUNK, Handoff, handoffs, stage_chunks, stage_dependencies
 from .layout import Layout
+from .lock import Owner, stale_heartbeat
 from .markers import read_marker
 from .metadata import carried_events
-from .states import STATE_OF_EVENT, EventKind, StepState
+from .states import LIVE_EVENT_KINDS, STATE_OF_EVENT, EventKind, StepState
 
 _LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Cell:
-    """State of one step (a stage for a unit at a site, or a hand-off for a site)."""
+    """State of one step (a stage for a unit at a site, or a hand-off for a site).
+
+    ``last_seen`` is the time of a dead step's last heartbeat.
+    """
 
     site: str
     unit: str
@@ -36,6 +42,23 @@ class Cell:
     since: str = ""
     detail: str = ""
     log: str = ""
+    last_seen: str = ""
+
+    @property
+    def last_seen_note(self) -> str:
+        """`` (last seen <time>)`` for a dead step, else nothing."""
+        return f" (last seen {self.last_seen})" if self.last_seen else ""
+
+
+def resume_command(owner: Owner) -> str:
+    """Return how to resume the instance of a dead step: unlock Snakemake, then run again, where it ran."""
+    if owner.instance and owner.instance != "all":
+        run = f"snakemake --profile {owner.instance}"
+        unlock = f"{run} --unlock"
+    else:
+        unlock, run = "snakemake --unlock", "snakemake --rerun-incomplete"
+    where = f" in {owner.directory}" if owner.directory else ""
+    return f"resume its instance{where} with `{unlock}`, then `{run}` (with the first run's other options)"
 
 
 def campaign_events(campaign: Campaign, from_butler: bool = True) -> list[Event]:
@@ -50,15 +73,20 @@ def campaign_events(campaign: Campaign, from_butler: bool = True) -> list[Event]
 
 
 def _latest(events: Iterable[Event]) -> dict[tuple[str, str], Event]:
+    """Return the last event of each (step, site), with the log of its run when it names none (waiting)."""
     latest: dict[tuple[str, str], Event] = {}
     for event in events:
         if event.kind in STATE_OF_EVENT:
-            latest[(event.step, event.site)] = event
+            key = (event.step, event.site)
+            earlier = latest.get(key)
+            if "log" not in event.details and earlier is not None and "log" in earlier.details:
+                event = replace(event, details={**event.details, "log": earlier.details["log"]})
+            latest[key] = event
     return latest
 
 
-def _state(marker: Path, step: str, site: str, latest: dict) -> Cell | None:
-    """State from the marker (done) or the last event (running, failed, waiting)."""
+def _state(layout: Layout, marker: Path, step: str, site: str, latest: dict) -> Cell | None:
+    """State from the marker (done), or the last event (running, failed, waiting) and the heartbeat (dead)."""
     if marker.exists():
         content = read_marker(marker)
         return Cell(site, "", step, StepState.DONE, content.get("finished", ""), content.get("backend", ""))
@@ -67,6 +95,9 @@ def _state(marker: Path, step: str, site: str, latest: dict) -> Cell | None:
         return None
     state = STATE_OF_EVENT[event.kind]
     log = event.details.get("log", "")
+    if event.kind in LIVE_EVENT_KINDS and (dead := stale_heartbeat(layout.heartbeat(event.instance, step))):
+        detail = f"{dead.reason}; {resume_command(dead.owner)}"
+        return Cell(site, "", step, StepState.DEAD, event.time, detail, log, dead.last_seen)
     detail = _last_line(log) if state == StepState.RUNNING else event.message
     if event.kind == EventKind.STUCK:
         detail = f"stuck transfer: {detail}"
@@ -109,15 +140,12 @@ def campaign_status(
             marker = layout.handoff_marker(handoff.name, processing.name)
             sent = layout.sent_marker(handoff.name, processing.name)
             # A site instance knows a hand-off it sent to another instance by its "sent" marker.
-            cell = _state(
-                marker if marker.exists() or not sent.exists() else sent, step, processing.name, latest
-            )
+            known = marker if marker.exists() or not sent.exists() else sent
+            cell = _state(layout, known, step, processing.name, latest)
             source = processing.name if handoff.to_central else campaign.central.name
             if cell is None:
                 cell = _handoff_waiting(campaign, handoff, processing.name, source)
-            cells.append(
-                Cell(processing.name, handoff.name, step, cell.state, cell.since, cell.detail, cell.log)
-            )
+            cells.append(replace(cell, site=processing.name, unit=handoff.name, step=step))
             if cell.state == StepState.DONE:
                 done_at[step] = cell.since
     for stage in campaign.stages:
@@ -126,13 +154,11 @@ def campaign_status(
             for chunk, units in stage_chunks(campaign, runner.name, stage).items():
                 step = Layout.chunk_step(runner.name, stage.name, chunk)
                 marker = layout.chunk_marker(runner.name, stage.name, chunk)
-                cell = _state(marker, step, runner.name, latest)
+                cell = _state(layout, marker, step, runner.name, latest)
                 if cell is None:
                     cell = _waiting(campaign, stage.is_central, runner.name, incoming, done_at)
                 for unit in [CENTRAL_CHUNK] if stage.is_central else units:
-                    cells.append(
-                        Cell(runner.name, unit, stage.name, cell.state, cell.since, cell.detail, cell.log)
-                    )
+                    cells.append(replace(cell, site=runner.name, unit=unit, step=stage.name))
     if site is not None:
         # A site's view: its own steps, and the central stages it depends on.
         cells = [c for c in cells if c.site == site or c.unit == CENTRAL_CHUNK]
@@ -187,5 +213,6 @@ def format_status(cells: list[Cell], campaign: Campaign) -> str:
             what = cell.step if Layout.is_handoff_step(cell.step) else f"{cell.step} {cell.unit}"
             since = f" since {cell.since}" if cell.since else ""
             log = f" (log: {cell.log})" if cell.log else ""
-            lines.append(f"  {cell.state.upper()}: {what} at {cell.site}{since}: {cell.detail}{log}")
+            state = f"{cell.state.upper()}{cell.last_seen_note}"
+            lines.append(f"  {state}: {what} at {cell.site}{since}: {cell.detail}{log}")
     return "\n".join(lines)

@@ -3,6 +3,8 @@
 Scripts under ``scripts/`` are one-liners over `run_rule`: it logs to the rule's
 log file, loads the validated campaign, runs the step and writes its provenance
 to every marker the rule declares, atomically and only if the step succeeded.
+While the step runs, its heartbeat file is touched every ``status.heartbeat_s``
+seconds, so that ``multisite status`` tells a killed step from a running one.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .config import Campaign, load_campaign
 from .errors import event_kind
 from .events import EventLog, notify
 from .layout import step_id
+from .lock import Heartbeat, Owner
 from .markers import write_marker
 from .states import EventKind
 
@@ -44,25 +47,30 @@ def run_rule(snakemake: Any, step: Callable[[Campaign], dict[str, Any] | None]) 
     wildcards = dict(snakemake.wildcards.items())
     step_name = step_id(snakemake.rule, wildcards)
     site = wildcards.get("site") or getattr(snakemake.params, "site", None) or campaign.central.name
-    events = EventLog(campaign.layout.events, campaign.instance or "all")
-    events.record(EventKind.STARTED, step_name, site, log=str(log_path.resolve()))
-    try:
-        content = step(campaign)
-    except Exception as err:
-        log.error("%s failed: %s", step_name, err)
-        kind = event_kind(err)
-        event = events.record(
-            kind, step_name, site, str(err).splitlines()[0], log=str(log_path.resolve()), error=str(err)
-        )
-        notify(campaign.notify, event, campaign.name)
-        # One clear message for the operator instead of a traceback through Snakemake's script wrapper.
-        print(f"\n{snakemake.rule}: {err}\n(log: {log_path})", file=sys.stderr)
-        sys.exit(1)
-    if content is not None:
-        for output in snakemake.output:
-            if output.endswith(".json"):
-                write_marker(output, content | {"rule": snakemake.rule, "marker": str(output)})
-    event = events.record(EventKind.DONE, step_name, site, _summary(content), marker=content or {})
+    instance = campaign.instance or "all"
+    events = EventLog(campaign.layout.events, instance)
+    heartbeat = Heartbeat(
+        campaign.layout.heartbeat(instance, step_name), campaign.heartbeat_s, Owner.this_process(instance)
+    )
+    # The heartbeat file exists from before the started event to after the done or failed one.
+    with heartbeat:
+        log_file = str(log_path.resolve())
+        events.record(EventKind.STARTED, step_name, site, log=log_file, heartbeat_s=campaign.heartbeat_s)
+        try:
+            content = step(campaign)
+        except Exception as err:
+            log.error("%s failed: %s", step_name, err)
+            message = (str(err).splitlines() or [type(err).__name__])[0]
+            event = events.record(event_kind(err), step_name, site, message, log=log_file, error=str(err))
+            notify(campaign.notify, event, campaign.name)
+            # One clear message for the operator instead of a traceback through Snakemake's script wrapper.
+            print(f"\n{snakemake.rule}: {err}\n(log: {log_path})", file=sys.stderr)
+            sys.exit(1)
+        if content is not None:
+            for output in snakemake.output:
+                if output.endswith(".json"):
+                    write_marker(output, content | {"rule": snakemake.rule, "marker": str(output)})
+        event = events.record(EventKind.DONE, step_name, site, _summary(content), marker=content or {})
     notify(campaign.notify, event, campaign.name)
     log.info("%s done.", step_name)
 

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from lsst.daf.butler import Butler
+from lsst.daf.butler import Butler, CollectionType
 
 from multisite.cli import main
 from multisite.config import load_campaign
+from multisite.consistency import check_campaign, find_orphans
 from multisite.demo.images import SkyImageFormatter
 from multisite.errors import QAFailed
 from multisite.handoff import run_handoff
@@ -30,7 +31,7 @@ from multisite.placement import read_placement
 from multisite.qa import run_qa
 from multisite.status import campaign_status, format_status
 
-from .conftest import BIN, REPO, Webhook, browser_dom, demo_config, snakemake
+from .conftest import BIN, REPO, Webhook, browser_dom, demo_config, snakemake, snakemake_command
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -265,3 +266,181 @@ def test_5_reruns_duplicate_nothing(campaign_dir, campaign):
     }
     result = snakemake(campaign_dir, "-n")
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+RAL_STEP1 = "work/markers/stage/ral/step1/c0000.json"
+"""A finished chunk of the first stage, as Snakemake names it from the campaign directory."""
+RAL_T0P2 = "work/markers/stage/ral/step3/t0p2.json"
+"""A finished chunk of the last stage (what depends on it: its stage, a hand-off and the QA)."""
+RECIPE = ("--force", RAL_T0P2)
+"""The README's recipe to rerun a finished chunk on purpose: force that one job."""
+
+
+def _check(capsys) -> tuple[int, str]:
+    """Run ``multisite check`` on the campaign (from its directory); return its exit code and output."""
+    code = main(["check", "config.yaml"])
+    return code, capsys.readouterr().out
+
+
+def _start(campaign_dir: Path, *args: str) -> subprocess.Popen:
+    """Start the workflow in a session of its own, to be killed with everything it started."""
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    return subprocess.Popen(
+        snakemake_command(campaign_dir, *args),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def _kill_once(process: subprocess.Popen, happened, timeout: float = 600) -> None:
+    """SIGKILL a run's whole session as soon as ``happened()`` is true."""
+    deadline = time.monotonic() + timeout
+    while not happened():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, "what the kill waits for did not happen"
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _files(directory: Path) -> set[Path]:
+    return {path for path in directory.rglob("*") if path.is_file()}
+
+
+def test_7_check_finds_the_finished_campaign_consistent(campaign_dir, capsys, monkeypatch):
+    monkeypatch.chdir(campaign_dir)
+    code, out = _check(capsys)
+    assert code == 0, out
+    assert (
+        out == "Campaign demo: consistent; 11 chunk, 9 stage, 16 hand-off markers match the repositories.\n"
+    )
+    # Before its submission, every chunk checked its site's registry and datastore (never refused here).
+    marker = read_marker(markers(campaign_dir) / "stage" / "lancs" / "step1" / "c0000.json")
+    space = marker["preflight"]
+    assert space["checked"] and 0 < space["estimated_bytes"] < space["required_bytes"] < space["free_bytes"]
+    assert marker["output_bytes"]["single_visit_star"] > 0
+
+
+def test_8_the_rerun_recipe_runs_one_chunk_and_recovers_from_a_kill(campaign_dir, capsys, monkeypatch):
+    # The old recipe: --forcerun reads the target as one more rule; every chunk and what follows would run.
+    wrong = job_counts(snakemake(campaign_dir, "-n", "--forcerun", "run_stage", RAL_STEP1).stdout)
+    assert wrong["run_stage"] == 11 and wrong["total"] == 34
+    # The target first is right for a chunk of the first stage only: --forcerun forces every run_stage
+    # job the target needs, so a step3 chunk brings the four step1 chunks and step2 with it.
+    first = job_counts(snakemake(campaign_dir, "-n", RAL_STEP1, "--forcerun", "run_stage").stdout)
+    assert first == {"run_stage": 1, "total": 1}
+    later = job_counts(snakemake(campaign_dir, "-n", RAL_T0P2, "--forcerun", "run_stage").stdout)
+    assert later["run_stage"] == 6 and later["total"] > 6
+    # --force forces the target's own job only.
+    assert job_counts(snakemake(campaign_dir, "-n", *RECIPE).stdout) == {"run_stage": 1, "total": 1}
+
+    # Killed mid-way: Snakemake deleted the marker before the job, and nothing shows it is gone.
+    marker = campaign_dir / RAL_T0P2
+    _kill_once(_start(campaign_dir, *RECIPE), lambda: not marker.exists())
+    assert not marker.exists()
+    dry = snakemake(campaign_dir, "-n", check=False)
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+    monkeypatch.chdir(campaign_dir)
+    assert main(["summary", "config.yaml"]) == 0
+    assert "step3    ral      1/2 chunks done" in capsys.readouterr().out
+    # multisite check names it, and the command that restores it.
+    code, out = _check(capsys)
+    assert code == 1
+    assert "chunk t0p2 of step3 at ral: its marker is missing while the stage marker" in out
+    assert f"    redo: snakemake --cores 2 {RAL_T0P2}\n" in out
+
+    # The README: after a kill, unlock, then the same command again.
+    snakemake(campaign_dir, "--unlock")
+    rerun = snakemake(campaign_dir, *RECIPE)
+    assert job_counts(rerun.stdout + rerun.stderr) == {"run_stage": 1, "total": 1}
+    assert read_marker(marker)["quanta_run"] == 0
+    assert _check(capsys)[0] == 0
+
+
+def test_9_check_names_a_removed_chunk_marker_and_its_command_restores_it_alone(
+    campaign_dir, campaign, capsys, monkeypatch
+):
+    monkeypatch.chdir(campaign_dir)
+    marker = markers(campaign_dir) / "stage" / "usdf" / "step3" / "t0p0.json"
+    before = read_marker(marker)
+    marker.unlink()
+    code, out = _check(capsys)
+    [finding] = check_campaign(campaign).findings
+    assert code == 1 and finding.what == "chunk t0p0 of step3 at usdf" and finding.target == marker
+    assert "  chunk t0p0 of step3 at usdf: its marker is missing" in out
+    assert f"    redo: {finding.command()}\n" in out and finding.command().endswith("step3/t0p0.json")
+
+    restored = snakemake(campaign_dir, *finding.snakemake_args())
+    assert job_counts(restored.stdout + restored.stderr) == {"run_stage": 1, "total": 1}
+    after = read_marker(marker)
+    assert (
+        after["quanta_run"] == 0
+        and after["runs"] == before["runs"]
+        and after["datasets"] == before["datasets"]
+    )
+    assert _check(capsys)[0] == 0
+
+
+def test_10_a_failed_job_names_its_cause_and_a_killed_one_leaves_orphans_to_delete(
+    campaign_dir, campaign, capsys, monkeypatch
+):
+    monkeypatch.chdir(campaign_dir)
+    config = "config.yaml"
+    # The outputs of a chunk are lost at its site: check tells it from the markers and the repository.
+    ral = Butler.from_config(campaign.sites["ral"].repo, writeable=True)
+    chain = campaign.stage_chain("ral", "step3", "t0p5")
+    runs = [run for run in ral.collections.get_info(chain).children if run.startswith(f"{chain}/")]
+    ral.collections.remove_from_chain(chain, runs)
+    ral.removeRuns(runs)
+    [finding] = check_campaign(campaign).findings
+    assert finding.what == "chunk t0p5 of step3 at ral"
+    assert f"{chain} holds 0 deep_coadd of the 1 its marker records" in finding.problem
+    assert finding.snakemake_args() == ["work/markers/stage/ral/step3/t0p5.json", "--force"]
+
+    # Redone while its task fails: the rule's error and the status name the task's exception.
+    failed = snakemake(
+        campaign_dir, *finding.snakemake_args(), env={"MULTISITE_DEMO_FAIL": "makeCoadd:patch=5"}, check=False
+    )
+    assert failed.returncode != 0
+    cause = "RuntimeError: Injected failure for makeCoadd patch=5 (MULTISITE_DEMO_FAIL). (first error: "
+    assert f"run_stage: step3 at ral (chunk t0p5): 1 of 1 quanta failed: {cause}" in failed.stderr
+    assert re.search(re.escape(cause) + r"\S+/logs/step3/step3_demo\.stderr line \d+\)", failed.stderr)
+    assert main(["status", config, "--site", "ral"]) == 0
+    status = capsys.readouterr().out
+    assert "FAILED: step3 t0p5 at ral" in status and cause in status
+
+    # Redone again, killed while BPS writes the chunk's first files: a RUN never registered.
+    root = Path(campaign.sites["ral"].repo).resolve()
+    before = _files(root / chain)
+    _kill_once(_start(campaign_dir, *finding.snakemake_args()), lambda: bool(_files(root / chain) - before))
+    killed = sorted(path.relative_to(root) for path in _files(root / chain) - before)
+    fake = root / chain / "20000101T000000Z" / "deep_coadd" / "0" / "5" / "fake.fits"
+    fake.parent.mkdir(parents=True)
+    fake.write_bytes(b"orphan")
+    registry = Butler.from_config(campaign.sites["ral"].repo)
+    refs = registry.query_all_datasets(
+        registry.collections.query("*", collection_types=CollectionType.RUN), find_first=False, limit=None
+    )
+    known = {Path(uris.primaryURI.ospath) for uris in registry.get_many_uris(refs).values()}
+    exports = _files(root / "handoff_exports")
+    assert main(["orphans", config, "--site", "ral"]) == 0
+    listing = capsys.readouterr().out
+    listed = find_orphans(campaign, "ral").files
+    assert fake.relative_to(root) in listed and set(killed) <= set(listed), (killed, listed)
+    assert all(f"  {path}\n" in listing for path in listed)
+    assert f"Delete them with: multisite orphans {config} --site ral --delete" in listing
+
+    assert main(["orphans", config, "--site", "ral", "--delete"]) == 0
+    assert f"Deleted {len(listed)} orphaned files" in capsys.readouterr().out
+    assert not any((root / path).exists() for path in listed)
+    assert all(path.exists() for path in known) and _files(root / "handoff_exports") == exports
+    assert find_orphans(campaign, "ral").files == ()
+
+    # The documented recovery restores the chunk; then the campaign is consistent again.
+    snakemake(campaign_dir, "--unlock")
+    snakemake(campaign_dir, *finding.snakemake_args())
+    assert read_marker(markers(campaign_dir) / "stage" / "ral" / "step3" / "t0p5.json")["quanta_run"] == 1
+    code, out = _check(capsys)
+    assert code == 0, out

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import time
 
 import pytest
@@ -27,6 +30,21 @@ def test_event_log_appends_and_reads_back(tmp_path):
     assert [e.kind for e in events] == ["started", "done"]
     assert events[1].details["marker"]["quanta_run"] == 40
     assert events[1].instance == "in2p3"
+    # Which process recorded it: the status tells a killed step by it (with its heartbeat).
+    assert {(e.host, e.pid) for e in events} == {(socket.gethostname(), os.getpid())}
+
+
+def test_logs_written_before_events_named_their_process_still_read(tmp_path):
+    line = {
+        "kind": "done",
+        "step": "qa",
+        "site": "usdf",
+        "instance": "all",
+        "time": "2026-11-25T16:39:20+00:00",
+    }
+    (tmp_path / "all.jsonl").write_text(json.dumps(line) + "\n")
+    (event,) = read_events([tmp_path / "all.jsonl"])
+    assert (event.kind, event.host, event.pid, event.details) == ("done", "", 0, {})
 
 
 def test_notifications_reach_the_webhook(tmp_path, webhook):

@@ -4,7 +4,9 @@ The session fixture starts the Rucio of ``tests/rucio_harness`` (and stops it by
 process id at the end); a missing piece fails loudly, it is never skipped. The
 tests of this module run in order on one pair of demo repositories: a hand-off
 end to end, an idempotent rerun, a corrupted source file, the server stopped in
-the middle, and no secret anywhere.
+the middle, no secret anywhere, site instances waiting for each other, and a file
+damaged and one deleted at the destination, caught by the rerun's verification and
+repaired through Rucio's own recovery (``multisite repair``).
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ import pytest
 from lsst.daf.butler import Butler, Config
 
 from multisite.backends import HandoffPayload
+from multisite.cli import main
 from multisite.config import load_campaign
 from multisite.demo.survey import SurveySpec, make_survey
-from multisite.errors import HandoffError, RucioHandoffError
+from multisite.errors import DamagedFilesError, HandoffError, RucioHandoffError
 from multisite.events import read_events
 from multisite.handoff import make_backend, receive_handoff, run_handoff, send_handoff
+from multisite.integrity import Manifest, adler32_of
 from multisite.layout import Layout
 from multisite.placement import compute_placement
 from multisite.rucio_backend import RucioBackend
@@ -83,12 +87,22 @@ def test_1_handoff_end_to_end(setup, caplog):
     assert rule["state"] == "OK" and rule["rse_expression"] == "IN2P3_BUTLER_DISK"
     assert rule["activity"] == "Data Consolidation" and rule["grouping"] == "DATASET"
     files = list(c.list_files(SCOPE, "multisite.demo.raws.in2p3"))
-    # every raw and the site's share of the placement, plus the Butler export file
+    # every raw and the site's share of the placement, plus the Butler export file and the manifest
     n_raws = marker["datasets"]["raw"]
     assert marker["datasets"] == {"campaign_placement": 1, "raw": n_raws}
-    assert len(files) == n_raws + 2 == info["files"]
-    assert any(f["name"] == "handoff_exports/demo/raws/in2p3.yaml" for f in files)
+    assert len(files) == n_raws + 3 == info["files"] == details["verified_files"]
+    names = {f["name"] for f in files}
+    assert {"handoff_exports/demo/raws/in2p3.yaml", "handoff_exports/demo/raws/in2p3.manifest.json"} <= names
     assert all(len(f["adler32"]) == 8 and f["bytes"] > 0 for f in files)
+    # The manifest, replicated with the files, records what Rucio registered, with each file's dataset.
+    manifest = Manifest.read(
+        Path(campaign.sites["in2p3"].repo) / "handoff_exports/demo/raws/in2p3.manifest.json"
+    )
+    registered = {f["name"]: (f["bytes"], f["adler32"]) for f in files}
+    assert {r.name: (r.bytes, r.adler32) for r in manifest.files} == {
+        name: value for name, value in registered.items() if not name.startswith("handoff_exports/")
+    }
+    assert {r.dataset_type for r in manifest.files} == {"raw", "campaign_placement"}
     # The container hierarchy: campaign > stage > hand-off dataset.
     assert [d["name"] for d in c.list_content(SCOPE, "multisite.demo")] == ["multisite.demo.raws"]
     assert "multisite.demo.raws.in2p3" in [d["name"] for d in c.list_content(SCOPE, "multisite.demo.raws")]
@@ -302,3 +316,57 @@ def test_6_site_instances_wait_for_what_another_sends(setup, caplog):
         "campaign_placement", collections=campaign.handoff_chain("lancs")
     )
     assert set(share["site"]) >= {"lancs"} and set(share[share["site"] == "lancs"]["unit"]) == {"t0p3"}
+
+
+def test_7_damaged_files_at_the_destination_are_caught_then_repaired_through_rucio(setup, capsys):
+    """A rerun re-verifies against Rucio's adler32; ``multisite repair`` has Rucio recover the files."""
+    campaign, placement, rucio = setup
+    in2p3 = campaign.sites["in2p3"]
+    root, central = Path(in2p3.repo), Path(campaign.central.repo)
+    dest = Butler.from_config(in2p3.repo)
+    refs = dest.query_datasets("raw", collections=campaign.raw_collection, limit=None)
+    n_datasets = len(dest.query_datasets("raw", collections="*", find_first=False, limit=None))
+    flipped, deleted = (Path(dest.getURI(ref).ospath) for ref in refs[:2])
+    damaged = bytearray(flipped.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(damaged))
+    deleted.unlink()
+    names = [str(path.relative_to(root)) for path in (flipped, deleted)]
+
+    # A rerun of the hand-off does not say "nothing to do": it re-verifies, and names both files.
+    with pytest.raises(DamagedFilesError) as caught:
+        run_handoff(campaign, "raws", "in2p3", placement)
+    message = str(caught.value)
+    for name, ref, problem in zip(names, refs[:2], ("same size, other content", "missing"), strict=True):
+        line = next(line for line in message.splitlines() if name in line)
+        assert "(raw {" in line and f"exposure: {ref.dataId['exposure']}" in line and problem in line, line
+    assert "multisite repair <campaign config> --site in2p3" in message
+    assert rucio.password not in message
+
+    # The operator's repair: Rucio's own recovery, no copy behind its back.
+    before = scope_state(campaign)
+    config = Path(campaign.workdir).parent / "config.yaml"
+    assert main(["repair", str(config), "--site", "in2p3"]) == 0
+    out = capsys.readouterr().out
+    assert "raws/in2p3           from usdf     repaired" in out and "2 fetched again and verified" in out, out
+    for name in names:
+        assert name in out
+        assert adler32_of(root / name) == adler32_of(central / name)
+        assert (root / name).read_bytes() == (central / name).read_bytes()
+    daemons_log = (rucio.logs / "daemons.log").read_text()
+    assert all(f"File {SCOPE}:{name} can be recovered" in daemons_log for name in names)
+    c = client(campaign)
+    states = {
+        r["name"]: r["states"].get("IN2P3_BUTLER_DISK")
+        for r in c.list_replicas([{"scope": SCOPE, "name": name} for name in names], all_states=True)
+    }
+    assert states == dict.fromkeys(names, "AVAILABLE")
+    assert scope_state(campaign) == before  # no new DID, no new rule: the same rule, back to OK
+
+    # The hand-off now verifies, and imports nothing twice.
+    marker = run_handoff(campaign, "raws", "in2p3", placement)
+    assert marker["backend_details"]["imported_datasets"] == 0
+    assert marker["backend_details"]["verified_files"] == marker["backend_details"]["rucio"]["files"]
+    assert not marker["backend_details"]["rucio"]["rule_created"]
+    dest = Butler.from_config(in2p3.repo)
+    assert len(dest.query_datasets("raw", collections="*", find_first=False, limit=None)) == n_datasets

@@ -23,7 +23,7 @@ from multisite.errors import (
 from multisite.events import NOTIFY_KINDS, EventLog, read_events
 from multisite.layout import Layout
 from multisite.lint import IGNORED_LINTS, check_workflow, unexpected_lints
-from multisite.states import STATE_OF_EVENT, EventKind, StepState
+from multisite.states import LIVE_EVENT_KINDS, STATE_OF_EVENT, EventKind, StepState
 
 CONDA = "Specify a conda environment or container for each rule."
 
@@ -31,28 +31,43 @@ CONDA = "Specify a conda environment or container for each rule."
 def test_step_states_in_order_of_progress():
     assert list(StepState) == [
         StepState.FAILED,
+        StepState.DEAD,
         StepState.WAITING,
         StepState.NOT_STARTED,
         StepState.RUNNING,
         StepState.DONE,
     ]
-    assert [state.rank for state in StepState] == [-1, 0, 1, 2, 3]
+    assert [state.rank for state in StepState] == [-1, -1, 0, 1, 2, 3]
     assert sorted(StepState, key=lambda state: state.rank)[-1] is StepState.DONE
 
 
 def test_step_state_properties():
-    assert [state for state in StepState if state.is_bad] == [StepState.FAILED]
-    assert {state for state in StepState if state.is_terminal} == {StepState.DONE, StepState.FAILED}
+    assert [state for state in StepState if state.is_bad] == [StepState.FAILED, StepState.DEAD]
+    assert {state for state in StepState if state.is_terminal} == {
+        StepState.DONE,
+        StepState.FAILED,
+        StepState.DEAD,
+    }
     assert {state for state in StepState if state.needs_attention} == {
         StepState.RUNNING,
         StepState.WAITING,
         StepState.FAILED,
+        StepState.DEAD,
     }
+    # Only a step whose process should be alive (running, or waiting for another site) can be dead.
+    assert {STATE_OF_EVENT[kind] for kind in LIVE_EVENT_KINDS} == {StepState.RUNNING, StepState.WAITING}
 
 
 def test_values_are_the_strings_of_the_log_the_status_and_the_report():
     assert [kind.value for kind in EventKind] == ["started", "waiting", "done", "failed", "stuck"]
-    assert [state.value for state in StepState] == ["failed", "waiting", "not started", "running", "done"]
+    assert [state.value for state in StepState] == [
+        "failed",
+        "dead",
+        "waiting",
+        "not started",
+        "running",
+        "done",
+    ]
     # Serialised as the plain value: f-strings, str(), format specs, JSON values and keys.
     assert (
         f"{StepState.NOT_STARTED}|{StepState.DONE:6s}|{StepState.FAILED.upper()}"
