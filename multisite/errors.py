@@ -14,6 +14,7 @@ __all__ = (
     "HandoffError",
     "InventoryError",
     "PlacementError",
+    "PlanChangedError",
     "PlanInputError",
     "QAFailed",
     "RucioHandoffError",
@@ -40,6 +41,37 @@ class CampaignConfigError(ValueError):
         self.problems = problems
         super().__init__(
             f"{source}: invalid campaign configuration:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
+class PlanChangedError(CampaignConfigError):
+    """The units table or the chunking changed after the campaign's plan was made.
+
+    Parameters
+    ----------
+    source : `str`
+        Where the configuration came from.
+    marker : `str`
+        The plan marker that records the plan the campaign runs.
+    changes : `list` [`str`]
+        Each unit moved, added or removed, and each changed field.
+    """
+
+    def __init__(self, source: str, marker: str, changes: list[str]):
+        self.changes = changes
+        listing = "\n".join(f"    {change}" for change in changes[:50])
+        more = f"\n    ... and {len(changes) - 50} more" if len(changes) > 50 else ""
+        super().__init__(
+            source,
+            [
+                f"units / stages: the plan differs from the one this campaign runs ({marker}):\n"
+                f"{listing}{more}\n"
+                "  Nothing was run: markers already written belong to the recorded plan, and running a "
+                "changed one would redo delivered work or mark a unit done where it did not run. Put the "
+                "units table and stages back as the plan marker records them (its 'plan' field), or start "
+                "the changed plan in a new work directory; moving units inside a running campaign is not "
+                "supported yet."
+            ],
         )
 
 

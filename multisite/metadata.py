@@ -27,7 +27,9 @@ from lsst.daf.butler import DatasetRef, DatasetType
 
 from .butler_utils import open_butler, repo_write_lock
 from .config import Campaign, Site
+from .errors import CampaignConfigError
 from .events import Event, read_events
+from .plan_version import plan_version
 
 EVENTS_DATASET_TYPE = "campaign_events"
 """Dataset type of an instance's event log, carried to the central site by hand-offs."""
@@ -76,12 +78,13 @@ def store_placement_share(
     """Store the placement rows a site needs in the central repository (once per content).
 
     The rows of every visit the site holds: enough for the site to find its raws,
-    its chunks and the visits it owns.
+    its chunks and the visits it owns. Its RUN, ``<root>/<site>/placement/<plan
+    version>/<digest>``, tells the site's instance which plan it belongs to.
     """
     rows = placement[placement["visit"].isin(placement.loc[placement["site"] == site, "visit"])]
     rows = rows.reset_index(drop=True)
     digest = hashlib.sha256(rows.to_csv(index=False).encode()).hexdigest()[:12]
-    run = f"{campaign.root_collection}/{site}/placement/{digest}"
+    run = f"{campaign.root_collection}/{site}/placement/{plan_version(campaign)}/{digest}"
     with repo_write_lock(central.repo), open_butler(central.repo, writeable=True) as butler:
         dataset_type = DatasetType(PLACEMENT_DATASET_TYPE, (), "DataFrame", universe=butler.dimensions)
         butler.registry.registerDatasetType(dataset_type)
@@ -91,6 +94,30 @@ def store_placement_share(
 
 
 def read_placement_share(campaign: Campaign, site: str) -> pd.DataFrame:
-    """Read the placement share the central site sent to ``site`` with its raws."""
+    """Read the placement share the central site sent to ``site`` with its raws.
+
+    Raises
+    ------
+    CampaignConfigError
+        Raised when the share belongs to another plan than this instance's
+        configuration makes (the instances' units tables or stages differ).
+    """
     butler = open_butler(campaign.sites[site].repo)
-    return butler.get(PLACEMENT_DATASET_TYPE, collections=campaign.handoff_chain(site))
+    ref = butler.find_dataset(PLACEMENT_DATASET_TYPE, collections=campaign.handoff_chain(site))
+    if ref is None:
+        raise LookupError(
+            f"{site}: no {PLACEMENT_DATASET_TYPE} in {campaign.handoff_chain(site)}; the raws hand-off "
+            "from the central site brings it"
+        )
+    central_version, own_version = ref.run.split("/")[-2], plan_version(campaign)
+    # A share sent before plans were versioned (``.../placement/<digest>``) is not checked.
+    if central_version not in ("placement", own_version):
+        raise CampaignConfigError(
+            f"instance {site}",
+            [
+                f"units / stages: the central site's plan is version {central_version} ({ref.run}), this "
+                f"instance's config makes version {own_version}: the two configs' units tables or stages "
+                f"differ. Give {site}'s instance the central site's units table and stages, then run again."
+            ],
+        )
+    return butler.get(ref)

@@ -39,6 +39,7 @@ from .errors import HandoffError
 from .integrity import Manifest, check_files, damaged_files, held_files, repair_command
 from .markers import provenance
 from .metadata import read_placement_share
+from .plan_version import plan_record
 
 _LOG = logging.getLogger(__name__)
 
@@ -238,7 +239,8 @@ def plan_placement(campaign: Campaign, placement_path: str | Path, summary_path:
     Returns
     -------
     marker : `dict`
-        The per-site summary, for the plan marker.
+        The per-site summary and the plan's version and shape
+        (`multisite.plan_version.plan_record`), for the plan marker.
     """
     started = datetime.now(UTC)
     if not campaign.runs_here(campaign.central.name):
@@ -281,6 +283,7 @@ def plan_placement(campaign: Campaign, placement_path: str | Path, summary_path:
         "duplication_factor": round(float(placement["bytes"].sum()) / unique_bytes, 4)
         if unique_bytes
         else None,
+        **plan_record(campaign),
         **provenance(started),
     }
 

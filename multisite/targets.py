@@ -147,13 +147,19 @@ class Targets:
         ]
 
     def sent_markers(self) -> list[Path]:
-        """Hand-offs this instance sends to another site's instance."""
+        """Hand-offs this instance sends to another site's instance and that have not arrived.
+
+        One already received in this work directory (an instance running every site
+        delivered it) has nothing left to send, so a site's preview lists only what
+        is left for it.
+        """
         return [
             self.layout.sent_marker(name, site)
             for name, handoff in self.handoffs.items()
             for site in self.processing
             for sender, receiver in [handoff.ends(self.campaign, site)]
             if self.campaign.runs_here(sender) and not self.campaign.runs_here(receiver)
+            if not self.layout.handoff_marker(name, site).exists()
         ]
 
     def campaign_targets(self) -> list[Path]:

@@ -11,6 +11,7 @@ from typing import Any
 from .config import Campaign, config_source, load_campaign
 from .errors import CampaignConfigError
 from .pipeline import missing_subsets
+from .plan_version import check_plan_unchanged
 
 
 def validate_campaign(config: Mapping[str, Any] | str | Path, base: str | Path = ".") -> Campaign:
@@ -37,9 +38,11 @@ def validate_campaign(config: Mapping[str, Any] | str | Path, base: str | Path =
     Raises
     ------
     CampaignConfigError
-        Raised with every problem found, each naming its field and its fix.
+        Raised with every problem found, each naming its field and its fix
+        (`multisite.errors.PlanChangedError` for a plan changed under a running campaign).
     """
     campaign = load_campaign(config, base)
+    check_plan_unchanged(campaign, config_source(config))
     try:
         missing = missing_subsets(campaign)
     except Exception as err:  # whatever reading or parsing the YAML raises, reported against its field

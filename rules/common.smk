@@ -34,11 +34,18 @@ def sending_inputs(wildcards):
 
 
 def handoff_inputs(wildcards):
-    return TARGETS.handoff_inputs(wildcards.handoff, wildcards.site)
+    inputs = TARGETS.handoff_inputs(wildcards.handoff, wildcards.site)
+    # A receive waits for its instance's own work for order only (a waiting rule holds a job
+    # slot): work finished after the hand-off arrived is no reason to receive it again.
+    if "own_work" in inputs:
+        inputs["own_work"] = [ancient(path) for path in inputs["own_work"]]
+    return inputs
 
 
 def plan_inputs(wildcards):
-    return TARGETS.plan_inputs()
+    # The plan reruns only when it is missing: it is versioned (multisite.plan_version), and a
+    # raws marker newer than it (another instance's) says nothing about it.
+    return {name: ancient(path) for name, path in TARGETS.plan_inputs().items()}
 
 
 def chunk_inputs(wildcards):

@@ -268,6 +268,13 @@ def test_5_reruns_duplicate_nothing(campaign_dir, campaign):
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("site", ["usdf", "in2p3", "ral", "lancs"])
+def test_5b_a_site_preview_after_one_instance_lists_nothing_left_for_it(campaign_dir, site):
+    """A facility reads its preview as what is left for it, though one instance did all the work."""
+    result = snakemake(campaign_dir, "-n", "--config", f"site={site}")
+    assert "Nothing to be done" in result.stdout + result.stderr, result.stdout[-3000:]
+
+
 RAL_STEP1 = "work/markers/stage/ral/step1/c0000.json"
 """A finished chunk of the first stage, as Snakemake names it from the campaign directory."""
 RAL_T0P2 = "work/markers/stage/ral/step3/t0p2.json"

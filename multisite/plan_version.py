@@ -1,0 +1,96 @@
+"""The version of a campaign's plan, and the refusal of a plan changed under a running campaign.
+
+The plan (which site runs which unit, and how each site's units are cut into
+chunks) decides every marker's meaning: ``stage/ral/step3/t0p1.json`` says that
+unit's step3 ran at ral. The plan marker records what the plan was made from (the
+units table, in order, and the config fields that shape chunks and placement) and
+its version, a digest of them. A campaign whose units table or chunking changed
+after its plan was made is refused before anything runs, naming what changed:
+running it would redo delivered work, and mark done at one site what another site ran.
+"""
+
+from __future__ import annotations
+
+__all__ = ("check_plan_unchanged", "plan_record", "plan_version")
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from .config import Campaign
+from .errors import PlanChangedError
+
+
+def _shape(campaign: Campaign) -> dict[str, Any]:
+    """Return what the plan is made of, as JSON-ready values."""
+    return {
+        "instrument": campaign.instrument,
+        "skymap": campaign.skymap,
+        "raw_collection": campaign.raw_collection,
+        "central": campaign.central.name,
+        "max_quanta": campaign.max_quanta,
+        "stages": [
+            [stage.name, stage.location, stage.units_per_chunk, stage.quanta_per_unit]
+            for stage in campaign.stages
+        ],
+        "units": [[unit.name, [list(cell) for cell in unit.cells], unit.site] for unit in campaign.units],
+    }
+
+
+def plan_version(campaign: Campaign) -> str:
+    """Return the version of the campaign's plan: a digest of its units table and chunking fields."""
+    text = json.dumps(_shape(campaign), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def plan_record(campaign: Campaign) -> dict[str, Any]:
+    """Return the plan marker's record of the plan: its version and what it was made from."""
+    return {"plan_version": plan_version(campaign), "plan": _shape(campaign)}
+
+
+def _differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Return, unit by unit and field by field, how the current plan differs from the recorded one."""
+    old = {name: (cells, site) for name, cells, site in recorded["units"]}
+    new = {name: (cells, site) for name, cells, site in current["units"]}
+    changes = []
+    for name in old.keys() & new.keys():
+        (old_cells, old_site), (new_cells, new_site) = old[name], new[name]
+        if old_site != new_site:
+            changes.append(f"unit {name} moved from {old_site} to {new_site}")
+        if old_cells != new_cells:
+            changes.append(f"unit {name} covers other tracts or patches")
+    changes += [f"unit {name} removed (was at {old[name][1]})" for name in old.keys() - new.keys()]
+    changes += [f"unit {name} added (at {new[name][1]})" for name in new.keys() - old.keys()]
+    if not changes and [u[0] for u in recorded["units"]] != [u[0] for u in current["units"]]:
+        changes.append("the units are in another order (which cuts each site's units into other chunks)")
+    changes += [
+        f"{field} changed from {recorded.get(field)!r} to {value!r}"
+        for field, value in current.items()
+        if field != "units" and recorded.get(field) != value
+    ]
+    return sorted(changes)
+
+
+def check_plan_unchanged(campaign: Campaign, source: str = "config") -> None:
+    """Refuse a campaign whose plan changed since its work directory's plan was made.
+
+    Nothing is checked before the plan exists (a new campaign), nor for a plan marker
+    written before plans were versioned.
+
+    Raises
+    ------
+    PlanChangedError
+        Raised naming each unit moved, added or removed and each changed field, and
+        how to go on.
+    """
+    marker = campaign.layout.placement_marker
+    if not marker.is_file():
+        return
+    recorded = json.loads(Path(marker).read_text()).get("plan")
+    if recorded is None:
+        return
+    current = _shape(campaign)
+    if recorded == current:
+        return
+    raise PlanChangedError(source, str(marker), _differences(recorded, current))
