@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 RUCIO_VENV := .rucio-venv
 CORES ?= 2
 
-.PHONY: setup profiles system-deps rucio-setup rucio-up rucio-down demo test lint bench bench-rucio bench-planner bench-dryrun clean slurm-setup slurm-up slurm-down htcondor-setup
+.PHONY: setup profiles system-deps rucio-setup rucio-up rucio-down demo test lint bench bench-rucio bench-planner bench-dryrun bench-forecast clean slurm-setup slurm-up slurm-down htcondor-setup
 
 setup: $(VENV)/.installed profiles
 
@@ -99,6 +99,9 @@ bench-planner: setup
 
 bench-dryrun: setup
 	$(BIN)/python benchmarks/bench_dryrun.py
+
+bench-forecast: setup
+	$(BIN)/python benchmarks/bench_forecast.py
 
 clean:
 	rm -rf work .snakemake

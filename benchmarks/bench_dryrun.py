@@ -30,6 +30,10 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SHARES = {"usdf": 0.35, "in2p3": 0.40, "lancs": 0.10, "ral": 0.15}
 COMPUTE_SITES = {"usdf": "SLAC", "in2p3": "CC-IN2P3", "lancs": "LANCS", "ral": "RAL"}
+# The facilities' capacities of the design documents (as in config/config.yaml), for `multisite forecast`:
+# cores, and each site's link to USDF in MB/s (Rucio: "several hundred MB/s for large moves").
+CORES = {"usdf": 6000, "in2p3": 3000, "lancs": 1000, "ral": 3000}
+WAN_MB_PER_S = {"in2p3": 300, "lancs": 300, "ral": 300}
 
 # drp_pipe's LSSTCam steps with estimated quanta per tract at DR1 density
 # (about 5,700 detector-visits, 30 visits and 100 patches x 6 bands per tract).
@@ -69,6 +73,8 @@ def write_campaign(directory: Path, scale: float) -> tuple[Path, int]:
                 "role": "central" if site == "usdf" else "remote",
                 "repo": f"/repo/{site}",
                 "bps": {"computeSite": compute, "computeCloud": "US" if site == "usdf" else "EU"},
+                "cores": CORES[site],
+                **({"wan_mb_per_s": WAN_MB_PER_S[site]} if site in WAN_MB_PER_S else {}),
             }
             for site, compute in COMPUTE_SITES.items()
         },

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import Campaign, load_campaign
 from .errors import CampaignConfigError, InventoryError, PlacementError, PlanInputError
+from .eta import estimate_completion, format_completion
 from .flow import handoffs, stage_chunks
 from .markers import read_marker
 from .report import render_report
-from .status import campaign_status, format_status
+from .status import campaign_events, campaign_status, format_status
 from .validate import validate_campaign
 
 if TYPE_CHECKING:
@@ -213,11 +215,7 @@ def _repair(campaign: Campaign, site: str) -> int:
     from .errors import HandoffError
     from .handoff import make_backend, repair_site
 
-    if site not in campaign.sites:
-        print(
-            f"--site: {site!r} is not a site of this campaign; choose one of {', '.join(campaign.sites)}",
-            file=sys.stderr,
-        )
+    if _unknown_site(campaign, site):
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("multisite").setLevel(logging.INFO)
@@ -242,13 +240,14 @@ def _repair(campaign: Campaign, site: str) -> int:
 
 def _unknown_site(campaign: Campaign, site: str | None) -> bool:
     """Whether ``--site`` names a site the campaign does not have (then say so on stderr)."""
-    if site is None or site in campaign.sites:
+    if site is None:
         return False
-    print(
-        f"--site: {site!r} is not a site of this campaign; choose one of {', '.join(campaign.sites)}",
-        file=sys.stderr,
-    )
-    return True
+    try:
+        campaign.require_site(site)
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return True
+    return False
 
 
 def _consistency(campaign: Campaign, args: argparse.Namespace) -> int:
@@ -267,6 +266,67 @@ def _consistency(campaign: Campaign, args: argparse.Namespace) -> int:
     except HandoffError as err:
         print(f"orphans {args.site}: {err}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _add_forecast_parser(commands: argparse._SubParsersAction) -> None:
+    """Add the ``forecast`` subcommand and its options."""
+    forecast = commands.add_parser(
+        "forecast",
+        help="simulate the campaign on the sites' cores and links: when each stage and hand-off runs, "
+        "the makespan against its lower bound, per-chunk and per-site hand-offs",
+    )
+    forecast.add_argument("config", type=Path, help="campaign config YAML")
+    forecast.add_argument(
+        "--flow",
+        choices=("per_chunk", "per_site", "both"),
+        default="both",
+        help="hand-offs cut along chunks, one per site (today's workflow), or both and the gain (default)",
+    )
+    forecast.add_argument(
+        "--chunks-per-handoff",
+        type=int,
+        metavar="N",
+        help="chunks in one hand-off of the per-chunk flow "
+        "(default the config's forecast.chunks_per_handoff, else 1)",
+    )
+    forecast.add_argument("--svg", type=Path, metavar="PATH", help="also write the timeline (Gantt SVG) here")
+
+
+def _forecast(campaign: Campaign, args: argparse.Namespace) -> int:
+    """Forecast the campaign in one flow or both; print the timeline table, the figures and the gain."""
+    from .forecast import ForecastError, forecast_campaign, format_forecast, format_gain, timeline_svg
+
+    if args.chunks_per_handoff is not None and args.chunks_per_handoff < 1:
+        print(
+            f"--chunks-per-handoff: {args.chunks_per_handoff} is below 1; "
+            "give 1 (a hand-off per chunk) or more",
+            file=sys.stderr,
+        )
+        return 2
+    flows = ("per_chunk", "per_site") if args.flow == "both" else (args.flow,)
+    try:
+        forecasts = [forecast_campaign(campaign, flow, args.chunks_per_handoff) for flow in flows]
+    except ForecastError as err:
+        print(f"{args.config}: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"Forecast of campaign {campaign.name}: {len(campaign.units)} units, {len(forecasts[0].sites)} sites"
+    )
+    for forecast in forecasts:
+        print(format_forecast(forecast))
+    if len(forecasts) == 2:
+        print(format_gain(*forecasts))
+    if args.svg:
+        try:
+            args.svg.write_text(timeline_svg(forecasts))
+        except OSError as err:
+            print(
+                f"--svg {args.svg}: cannot write the timeline there ({err}); give a writable file",
+                file=sys.stderr,
+            )
+            return 2
+        print(f"timeline: {args.svg}")
     return 0
 
 
@@ -289,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     for sub in subs.values():
         sub.add_argument("config", type=Path, help="campaign config YAML")
     _add_plan_parser(commands)
+    _add_forecast_parser(commands)
     repair = commands.add_parser(
         "repair",
         help="fetch the damaged or missing files a site received again from their source; verify them",
@@ -314,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.config}: valid; {len(campaign.sites)} sites, {len(campaign.units)} units")
             return 0
         campaign = load_campaign(args.config)
+        if args.command == "forecast":
+            return _forecast(campaign, args)
         if args.command == "repair":
             return _repair(campaign, args.site)
         if args.command in ("check", "orphans"):
@@ -321,7 +384,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             if _unknown_site(campaign, args.site):
                 return 2
-            print(format_status(campaign_status(campaign, site=args.site), campaign))
+            events = campaign_events(campaign)
+            cells = campaign_status(campaign, events, site=args.site)
+            print(format_status(cells, campaign))
+            completion = estimate_completion(cells, events, datetime.now(UTC))
+            print(format_completion(completion, campaign=args.site is None))
             return 0
         if args.command == "report":
             print(render_report(campaign, args.output or campaign.layout.report))

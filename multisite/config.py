@@ -86,6 +86,10 @@ class Site:
     repo: str
     create_repo: bool
     bps: Mapping[str, Any]
+    cores: int | None = None
+    """Cores the facility gives the campaign (``multisite forecast``)."""
+    wan_mb_per_s: float | None = None
+    """Throughput of its WAN link to the central site, MB/s (``multisite forecast``)."""
 
     @property
     def is_central(self) -> bool:
@@ -102,6 +106,8 @@ class Stage:
     bps: Mapping[str, Any] = field(default_factory=dict)
     units_per_chunk: int | None = None
     quanta_per_unit: int = 1
+    work_fraction: float | None = None
+    """Fraction of a unit's core-hours this stage takes (``multisite forecast``; `None`: not given)."""
 
     @property
     def is_central(self) -> bool:
@@ -165,10 +171,22 @@ class Campaign:
     """Checks before each chunk is submitted (``space_margin``, ``space_reserve_gb``; see `multisite.bps`)."""
     heartbeat_s: float = 30.0
     """Seconds between two heartbeats of a running step (``status.heartbeat_s``)."""
+    forecast: Mapping[str, Any] = field(default_factory=dict)
+    """Work and data estimates of ``multisite forecast`` (see `multisite.forecast`)."""
+    units_table: Path | None = None
+    """The units table file (its optional ``raws`` and ``core_hours`` columns feed the forecast)."""
 
     def runs_here(self, site: str) -> bool:
         """Whether this instance does ``site``'s work (every site's when no instance site is set)."""
         return self.instance is None or self.instance == site
+
+    def require_site(self, site: str) -> Site:
+        """Return a site named on a command line; raise `ValueError` naming the choices if there is none."""
+        if site not in self.sites:
+            raise ValueError(
+                f"--site: {site!r} is not a site of this campaign; choose one of {', '.join(self.sites)}"
+            )
+        return self.sites[site]
 
     @property
     def central(self) -> Site:
@@ -485,6 +503,17 @@ def load_campaign(config: Mapping[str, Any] | str | Path, base: str | Path = "."
     stage_names = [stage["name"] for stage in data["stages"]]
     if len(set(stage_names)) != len(stage_names):
         problems.append(f"stages: stage names must be unique, got {stage_names}")
+    fractions = [s["work_fraction"] for s in data["stages"] if "work_fraction" in s]
+    if sum(fractions) > 1 + 1e-9:
+        problems.append(
+            f"stages: the stages' work_fraction add up to {sum(fractions):g}, more than 1; "
+            "give fractions of a unit's core-hours that add up to 1 at most"
+        )
+    elif len(fractions) == len(data["stages"]) and abs(sum(fractions) - 1) > 1e-6:
+        problems.append(
+            f"stages: every stage has a work_fraction and they add up to {sum(fractions):g}; "
+            "make them add up to 1, or leave some out to share the rest"
+        )
     if data["stages"][0]["location"] != "site":
         problems.append("stages: the first stage must run at the sites (location: site), where the raws are")
     if data.get("site") is not None and data["site"] not in sites_cfg:
@@ -547,12 +576,21 @@ def load_campaign(config: Mapping[str, Any] | str | Path, base: str | Path = "."
                 s.get("bps", {}),
                 s.get("units_per_chunk"),
                 s.get("quanta_per_unit", 1),
+                s.get("work_fraction"),
             )
             for s in data["stages"]
         ),
         max_quanta=data.get("max_quanta", 100_000),
         sites={
-            name: Site(name, s["role"], paths[f"sites.{name}.repo"], s.get("create_repo", False), s["bps"])
+            name: Site(
+                name,
+                s["role"],
+                paths[f"sites.{name}.repo"],
+                s.get("create_repo", False),
+                s["bps"],
+                s.get("cores"),
+                s.get("wan_mb_per_s"),
+            )
             for name, s in sites_cfg.items()
         },
         units=tuple(units),
@@ -566,4 +604,6 @@ def load_campaign(config: Mapping[str, Any] | str | Path, base: str | Path = "."
         wait_interval=float(transfer.get("wait", {}).get("interval_s", Campaign.wait_interval)),
         preflight=data.get("preflight", {}),
         heartbeat_s=float(data.get("status", {}).get("heartbeat_s", Campaign.heartbeat_s)),
+        forecast=data.get("forecast", {}),
+        units_table=base / data["units"],
     )

@@ -17,7 +17,7 @@ Two sources of geometry, both `TractCentres`:
 
 from __future__ import annotations
 
-__all__ = ("TractCentres", "TractGeometry", "tracts_from_raws")
+__all__ = ("TractCentres", "TractGeometry", "nearest_spacing", "tracts_from_raws", "unit_vectors")
 
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -119,7 +119,7 @@ def tracts_from_raws(inventory: Inventory) -> TractCentres:
     for start in range(0, inventory.n_raws, _RAWS_PER_BLOCK):
         part = slice(start, start + _RAWS_PER_BLOCK)
         codes = inventory.tract_set[part]
-        vectors = _unit_vectors(inventory.ra[part].astype(np.float64), inventory.dec[part].astype(np.float64))
+        vectors = unit_vectors(inventory.ra[part].astype(np.float64), inventory.dec[part].astype(np.float64))
         for axis in range(3):
             set_sums[:, axis] += np.bincount(codes, weights=vectors[:, axis], minlength=len(sets))
     sums = np.zeros((n_tracts, 3))
@@ -146,15 +146,15 @@ def tracts_from_raws(inventory: Inventory) -> TractCentres:
     return TractCentres(ra, dec, ring, ra_min=_footprint_start(ra[known]))
 
 
-def _unit_vectors(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+def unit_vectors(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
     """Return the unit vectors ``(n, 3)`` of positions given in degrees."""
     ra, dec = np.radians(ra), np.radians(dec)
     return np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=1)
 
 
-def _spacing(ra: np.ndarray, dec: np.ndarray) -> float:
-    """Median angular distance from a tract to its nearest neighbour, degrees (of a sample of tracts)."""
-    vectors = _unit_vectors(ra, dec)
+def nearest_spacing(ra: np.ndarray, dec: np.ndarray) -> float:
+    """Median angular distance from a position to its nearest neighbour, degrees (of a sample of them)."""
+    vectors = unit_vectors(ra, dec)
     sample = np.unique(np.linspace(0, len(ra) - 1, min(len(ra), _SPACING_SAMPLE)).astype(np.int64))
     nearest = np.empty(len(sample))
     for start in range(0, len(sample), 256):
@@ -174,7 +174,7 @@ def _declination_rings(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
     """
     if len(dec) < 2:
         return np.zeros(len(dec), dtype=np.int64)
-    spacing = _spacing(ra, dec)
+    spacing = nearest_spacing(ra, dec)
     if spacing <= 0:
         return np.zeros(len(dec), dtype=np.int64)
     heights = spacing * _RING_HEIGHTS

@@ -388,11 +388,10 @@ def repair_site(campaign: Campaign, site: str, backend: TransferBackend) -> list
     DamagedFilesError
         Raised when a file could not be repaired (its source's copy differs too),
         naming it.
+    ValueError
+        Raised when ``site`` is not a site of the campaign.
     """
-    if site not in campaign.sites:
-        raise ValueError(
-            f"--site: {site!r} is not a site of this campaign; choose one of {', '.join(campaign.sites)}"
-        )
+    campaign.require_site(site)
     outcomes = []
     for label, source, destination in received_handoffs(campaign, site):
         outcome = {"handoff": label, "source": source.name} | backend.repair(source, destination, label)

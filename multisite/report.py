@@ -1,8 +1,10 @@
 """A static HTML campaign report: one file a person opens in a browser, no server.
 
-It shows the status grid, progress per site over time, data moved per hand-off,
-stage durations and the QA results. Plots are inline SVG, drawn here, so the
-report needs nothing but a browser.
+It shows the status grid, the estimated completion (from the pace in the event
+log, `multisite.eta`), the forecast's timeline (`multisite.forecast`, matplotlib),
+the placement as a sky map (`multisite.skymap`, skyproj), progress per site over
+time, data moved per hand-off, stage durations and the QA results. Every plot is
+inline SVG, so the report needs nothing but a browser.
 """
 
 from __future__ import annotations
@@ -17,11 +19,15 @@ from pathlib import Path
 import pandas as pd
 
 from .config import Campaign
+from .eta import estimate_completion
 from .events import Event
 from .flow import CENTRAL_CHUNK, handoffs, stage_chunks
+from .forecast import FLOWS, ForecastError, forecast_campaign, format_gain, timeline_svg
+from .geometry import TractGeometry
 from .markers import read_marker
+from .skymap import PositionsUnavailable, placement_svg, site_colours, unit_positions
 from .states import EventKind, StepState
-from .status import campaign_events, campaign_status
+from .status import Cell, campaign_events, campaign_status
 
 COLOURS = {
     StepState.DONE: "#2e7d32",
@@ -31,7 +37,6 @@ COLOURS = {
     StepState.DEAD: "#4a148c",
     StepState.NOT_STARTED: "#9e9e9e",
 }
-PALETTE = ["#1565c0", "#c62828", "#2e7d32", "#6a1b9a", "#ef6c00", "#00838f"]
 
 STYLE = """
 body { font-family: sans-serif; margin: 2em; color: #222; }
@@ -84,8 +89,9 @@ def _progress_svg(events: list[Event], sites: list[str], width: int = 640, heigh
         f'<text x="5" y="24" font-size="12">{top}</text>',
         f'<text x="5" y="{bottom}" font-size="12">0</text>',
     ]
+    colours = site_colours(sites)  # the same colour per site as in the sky map
     for index, site in enumerate(s for s in sites if s in series):
-        colour = PALETTE[index % len(PALETTE)]
+        colour = colours[site]
         path = [(x(0), y(0))]
         for t, n in series[site]:
             path += [(x(t), path[-1][1]), (x(t), y(n))]
@@ -116,7 +122,64 @@ def _bars_svg(rows: list[tuple[str, float]], unit: str, width: int = 640) -> str
     return "\n".join(parts)
 
 
-def render_report(campaign: Campaign, path: str | Path) -> Path:
+def _completion_section(cells: list[Cell], events: list[Event], now: datetime) -> list[str]:
+    """Return the estimated completion section: per site and for the campaign, done/total, pace, finish."""
+    completion = estimate_completion(cells, events, now)
+    hours = completion.window.total_seconds() / 3600.0
+    parts = [
+        "<h2>Estimated completion</h2>",
+        f"<p>From the pace of the steps finished in the last {hours:g} h (or since the site started): "
+        "remaining steps / steps per hour. An extrapolation: every step counts alike, and central "
+        "stages waiting for every site's fan-in are not modelled.</p>",
+        "<table id='eta'><tr><th>site</th><th>steps done / total</th><th>steps per hour</th>"
+        "<th>estimated finish (UTC)</th><th>note</th></tr>",
+    ]
+    for estimate in (*completion.sites, completion.campaign):
+        rate = f"{estimate.rate_per_hour:.3g}" if estimate.rate_per_hour is not None else ""
+        finish = estimate.finish.astimezone(UTC).strftime("%Y-%m-%d %H:%M") if estimate.finish else ""
+        name = f"<b>{_e(estimate.site)}</b>" if estimate is completion.campaign else _e(estimate.site)
+        parts.append(
+            f"<tr data-site='{_e(estimate.site)}'><td>{name}</td><td>{estimate.done} / {estimate.total}</td>"
+            f"<td>{rate}</td><td class='finish'>{finish}</td><td class='note'>{_e(estimate.note)}</td></tr>"
+        )
+    parts.append("</table>")
+    return parts
+
+
+def _forecast_section(campaign: Campaign) -> list[str]:
+    """Return the "Forecast" section: the timeline of both flows (a Gantt chart), or why there is none."""
+    parts = ["<h2>Forecast</h2>"]
+    try:
+        forecasts = [forecast_campaign(campaign, flow) for flow in FLOWS]
+    except ForecastError as err:
+        return [*parts, f"<p id='forecast-missing'>No forecast: {_e(err)}</p>"]
+    parts.append(f"<pre id='forecast-gain'>{_e(format_gain(*forecasts))}</pre>")
+    return [*parts, timeline_svg(forecasts)]
+
+
+def _placement_section(campaign: Campaign, tracts: TractGeometry | None) -> list[str]:
+    """Return the placement section: the sky map of the units by site, or why there is none."""
+    parts = ["<h2>Placement</h2>"]
+    try:
+        positions = unit_positions(campaign, tracts)
+    except PositionsUnavailable as err:
+        return [*parts, f"<p id='placement-missing'>No sky map of the placement: {_e(err)}.</p>"]
+    missing = len(campaign.units) - len(positions)
+    note = f"; {missing} of {len(campaign.units)} units have no position there" if missing else ""
+    parts.append(
+        f"<p id='placement-source'>Units placed at {_e(positions.attrs.get('source', ''))}{note}.</p>"
+    )
+    parts.append(placement_svg(positions, list(campaign.sites)))
+    return parts
+
+
+def render_report(
+    campaign: Campaign,
+    path: str | Path,
+    *,
+    tracts: TractGeometry | None = None,
+    now: datetime | None = None,
+) -> Path:
     """Write the campaign report as one HTML file.
 
     Parameters
@@ -125,12 +188,18 @@ def render_report(campaign: Campaign, path: str | Path) -> Path:
         The campaign.
     path : `str` or `pathlib.Path`
         The HTML file to write.
+    tracts : `~multisite.geometry.TractGeometry`, optional
+        Tract centres for the sky map; by default the skymap registered in the
+        repository this instance reads (`multisite.skymap.unit_positions`).
+    now : `datetime.datetime`, optional
+        The report's time, for the estimated completion (default: now, UTC).
 
     Returns
     -------
     path : `pathlib.Path`
         The file written.
     """
+    now = now or datetime.now(UTC)
     events = campaign_events(campaign)
     cells = campaign_status(campaign, events)
     layout = campaign.layout
@@ -138,7 +207,7 @@ def render_report(campaign: Campaign, path: str | Path) -> Path:
     counts = pd.Series([c.state for c in cells]).value_counts().to_dict()
     body = [
         f"<h1>Campaign {_e(campaign.name)}</h1>",
-        f"<p>Report of {datetime.now(UTC).isoformat(timespec='seconds')}; central site "
+        f"<p>Report of {now.isoformat(timespec='seconds')}; central site "
         f"{_e(campaign.central.name)}; steps: "
         + ", ".join(f"{n} {_e(state)}" for state, n in sorted(counts.items()))
         + "</p>",
@@ -178,6 +247,10 @@ def render_report(campaign: Campaign, path: str | Path) -> Path:
                 f"at {_e(cell.site)}{since}: {_e(cell.detail)}{log}</li>"
             )
         body.append("</ul>")
+
+    body += _completion_section(cells, events, now)
+    body += _forecast_section(campaign)
+    body += _placement_section(campaign, tracts)
 
     body.append("<h2>Progress per site</h2>")
     body.append(_progress_svg(events, list(campaign.sites)))
