@@ -9,8 +9,10 @@ already inside the destination Butler's datastore.
 
 One hand-off (``label`` ``<handoff>/<site>``) is, on the sending side:
 
-1. its files registered where they are (replicas at the source RSE, with size and
-   adler32), plus the hand-off's Butler export file (dimension records, dataset
+1. its files registered where they are with Rubin's ``lsst-rucio-register``
+   (`multisite.rubin_registration`: replicas at the source RSE, with size, adler32
+   and the ``rubin_butler``/``rubin_sidecar`` metadata of the facilities' ingest
+   daemons), plus the hand-off's Butler export file (dimension records, dataset
    types, RUN collections and dataset refs with their formatters) so the
    destination Butler accepts every dataset, and its manifest (each file's dataset
    type, data ID, size and adler32: `multisite.integrity`), all in one Rucio dataset
@@ -53,7 +55,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lsst.daf.butler import Butler, DatasetRef
 
@@ -72,13 +74,15 @@ from .integrity import (
     Damage,
     FileRecord,
     Manifest,
-    adler32_of,
     check_files,
     damaged_files,
     datastore_files,
     repair_command,
     with_descriptions,
 )
+
+if TYPE_CHECKING:
+    from .rubin_registration import RubinRegistrar
 
 _LOG = logging.getLogger(__name__)
 
@@ -452,8 +456,13 @@ class RucioBackend(TransferBackend):
         names: dict[str, str],
         label: str,
     ) -> dict[str, Any]:
-        """Register the hand-off's files (where they are) in its Rucio dataset; idempotent."""
-        client, scope, chunk = self.client, self.settings.scope, self.settings.chunk_size
+        """Register the hand-off's files (where they are) in its Rucio dataset; idempotent.
+
+        The dataset's files go first, with their refs as Rubin metadata
+        (`multisite.rubin_registration`); then the manifest, from the sizes and
+        checksums Rucio holds for them, and the Butler export.
+        """
+        client, scope = self.client, self.settings.scope
         records = self._files_of(butler, root, payload.refs)
         self._ensure_did(client.add_container, names["campaign_container"])
         self._ensure_did(client.add_container, names["stage_container"])
@@ -461,12 +470,7 @@ class RucioBackend(TransferBackend):
         self._attach(names["campaign_container"], [names["stage_container"]])
         self._attach(names["stage_container"], [names["dataset"]])
 
-        content = {
-            f["name"]: f
-            for f in self._call(
-                f"list the files of {scope}:{names['dataset']}", client.list_files, scope, names["dataset"]
-            )
-        }
+        content = self._content(names["dataset"])
         own = (names["manifest"], names["export"])
         extra = sorted(set(content) - set(records) - set(own))
         if extra:
@@ -474,90 +478,88 @@ class RucioBackend(TransferBackend):
                 f"Rucio dataset {scope}:{names['dataset']} holds {len(extra)} file(s) this hand-off does not "
                 f"move (was the hand-off's content changed since it was registered?):\n{_listing(extra)}"
             )
-        wanted = {name: _File(name, root / name) for name in records}
-        to_add = self._checksums(rse, list(wanted.values()), content)
+        # Imported here: lsst-rucio-register needs rucio-clients, which a butler-backend campaign may lack.
+        from .rubin_registration import RubinRegistrar
+
+        registrar = RubinRegistrar(butler, rse, scope, root, self._pfn_base(rse), self._call)
+        by_id = {str(ref.id): ref for ref in payload.refs}
+        missing = {name: by_id[r.dataset_id] for name, r in records.items() if name not in content}
+        if missing:
+            self._add_to_dataset(registrar, names["dataset"], missing)
+            content = self._content(names["dataset"])
         # The hand-off's own files, written once: their registered checksums must stay true.
         if names["manifest"] not in content:
             Manifest(
                 label,
                 tuple(
-                    replace(r, bytes=wanted[n].bytes, adler32=wanted[n].adler32) for n, r in records.items()
+                    replace(r, bytes=content[n]["bytes"], adler32=content[n]["adler32"])
+                    for n, r in records.items()
                 ),
             ).write(root / names["manifest"])
         if names["export"] not in content:
             write_export(butler, root, payload, names["export"])
-        own_files = [_File(name, root / name) for name in own]
-        to_add += self._checksums(rse, own_files, content)
-        wanted |= {f.name: f for f in own_files}
-        new = [f for name, f in wanted.items() if name not in content]
-        if new:
-            for part in _chunks(to_add, chunk):
-                self._add_replicas(rse, part)
-            for part in _chunks(new, chunk):
-                self._call(
-                    f"attach {len(part)} files to {scope}:{names['dataset']}",
-                    client.attach_dids,
-                    scope,
-                    names["dataset"],
-                    [{"scope": scope, "name": f.name} for f in part],
-                )
-        total = sum(f.bytes or 0 for f in wanted.values())
+        registrar.register_files(names["dataset"], [root / name for name in own if name not in content])
+        before, content = content, self._content(names["dataset"])
+        absent = sorted((set(records) | set(own)) - set(content))
+        if absent:
+            raise RucioHandoffError(
+                f"Rucio {label}: {len(absent)} file(s) are not in {scope}:{names['dataset']} after "
+                f"registration:\n{_listing(absent)}\nRerun the rule; what is registered is kept."
+            )
+        added = len(missing) + len(set(content) - set(before))
+        files = {name: _File(name, root / name, f["bytes"], f["adler32"]) for name, f in content.items()}
+        total = sum(f.bytes or 0 for f in files.values())
         _LOG.info(
             "Rucio %s: %d files (%d bytes) in %s:%s, %d registered now.",
             label,
-            len(wanted),
+            len(files),
             total,
             scope,
             names["dataset"],
-            len(new),
+            added,
         )
-        return {"files": wanted, "bytes": total, "added": len(new)}
+        return {"files": files, "bytes": total, "added": added}
 
-    def _checksums(self, rse: str, files: list[_File], content: dict[str, dict]) -> list[_File]:
-        """Give each file its size and adler32; return those to register as replicas at ``rse``.
+    def _content(self, dataset: str) -> dict[str, dict]:
+        """Files of a Rucio dataset, with Rucio's size and adler32, by name."""
+        scope = self.settings.scope
+        found = self._call(f"list the files of {scope}:{dataset}", self.client.list_files, scope, dataset)
+        return {f["name"]: f for f in found}
 
-        A file already in the hand-off's dataset, or with a replica at the RSE (e.g. a
-        raw going to two sites), keeps what Rucio has; the others are read.
+    def _pfn_base(self, rse: str) -> str:
+        """Return what the RSE's PFNs start with before ``/<scope>/<name>`` (``file:///prefix``)."""
+        scope, probe = self.settings.scope, "multisite.probe"
+        pfns = self._call(
+            f"read the PFNs of RSE {rse}", self.client.lfns2pfns, rse, [f"{scope}:{probe}"], operation="write"
+        )
+        return pfns[f"{scope}:{probe}"].removesuffix(f"/{scope}/{probe}")
+
+    def _add_to_dataset(self, registrar: RubinRegistrar, dataset: str, refs: dict[str, DatasetRef]) -> None:
+        """Put files in the hand-off's dataset: attach those registered at the RSE, register the others.
+
+        A file registered by another hand-off (a raw going to two sites) is attached
+        as it is; a concurrent hand-off registering the same file first only sends
+        the loop round once more.
         """
-        new = [f for f in files if f.name not in content]
-        for f in files:
-            if f.name in content:
-                f.bytes, f.adler32 = content[f.name]["bytes"], content[f.name]["adler32"]
-        existing: dict[str, dict] = {}
-        for part in _chunks(new, self.settings.chunk_size):
-            existing |= self._replicas_at(rse, part)
-        to_add = []
-        for f in new:
-            if f.name in existing:
-                f.bytes, f.adler32 = existing[f.name]["bytes"], existing[f.name]["adler32"]
-            else:
-                f.bytes, f.adler32 = f.path.stat().st_size, adler32_of(f.path)
-                to_add.append(f)
-        return to_add
-
-    def _add_replicas(self, rse: str, files: list[_File]) -> None:
-        """Register replicas, tolerating those another hand-off registered at the same moment.
-
-        Hand-offs of the same source files to several sites run concurrently (a
-        fan-out's visits shared by two sites): when one registers a file first, the
-        other's bulk call fails as a whole, so it registers what is still missing.
-        """
-        client, scope = self.client, self.settings.scope
-        replicas = [{"scope": scope, "name": f.name, "bytes": f.bytes, "adler32": f.adler32} for f in files]
-        try:
-            self._call(f"register {len(files)} replicas at {rse}", client.add_replicas, rse, replicas)
-        except RucioHandoffError as err:
-            if not any(word in str(err) for word in ("Duplicate", "already exists", "UniqueViolation")):
-                raise
-            present = self._replicas_at(rse, files)
-            missing = [r for r in replicas if r["name"] not in present]
-            _LOG.info(
-                "Rucio: %d of %d replicas were registered concurrently.",
-                len(replicas) - len(missing),
-                len(replicas),
-            )
-            if missing:
-                self._call(f"register {len(missing)} replicas at {rse}", client.add_replicas, rse, missing)
+        client, scope, chunk = self.client, self.settings.scope, self.settings.chunk_size
+        for _ in range(3):
+            content = self._content(dataset)
+            todo = sorted(name for name in refs if name not in content)
+            if not todo:
+                return
+            present: dict[str, dict] = {}
+            for part in _chunks(todo, chunk):
+                present |= self._replicas_at(registrar.rse, [_File(name, Path(name)) for name in part])
+            for part in _chunks([name for name in todo if name in present], chunk):
+                self._call(
+                    f"attach {len(part)} files to {scope}:{dataset}",
+                    client.attach_dids,
+                    scope,
+                    dataset,
+                    [{"scope": scope, "name": name} for name in part],
+                )
+            for part in _chunks([refs[name] for name in todo if name not in present], chunk):
+                registrar.register_refs(dataset, part)
 
     def _replicas_at(self, rse: str, files: list[_File]) -> dict[str, dict]:
         """Replicas of ``files`` registered at ``rse`` (in any state), by name."""

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-from lsst.daf.butler import Butler, Config
+from lsst.daf.butler import Butler, Config, DatasetRef
+from lsst.rucio.register.rubin_meta import RubinMeta
 
 from multisite.backends import HandoffPayload
 from multisite.cli import main
@@ -103,6 +104,16 @@ def test_1_handoff_end_to_end(setup, caplog):
         name: value for name, value in registered.items() if not name.startswith("handoff_exports/")
     }
     assert {r.dataset_type for r in manifest.files} == {"raw", "campaign_placement"}
+    # Registered by lsst-rucio-register: each file carries Rubin's metadata, which its own models
+    # parse back into the very DatasetRef the central Butler holds.
+    central = Butler.from_config(campaign.central.repo)
+    for record in manifest.files[:5]:
+        meta = RubinMeta.model_validate(c.get_metadata(SCOPE, record.name, plugin="ALL"))
+        ref = DatasetRef.from_json(meta.rubin_sidecar, universe=central.dimensions)
+        assert ref == central.get_dataset(record.dataset_id)
+        assert meta.rubin_butler == ("raw_file" if record.dataset_type == "raw" else "data_product")
+    export_meta = c.get_metadata(SCOPE, "handoff_exports/demo/raws/in2p3.yaml", plugin="ALL")
+    assert export_meta["rubin_butler"] == "dim_file"
     # The container hierarchy: campaign > stage > hand-off dataset.
     assert [d["name"] for d in c.list_content(SCOPE, "multisite.demo")] == ["multisite.demo.raws"]
     assert "multisite.demo.raws.in2p3" in [d["name"] for d in c.list_content(SCOPE, "multisite.demo.raws")]
