@@ -6,6 +6,7 @@ __all__ = ("prepare_repo", "make_demo_survey")
 
 import dataclasses
 import logging
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ def prepare_repo(campaign: Campaign, site: str) -> dict[str, Any]:
     ------
     FileNotFoundError
         Raised when the repository is missing and ``create_repo`` is false.
+    FileExistsError
+        Raised when the repository's directory holds files but no repository.
     """
     started = datetime.now(UTC)
     repo = campaign.sites[site].repo
@@ -36,7 +39,18 @@ def prepare_repo(campaign: Campaign, site: str) -> dict[str, Any]:
                 f"sites.{site}.repo: no Butler repository at {repo}; create it or set create_repo: true"
             )
         seed = Config(campaign.repo_seed) if campaign.repo_seed else None
-        Butler.makeRepo(repo, config=seed)
+        # Made beside it, then renamed into place: a kill in the middle leaves no half-made
+        # repository (a butler.yaml without its registry's tables) for a rerun to take as whole.
+        partial = Path(repo).with_name(f"{Path(repo).name}_partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        Butler.makeRepo(str(partial), config=seed)
+        try:
+            partial.rename(repo)
+        except OSError as err:
+            raise FileExistsError(
+                f"sites.{site}.repo: {repo} holds files but no butler.yaml ({err}); empty it, or point "
+                "repo at a new directory"
+            ) from None
         created = True
         _LOG.info("Created Butler repository %s for %s.", repo, site)
     with open_butler(repo) as butler:

@@ -27,6 +27,7 @@ from multisite.config import load_campaign
 from multisite.consistency import Finding, check_campaign, find_orphans
 from multisite.errors import CampaignConfigError, StageFailed
 from multisite.markers import write_marker
+from multisite.sites import prepare_repo
 
 from .conftest import demo_config
 
@@ -241,3 +242,25 @@ def test_orphans_are_listed_and_deleted_and_nothing_else(tmp_path, capsys):
 
     assert main(["orphans", config, "--site", "nowhere"]) == 2
     assert "--site: 'nowhere' is not a site of this campaign" in capsys.readouterr().err
+
+
+def test_a_repository_appears_whole_or_not_at_all(tmp_path):
+    """A kill in the middle of creating a site's repository leaves nothing a rerun takes for one."""
+    campaign = load_campaign(demo_config(tmp_path))
+    repo = Path(campaign.sites["ral"].repo)
+    # What a kill inside Butler.makeRepo leaves: the half-made repository beside the real path.
+    leftover = repo.with_name(f"{repo.name}_partial")
+    leftover.mkdir(parents=True)
+    (leftover / "butler.yaml").write_text("registry: {}\n")
+    assert prepare_repo(campaign, "ral")["created"]
+    assert not leftover.exists()
+    assert Butler.from_config(str(repo)).registry.queryDatasetTypes() == []
+    assert not prepare_repo(campaign, "ral")["created"]
+
+    # A directory of other files is not made a repository, and is left as it was.
+    lancs = Path(campaign.sites["lancs"].repo)
+    lancs.mkdir(parents=True)
+    (lancs / "notes.txt").write_text("not a repository")
+    with pytest.raises(FileExistsError, match="sites.lancs.repo: .* holds files but no butler.yaml"):
+        prepare_repo(campaign, "lancs")
+    assert sorted(p.name for p in lancs.iterdir()) == ["notes.txt"]
