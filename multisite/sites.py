@@ -73,10 +73,13 @@ def make_demo_survey(campaign: Campaign) -> dict[str, Any]:
     spec = SurveySpec(**campaign.demo.get("survey", {}))
     truth = campaign.truth_collection or f"{campaign.instrument}/truth"
     with repo_write_lock(central.repo), open_butler(central.repo, writeable=True) as butler:
-        if collection_exists(butler, campaign.raw_collection):
+        if _survey_written(butler, truth):
             n_raws = len(butler.query_datasets("raw", collections=campaign.raw_collection, limit=None))
             _LOG.info("%s already holds %d raws; not generating again.", campaign.raw_collection, n_raws)
         else:
+            # A survey is whole once its truth, written last, is there; what a kill left before is
+            # removed, and the survey made again (its dimension records are synced, not inserted).
+            _remove_partial_survey(butler, Path(central.repo), [campaign.raw_collection, truth])
             n_raws = make_survey(butler, spec, campaign.raw_collection, truth)
     return {
         "repo": central.repo,
@@ -86,3 +89,26 @@ def make_demo_survey(campaign: Campaign) -> dict[str, Any]:
         "survey": dataclasses.asdict(spec),
         **provenance(started),
     }
+
+
+def _survey_written(butler: Butler, truth: str) -> bool:
+    """Whether the demo survey is whole: its truth zero points, written last, are there."""
+    if not collection_exists(butler, truth) or not butler.registry.queryDatasetTypes("demo_truth_zeropoints"):
+        return False
+    return bool(butler.query_datasets("demo_truth_zeropoints", collections=truth, explain=False, limit=1))
+
+
+def _remove_partial_survey(butler: Butler, repo: Path, runs: list[str]) -> None:
+    """Remove what a killed survey left: its RUNs, their files and its staging directories."""
+    for run in runs:
+        if not collection_exists(butler, run):
+            continue
+        # removeRuns needs some dataset type registered; an empty RUN is only a collection.
+        if butler.registry.queryDatasetTypes():
+            butler.removeRuns([run])
+        else:
+            butler.registry.removeCollection(run)
+    for leftover in [*(repo / run for run in runs), *repo.glob("raws-*")]:
+        if leftover.is_dir():
+            _LOG.info("Removing %s, left by a survey that did not finish.", leftover)
+            shutil.rmtree(leftover)

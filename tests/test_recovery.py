@@ -27,7 +27,7 @@ from multisite.config import load_campaign
 from multisite.consistency import Finding, check_campaign, find_orphans
 from multisite.errors import CampaignConfigError, StageFailed
 from multisite.markers import write_marker
-from multisite.sites import prepare_repo
+from multisite.sites import make_demo_survey, prepare_repo
 
 from .conftest import demo_config
 
@@ -264,3 +264,21 @@ def test_a_repository_appears_whole_or_not_at_all(tmp_path):
     with pytest.raises(FileExistsError, match="sites.lancs.repo: .* holds files but no butler.yaml"):
         prepare_repo(campaign, "lancs")
     assert sorted(p.name for p in lancs.iterdir()) == ["notes.txt"]
+
+
+def test_a_survey_killed_half_way_is_made_again_whole(tmp_path):
+    """What a kill inside the demo survey left (an empty raw RUN, staged files) is cleared; it is made."""
+    campaign = load_campaign(demo_config(tmp_path))
+    prepare_repo(campaign, "usdf")
+    repo = Path(campaign.central.repo)
+    with Butler.from_config(str(repo), writeable=True) as butler:
+        butler.registry.registerRun(campaign.raw_collection)
+    (repo / "raws-leftover").mkdir()
+    (repo / "raws-leftover" / "raw_1000_0.npz").write_bytes(b"half")
+    made = make_demo_survey(campaign)
+    assert made["raws"] > 0 and not (repo / "raws-leftover").exists()
+    again = make_demo_survey(campaign)
+    assert again["raws"] == made["raws"]
+    butler = Butler.from_config(str(repo))
+    assert len(butler.query_datasets("raw", collections=campaign.raw_collection)) == made["raws"]
+    assert sorted(p.name for p in repo.glob("raws-*")) == []
