@@ -8,10 +8,6 @@ fault the operator's documented recovery is applied (``snakemake --unlock`` and
 and a rerun). The campaign must end with every QA check passing (each product equal to
 the single-site reference), no dataset stored twice at any site, no orphaned file in any
 datastore, and ``multisite check`` finding markers and Butlers consistent.
-
-The campaign is the session fixture ``demo_through_faults`` (conftest), which runs it
-with ``run_through_faults``: test_instances compares four site instances' final outputs
-with this single-instance run, so one campaign serves both.
 """
 
 from __future__ import annotations
@@ -21,14 +17,12 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from lsst.daf.butler import Butler
 
-from multisite.config import Campaign, load_campaign
+from multisite.config import load_campaign
 from multisite.markers import read_marker
 
 from .conftest import BIN, demo_config, snakemake, snakemake_command
@@ -66,10 +60,10 @@ def run_killed_after(directory: Path, seconds: float, *targets: str) -> bool:
             return True
 
 
-@contextmanager
-def small_filesystem(directory: Path) -> Iterator[Path]:
+@pytest.fixture
+def small_filesystem(tmp_path):
     """Mount a 12 MB tmpfs: room for lancs's repository and raws, not for its processing."""
-    mount = directory / "small"
+    mount = tmp_path / "small"
     mount.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], check=True)
     try:
@@ -113,46 +107,36 @@ def duplicated(campaign, site: str) -> list[str]:
     return found
 
 
-@dataclass
-class FaultedDemo:
-    """A demo campaign run to its end through the faults, and what the operator met on the way."""
-
-    directory: Path
-    config: Path
-    campaign: Campaign
-    damaged: Path
-    """The raw damaged at ral after it arrived."""
-    failed: subprocess.CompletedProcess
-    """The run that met the damaged raw and the full disk."""
-
-    @property
-    def work(self) -> Path:
-        return self.directory / "work"
-
-
-def run_through_faults(directory: Path, small: Path) -> FaultedDemo:
-    """Run the demo campaign in ``directory``, lancs's repository on ``small``, through the faults.
-
-    Each fault is followed by the README's recovery; what the checks need is returned.
-    """
+def test_demo_survives_kills_a_damaged_raw_and_a_full_disk(tmp_path, small_filesystem):
     print(f"fault seed {SEED} (set MULTISITE_FAULT_SEED to replay)")
     rng = random.Random(SEED)
-    config = demo_config(directory)
+    config = demo_config(tmp_path)
     text = config.read_text().replace(
-        str(directory / "work" / "sites" / "lancs" / "repo"), str(small / "lancs")
+        str(tmp_path / "work" / "sites" / "lancs" / "repo"), str(small_filesystem / "lancs")
     )
     config.write_text(text)
     campaign = load_campaign(config)
+    markers = campaign.layout.markers
 
     # 1. kill -9 at random moments while the sites are prepared and the raws travel.
-    raws = [
-        str(campaign.layout.handoff_marker("raws", s.name).relative_to(directory))
-        for s in campaign.processing_sites
-    ]
     for _ in range(2):
-        run_killed_after(directory, rng.uniform(8, 40), *raws)
+        run_killed_after(
+            tmp_path,
+            rng.uniform(8, 40),
+            *[
+                str(campaign.layout.handoff_marker("raws", s.name).relative_to(tmp_path))
+                for s in campaign.processing_sites
+            ],
+        )
     # The README's restart after a kill: the steps the kill interrupted are redone.
-    snakemake(directory, "--rerun-incomplete", *raws)
+    snakemake(
+        tmp_path,
+        "--rerun-incomplete",
+        *[
+            str(campaign.layout.handoff_marker("raws", s.name).relative_to(tmp_path))
+            for s in campaign.processing_sites
+        ],
+    )
 
     # 2. A raw damaged at ral after it arrived: verification names it, repair fixes it.
     ral = Butler.from_config(campaign.sites["ral"].repo)
@@ -163,32 +147,25 @@ def run_through_faults(directory: Path, small: Path) -> FaultedDemo:
     path.write_bytes(bytes(data))
 
     # 3. lancs's disk fills up before its processing.
-    ballast = fill(small, 256 * 1024)
+    ballast = fill(small_filesystem, 256 * 1024)
 
-    failed = snakemake(directory, "--keep-going", check=False)
+    failed = snakemake(tmp_path, "--keep-going", check=False)
+    assert failed.returncode != 0
+    output = failed.stdout + failed.stderr
+    assert path.name in output and "multisite repair" in output, output[-5000:]
+    assert "lancs" in output and ("free space" in output or "No space left" in output), output[-5000:]
 
     multisite("repair", str(config), "--site", "ral")
     ballast.unlink()
     multisite("orphans", str(config), "--site", "lancs", "--delete")
     # One more kill in the middle of the recovery run, then the documented restart.
-    run_killed_after(directory, rng.uniform(20, 90))
-    snakemake(directory, "--rerun-incomplete")
-    return FaultedDemo(directory, config, campaign, path, failed)
+    run_killed_after(tmp_path, rng.uniform(20, 90))
+    snakemake(tmp_path, "--rerun-incomplete")
 
-
-def test_demo_survives_kills_a_damaged_raw_and_a_full_disk(demo_through_faults):
-    demo = demo_through_faults
-    # The run that met the faults failed, naming the damaged raw, the repair, and lancs's full disk.
-    assert demo.failed.returncode != 0
-    output = demo.failed.stdout + demo.failed.stderr
-    assert demo.damaged.name in output and "multisite repair" in output, output[-5000:]
-    assert "lancs" in output and ("free space" in output or "No space left" in output), output[-5000:]
-
-    # After the recovery, the campaign is complete and clean.
-    qa = read_marker(demo.campaign.layout.markers / "qa" / "qa.json")
+    qa = read_marker(markers / "qa" / "qa.json")
     assert all(set(counts) == {"pass"} for counts in qa["summary"].values()), qa["summary"]
-    for site in demo.campaign.sites.values():
-        assert not duplicated(demo.campaign, site.name), site.name
-        orphans = multisite("orphans", str(demo.config), "--site", site.name)
+    for site in campaign.sites.values():
+        assert not duplicated(campaign, site.name), site.name
+        orphans = multisite("orphans", str(config), "--site", site.name)
         assert "no orphan" in orphans.stdout.lower(), orphans.stdout
-    assert multisite("check", str(demo.config)).returncode == 0
+    assert multisite("check", str(config)).returncode == 0
