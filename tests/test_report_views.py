@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import asdict, replace
@@ -16,7 +15,7 @@ from matplotlib.colors import to_hex
 
 from multisite.cli import main
 from multisite.config import load_campaign
-from multisite.demo.survey import SurveySpec
+from multisite.demo.survey import SurveySpec, insert_skymap
 from multisite.demo.synthetic import make_ring_tracts
 from multisite.eta import CAMPAIGN, FINISHED, estimate_completion
 from multisite.events import Event
@@ -173,41 +172,7 @@ def _demo_skymap_repo(campaign) -> SurveySpec:
     """Create the central repository holding the demo skymap's tract and patches (no raws)."""
     spec = SurveySpec()
     Butler.makeRepo(campaign.central.repo, config=Config(str(REPO / "multisite" / "demo" / "repo_seed.yaml")))
-    butler = Butler.from_config(campaign.central.repo, writeable=True)
-    size = spec.patch_pixels
-    butler.registry.syncDimensionData(
-        "skymap",
-        {
-            "name": spec.skymap,
-            "hash": hashlib.sha1(b"demo").digest(),
-            "tract_max": 1,
-            "patch_nx_max": spec.patches_x,
-            "patch_ny_max": spec.patches_y,
-        },
-    )
-    butler.registry.syncDimensionData(
-        "tract",
-        {
-            "skymap": spec.skymap,
-            "id": spec.tract,
-            "region": spec.box_polygon(0, 0, size * spec.patches_x, size * spec.patches_y),
-        },
-    )
-    butler.registry.insertDimensionData(
-        "patch",
-        *[
-            {
-                "skymap": spec.skymap,
-                "tract": spec.tract,
-                "id": iy * spec.patches_x + ix,
-                "cell_x": ix,
-                "cell_y": iy,
-                "region": spec.box_polygon(ix * size, iy * size, size, size),
-            }
-            for iy in range(spec.patches_y)
-            for ix in range(spec.patches_x)
-        ],
-    )
+    insert_skymap(Butler.from_config(campaign.central.repo, writeable=True), spec)
     return spec
 
 

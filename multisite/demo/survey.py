@@ -8,7 +8,7 @@ the truth (star magnitudes and each visit's injected zero-point error) for QA.
 
 from __future__ import annotations
 
-__all__ = ("SurveySpec", "TRUTH_COLLECTION_SUFFIX", "make_survey", "register_visit")
+__all__ = ("SurveySpec", "TRUTH_COLLECTION_SUFFIX", "insert_skymap", "make_survey", "register_visit")
 
 import hashlib
 import logging
@@ -67,7 +67,8 @@ class SurveySpec:
         )
 
 
-def _insert_skymap(butler: Butler, spec: SurveySpec) -> None:
+def insert_skymap(butler: Butler, spec: SurveySpec) -> None:
+    """Register the demo skymap, its tract and its patches (idempotent)."""
     registry = butler.registry
     p = spec.patch_pixels
     registry.syncDimensionData(
@@ -202,7 +203,7 @@ def make_survey(butler: Butler, spec: SurveySpec, raw_collection: str, truth_col
     instrument = DemoCam()
     name = instrument.getName()
     instrument.register(butler.registry)
-    _insert_skymap(butler, spec)
+    insert_skymap(butler, spec)
     registry = butler.registry
 
     width = spec.patch_pixels * spec.patches_x
