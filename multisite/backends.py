@@ -21,9 +21,11 @@ __all__ = (
     "HandoffPayload",
     "TransferBackend",
     "datastore_root",
+    "delete_datastore_files",
     "exported_dataset_ids",
     "handoff_file_name",
     "import_export",
+    "orphaned_files",
     "repair_outcome",
     "verify_received",
     "write_export",
@@ -34,13 +36,14 @@ import logging
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import lsst.daf.butler.transfers  # noqa: F401 - registers the !uuid YAML tag of Butler exports
 import yaml
-from lsst.daf.butler import Butler, DatasetRef, DimensionRecord
+from lsst.daf.butler import Butler, CollectionType, DatasetRef, DimensionRecord
 
 from .butler_utils import open_butler, repo_write_lock
 from .config import Site
@@ -323,6 +326,70 @@ def datastore_root(butler: Butler) -> Path:
     if len(roots) != 1 or roots[0].scheme not in ("file", ""):
         raise HandoffError(f"hand-offs need one local file datastore per repository, found roots {roots}")
     return Path(roots[0].ospath).resolve()
+
+
+def _known_files(butler: Butler, runs: list[str]) -> set[str]:
+    """Return the real paths of every file the registry refers to (stored or predicted) in ``runs``."""
+    refs = butler.query_all_datasets(runs, find_first=False, limit=None) if runs else []
+    known = set()
+    for uris in butler.get_many_uris(refs, predict=True).values():
+        for uri in (uris.primaryURI, *uris.componentURIs.values()):
+            if uri is not None and uri.isLocal:
+                known.add(os.path.realpath(uri.ospath))
+    return known
+
+
+def _files_under(top: Path) -> Iterator[Path]:
+    for directory, _, names in os.walk(top):
+        yield from (Path(directory) / name for name in names)
+
+
+def orphaned_files(butler: Butler, root: Path, prefix: str | None = None) -> list[Path]:
+    """Return the datastore files that no registry row refers to, stored or predicted.
+
+    A dataset's file lies under its RUN's name, so the files of failed or killed
+    attempts of RUNs ``<prefix>/...`` (a chunk's attempts) are the orphans under
+    ``root/<prefix>``, found against those RUNs alone. Without a prefix, every
+    directory of the datastore is looked at, apart from the hand-off exports
+    (`EXPORT_DIR`); files at the top (``butler.yaml``, ``gen3.sqlite3``, locks)
+    are the repository's own.
+
+    Parameters
+    ----------
+    butler : `lsst.daf.butler.Butler`
+        The repository.
+    root : `pathlib.Path`
+        Its datastore root (`datastore_root`).
+    prefix : `str`, optional
+        Look only at RUNs named ``<prefix>/...`` and their files.
+
+    Returns
+    -------
+    files : `list` [`pathlib.Path`]
+        The orphaned files, sorted.
+    """
+    if prefix is None:
+        runs = butler.collections.query("*", collection_types=CollectionType.RUN)
+        tops = [top for top in sorted(root.iterdir()) if top.is_dir() and not top.is_symlink()]
+        files = (path for top in tops if top.name != EXPORT_DIR for path in _files_under(top))
+    else:
+        runs = butler.collections.query(f"{prefix}/*", collection_types=CollectionType.RUN)
+        files = _files_under(root / prefix)
+    known = _known_files(butler, list(runs))
+    return sorted(path for path in files if os.path.realpath(path) not in known)
+
+
+def delete_datastore_files(files: list[Path], root: Path) -> None:
+    """Delete datastore files and the directories they leave empty, up to ``root`` (kept)."""
+    for path in files:
+        path.unlink()
+        for parent in path.parents:
+            if parent == root or root not in parent.parents:
+                break
+            try:
+                parent.rmdir()
+            except OSError:
+                break
 
 
 def write_export(butler: Butler, root: Path, payload: HandoffPayload, name: str) -> Path:

@@ -59,7 +59,7 @@ from lsst.daf.butler import Butler, CollectionType, DatasetRef
 from lsst.pipe.base import Pipeline
 from lsst.pipe.base.all_dimensions_quantum_graph_builder import AllDimensionsQuantumGraphBuilder
 
-from .backends import datastore_root
+from .backends import datastore_root, delete_datastore_files, orphaned_files
 from .butler_utils import collection_exists, ensure_in_chain, open_butler, repo_write_lock, run_tool
 from .config import Campaign, shell_unsafe
 from .errors import CampaignConfigError, HandoffError, StageFailed
@@ -835,6 +835,33 @@ def _write_lock(campaign: Campaign, site: str, what: str) -> Iterator[None]:
         yield
 
 
+def _remove_files_of_killed_attempts(
+    campaign: Campaign, site: str, stage: str, chunk: str, what: str
+) -> None:
+    """Delete the files a chunk's earlier attempts wrote and never registered (a killed ``bps submit``'s).
+
+    They lie under the chunk's RUNs (``<chunk chain>/<stamp>``), which only the
+    chunk's own attempts write, and an attempt's jobs end with its ``bps
+    submit``; so the chunk's next attempt removes them before it starts, and no
+    killed attempt leaves files behind for ``multisite orphans``.
+    """
+    butler = open_butler(campaign.sites[site].repo)
+    try:
+        root = datastore_root(butler)
+    except HandoffError:
+        return  # not one local directory: preflight says so
+    files = orphaned_files(butler, root, campaign.stage_chain(site, stage, chunk))
+    if files:
+        _LOG.warning(
+            "%s: deleting %d files of earlier attempts that no registry row refers to "
+            "(a killed submission's), e.g. %s.",
+            what,
+            len(files),
+            files[0].relative_to(root),
+        )
+        delete_datastore_files(files, root)
+
+
 def run_stage(
     campaign: Campaign, site: str, stage: str, chunk: str, submit_yaml: str | Path, placement: pd.DataFrame
 ) -> dict[str, Any]:
@@ -882,6 +909,7 @@ def run_stage(
     space: dict[str, Any] = {}
     with _write_lock(campaign, site, label):
         checks = preflight(campaign, site, label)
+        _remove_files_of_killed_attempts(campaign, site, stage, chunk, label)
         built = chunk_graph(campaign, site, stage, chunk, placement, qgraph_dir, stamp, flow)
         chain, quanta, n_quanta = built.chain, built.quanta, built.n_quanta
         if built.path is not None:

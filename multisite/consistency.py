@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lsst.daf.butler import Butler, CollectionType
+from lsst.daf.butler import Butler
 
-from .backends import EXPORT_DIR, datastore_root, exported_dataset_ids
+from .backends import EXPORT_DIR, datastore_root, delete_datastore_files, exported_dataset_ids, orphaned_files
 from .bps import chunk_refs
 from .butler_utils import collection_exists, open_butler, repo_write_lock
 from .config import Campaign
@@ -367,41 +367,6 @@ class Orphans:
     deleted: bool
 
 
-def _known_files(butler: Butler) -> set[str]:
-    """Return the real paths of every file the registry refers to (stored or predicted) in its RUNs."""
-    runs = butler.collections.query("*", collection_types=CollectionType.RUN)
-    refs = butler.query_all_datasets(runs, find_first=False, limit=None) if runs else []
-    known = set()
-    for uris in butler.get_many_uris(refs, predict=True).values():
-        for uri in (uris.primaryURI, *uris.componentURIs.values()):
-            if uri is not None and uri.isLocal:
-                known.add(os.path.realpath(uri.ospath))
-    return known
-
-
-def _datastore_files(root: Path) -> Iterator[Path]:
-    """Yield the files of a datastore: those in its directories, apart from the hand-off exports.
-
-    Files at the top (``butler.yaml``, ``gen3.sqlite3``, lock files) are the
-    repository's own, never a dataset's: a dataset's path starts with its RUN.
-    """
-    for top in sorted(root.iterdir()):
-        if top.is_dir() and not top.is_symlink() and top.name != EXPORT_DIR:
-            for directory, _, names in os.walk(top):
-                yield from (Path(directory) / name for name in names)
-
-
-def _remove_empty_parents(path: Path, root: Path) -> None:
-    """Remove the directories above ``path`` that are left empty, up to ``root`` (kept)."""
-    for parent in path.parents:
-        if parent == root or root not in parent.parents:
-            return
-        try:
-            parent.rmdir()
-        except OSError:
-            return
-
-
 def find_orphans(campaign: Campaign, site: str, delete: bool = False) -> Orphans:
     """List, and on request delete, the datastore files of a site that no registry row refers to.
 
@@ -434,13 +399,10 @@ def find_orphans(campaign: Campaign, site: str, delete: bool = False) -> Orphans
     with repo_write_lock(repo) if delete else contextlib.nullcontext():
         butler = open_butler(repo)
         root = datastore_root(butler)
-        known = _known_files(butler)
-        files = sorted(path for path in _datastore_files(root) if os.path.realpath(path) not in known)
+        files = orphaned_files(butler, root)
         nbytes = sum(path.lstat().st_size for path in files)
         if delete:
-            for path in files:
-                path.unlink()
-                _remove_empty_parents(path, root)
+            delete_datastore_files(files, root)
             _LOG.info("Deleted %d orphaned files (%d bytes) of %s under %s.", len(files), nbytes, site, root)
     return Orphans(site, root, tuple(path.relative_to(root) for path in files), nbytes, delete)
 

@@ -390,7 +390,7 @@ def test_9_check_names_a_removed_chunk_marker_and_its_command_restores_it_alone(
     assert _check(capsys)[0] == 0
 
 
-def test_10_a_failed_job_names_its_cause_and_a_killed_one_leaves_orphans_to_delete(
+def test_10_a_failed_job_names_its_cause_and_a_killed_ones_files_go_with_its_next_attempt(
     campaign_dir, campaign, capsys, monkeypatch
 ):
     monkeypatch.chdir(campaign_dir)
@@ -426,6 +426,9 @@ def test_10_a_failed_job_names_its_cause_and_a_killed_one_leaves_orphans_to_dele
     fake = root / chain / "20000101T000000Z" / "deep_coadd" / "0" / "5" / "fake.fits"
     fake.parent.mkdir(parents=True)
     fake.write_bytes(b"orphan")
+    stray = root / "DemoCam" / "runs" / "stray" / "left.fits"  # outside any chunk's RUNs
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"orphan")
     registry = Butler.from_config(campaign.sites["ral"].repo)
     refs = registry.query_all_datasets(
         registry.collections.query("*", collection_types=CollectionType.RUN), find_first=False, limit=None
@@ -435,19 +438,23 @@ def test_10_a_failed_job_names_its_cause_and_a_killed_one_leaves_orphans_to_dele
     assert main(["orphans", config, "--site", "ral"]) == 0
     listing = capsys.readouterr().out
     listed = find_orphans(campaign, "ral").files
-    assert fake.relative_to(root) in listed and set(killed) <= set(listed), (killed, listed)
+    in_chunk = {*killed, fake.relative_to(root)}
+    assert in_chunk | {stray.relative_to(root)} <= set(listed), (killed, listed)
     assert all(f"  {path}\n" in listing for path in listed)
     assert f"Delete them with: multisite orphans {config} --site ral --delete" in listing
 
-    assert main(["orphans", config, "--site", "ral", "--delete"]) == 0
-    assert f"Deleted {len(listed)} orphaned files" in capsys.readouterr().out
-    assert not any((root / path).exists() for path in listed)
-    assert all(path.exists() for path in known) and _files(root / "handoff_exports") == exports
-    assert find_orphans(campaign, "ral").files == ()
-
-    # The documented recovery restores the chunk; then the campaign is consistent again.
+    # The documented recovery restores the chunk; its next attempt first deletes what killed ones left.
     snakemake(campaign_dir, "--unlock")
     snakemake(campaign_dir, *finding.snakemake_args())
+    assert not any((root / path).exists() for path in in_chunk)
+    left = find_orphans(campaign, "ral").files
+    assert stray.relative_to(root) in left and not in_chunk & set(left), left
+    # What lies outside every chunk's RUNs is the operator's to delete.
+    assert main(["orphans", config, "--site", "ral", "--delete"]) == 0
+    assert f"Deleted {len(left)} orphaned files" in capsys.readouterr().out
+    assert not stray.exists() and not stray.parent.exists()
+    assert all(path.exists() for path in known) and _files(root / "handoff_exports") == exports
+    assert find_orphans(campaign, "ral").files == ()
     assert read_marker(markers(campaign_dir) / "stage" / "ral" / "step3" / "t0p5.json")["quanta_run"] == 1
     code, out = _check(capsys)
     assert code == 0, out
