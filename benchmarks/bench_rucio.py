@@ -1,17 +1,22 @@
-"""Benchmark one Rucio hand-off of 1,000 small files through a real local Rucio.
+"""Benchmark one Rucio hand-off of many small files through a real local Rucio.
 
 Starts the test harness's Rucio (PostgreSQL, server, judge and conveyor daemons,
 file-copy transfer tool), makes a source Butler with ``--files`` small datasets,
-moves them to an empty destination Butler with the rucio backend, and prints:
-registration time, rule-to-OK time, ingest time, files per second end to end and
-Rucio API calls per file (every HTTP request the client sends is counted).
+both Butlers' registries in that PostgreSQL (as at the facilities), moves them to
+an empty destination Butler with the rucio backend (files registered with
+``lsst-rucio-register``, in Rucio datasets of at most ``--max-files-per-dataset``,
+imported in batches of ``--import-batch``), and prints: Rucio datasets,
+registration time, rule-to-OK time, ingest time, files per second end to end,
+Rucio API calls per file (every HTTP request the client sends is counted), and the
+process's peak memory after the sending and after the receiving half.
 
-    .venv/bin/python benchmarks/bench_rucio.py [--files 1000]
+    .venv/bin/python benchmarks/bench_rucio.py [--files 10000] [--max-files-per-dataset 10000]
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import tempfile
 import time
@@ -19,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 import yaml
-from lsst.daf.butler import Butler, DatasetRef, DatasetType, FileDataset
+from lsst.daf.butler import Butler, Config, DatasetRef, DatasetType, FileDataset
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -33,9 +38,18 @@ SCOPE = "bench"
 RSES = {"usdf": "USDF_BUTLER_DISK", "in2p3": "IN2P3_BUTLER_DISK"}
 
 
+def make_repo(repo: Path, db: str) -> None:
+    """Create an empty repository whose registry is a namespace of PostgreSQL database ``db``."""
+    Butler.makeRepo(str(repo), config=Config({"registry": {"db": db, "namespace": repo.parent.name}}))
+
+
+def peak_mb() -> float:
+    """Peak resident memory of this process so far, MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def make_source(repo: Path, n_files: int) -> list[DatasetRef]:
-    """Create a repository holding ``n_files`` small YAML datasets, ingested in place."""
-    Butler.makeRepo(str(repo))
+    """Fill a repository with ``n_files`` small YAML datasets, ingested in place."""
     butler = Butler.from_config(str(repo), writeable=True, run="bench/run")
     butler.registry.insertDimensionData(
         "instrument",
@@ -76,7 +90,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--files", type=int, default=1000)
+    parser.add_argument("--files", type=int, default=10_000)
+    parser.add_argument("--max-files-per-dataset", type=int, default=10_000)
+    parser.add_argument("--import-batch", type=int, default=10_000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-rucio-") as tmp:
         tmp = Path(tmp)
@@ -88,8 +104,9 @@ def main() -> int:
         try:
             src_repo, dst_repo = storage / "usdf" / SCOPE, storage / "in2p3" / SCOPE
             t0 = time.monotonic()
+            make_repo(src_repo, rucio.butler_db)
+            make_repo(dst_repo, rucio.butler_db)
             refs = make_source(src_repo, args.files)
-            Butler.makeRepo(str(dst_repo))
             print(f"source repository with {len(refs)} datasets made in {time.monotonic() - t0:.1f} s")
             client_config = rucio.write_client_config(tmp / "client.cfg", tmp / "token")
             backend = RucioBackend(
@@ -99,8 +116,10 @@ def main() -> int:
                     "rses": RSES,
                     "account": "root",
                     "client_config": str(client_config),
-                    "poll": {"interval_s": 0.5, "max_interval_s": 5, "timeout_s": 1800},
+                    "max_files_per_dataset": args.max_files_per_dataset,
+                    "poll": {"interval_s": 0.5, "max_interval_s": 5, "timeout_s": 3600},
                 },
+                import_batch=args.import_batch,
             )
             from rucio.client.baseclient import BaseClient
 
@@ -115,17 +134,27 @@ def main() -> int:
             BaseClient._send_request = counting
             source = Site("usdf", "central", str(src_repo), False, {})
             destination = Site("in2p3", "remote", str(dst_repo), False, {})
+            before = peak_mb()
             t0 = time.monotonic()
-            result, _ = backend.deliver(source, destination, HandoffPayload(refs), "bench/in2p3")
+            sent = backend.send(source, destination, HandoffPayload(refs), "bench/in2p3")
+            after_send = peak_mb()
+            received, _ = backend.receive(source, destination, "bench/in2p3")
             total = time.monotonic() - t0
+            after_receive = peak_mb()
             BaseClient._send_request = original
         finally:
             rucio.stop()
-    timings = result["timings_s"]
+    timings = sent["timings_s"] | received["timings_s"]
     n_calls = sum(calls.values())
-    n_files = result["rucio"]["files"]
-    n_bytes = result["rucio"]["bytes"]
-    print(f"hand-off of {len(refs)} datasets ({n_files} files incl. the export, {n_bytes} bytes)")
+    n_files = received["rucio"]["files"]
+    n_bytes = received["rucio"]["bytes"]
+    print(
+        f"hand-off of {len(refs)} datasets ({n_files} files incl. the export and manifest, {n_bytes} bytes)"
+    )
+    print(
+        f"  Rucio datasets        {sent['rucio']['datasets']:8d}  "
+        f"(at most {args.max_files_per_dataset} files each)"
+    )
     print(f"  registration          {timings['register']:8.2f} s")
     print(f"  rule to OK            {timings['rule_to_ok']:8.2f} s")
     print(f"  ingest                {timings['ingest']:8.2f} s")
@@ -133,6 +162,10 @@ def main() -> int:
     print(f"  Rucio API calls       {n_calls} ({n_calls / len(refs):.3f} per file)")
     for key, count in sorted(calls.items(), key=lambda kv: -kv[1]):
         print(f"    {count:5d}  {key}")
+    print(
+        f"  peak memory           {before:8.0f} MB before, {after_send:.0f} MB after sending, "
+        f"{after_receive:.0f} MB after receiving"
+    )
     return 0
 
 

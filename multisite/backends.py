@@ -16,6 +16,7 @@ from __future__ import annotations
 
 __all__ = (
     "EXPORT_DIR",
+    "IMPORT_BATCH",
     "MANIFEST_SUFFIX",
     "ButlerBackend",
     "HandoffPayload",
@@ -32,6 +33,7 @@ __all__ = (
 )
 
 import abc
+import itertools
 import logging
 import os
 import tempfile
@@ -46,7 +48,7 @@ import yaml
 from lsst.daf.butler import Butler, CollectionType, DatasetRef, DimensionRecord
 
 from .butler_utils import open_butler, repo_write_lock
-from .config import Site
+from .config import Campaign, Site
 from .errors import HandoffError
 from .integrity import (
     FileRecord,
@@ -60,6 +62,8 @@ from .integrity import (
 )
 
 _LOG = logging.getLogger(__name__)
+IMPORT_BATCH = Campaign.import_batch
+"""Files per import transaction at a destination, unless ``transfer.import_batch`` says otherwise."""
 
 EXPORT_DIR = "handoff_exports"
 """Directory, in the source datastore, of the Butler export files that publish hand-offs."""
@@ -113,6 +117,8 @@ class TransferBackend(abc.ABC):
 
     name: str
     campaign: str
+    import_batch: int = IMPORT_BATCH
+    """Files per import transaction at the destination (`import_export`)."""
 
     @abc.abstractmethod
     def send(self, source: Site, destination: Site, payload: HandoffPayload, label: str) -> dict[str, Any]:
@@ -184,13 +190,16 @@ class ButlerBackend(TransferBackend):
         Campaign name (part of the export file names).
     mode : `str`
         File transfer mode (``copy``, ``link``, ...).
+    import_batch : `int`
+        Files per import transaction at the destination.
     """
 
     name = "butler"
 
-    def __init__(self, campaign: str, mode: str = "copy"):
+    def __init__(self, campaign: str, mode: str = "copy", import_batch: int = IMPORT_BATCH):
         self.campaign = campaign
         self.mode = mode
+        self.import_batch = import_batch
 
     def send(self, source: Site, destination: Site, payload: HandoffPayload, label: str) -> dict[str, Any]:
         butler = open_butler(source.repo)
@@ -234,7 +243,7 @@ class ButlerBackend(TransferBackend):
         record = FileRecord(self.manifest_name(label)).measured(root / self.manifest_name(label))
         if problem := copy_verified(root / record.name, kept, record):
             raise HandoffError(f"Hand-off {label}: cannot keep its manifest at {destination.name}: {problem}")
-        imported = import_export(destination, root, export, self.mode)
+        imported = import_export(destination, root, export, self.mode, self.import_batch)
         verified = verify_received(destination, manifest, f"Hand-off {label}")
         return {"mode": self.mode, "transferred": imported, "verified_files": verified}, export
 
@@ -429,13 +438,43 @@ def _dataset_ids(content: dict[str, Any]) -> list[str]:
     ]
 
 
-def import_export(destination: Site, directory: Path, export: Path, transfer: str | None) -> int:
+def _import_batches(content: dict[str, Any], present: set[str], size: int) -> list[dict[str, Any]]:
+    """Split an export into exports of at most ``size`` file records, without the datasets ``present``.
+
+    The first holds the dimension records, dataset types and RUNs too; every
+    later one only datasets, which the first made importable.
+    """
+    header = {key: value for key, value in content.items() if key != "data"}
+    others = [item for item in content["data"] if item["type"] != "dataset"]
+    pending = [
+        (item, record)
+        for item in content["data"]
+        if item["type"] == "dataset"
+        for record in item["records"]
+        if not {str(i) for i in record["dataset_id"]} <= present
+    ]
+    batches = []
+    for start in range(0, len(pending), size):
+        by_item = itertools.groupby(pending[start : start + size], key=lambda pair: id(pair[0]))
+        data = [
+            {**group[0][0], "records": [record for _, record in group]}
+            for group in map(list, (g for _, g in by_item))
+        ]
+        batches.append({**header, "data": (others if not batches else []) + data})
+    return batches
+
+
+def import_export(
+    destination: Site, directory: Path, export: Path, transfer: str | None, batch: int = IMPORT_BATCH
+) -> int:
     """Import an export whose paths are relative to ``directory``; return how many datasets were new.
 
     Datasets the destination's registry already has (a rerun, or an earlier
     hand-off of the same datasets) are left out of the import, whether or not
     their files are still right: the caller verifies the files, and a damaged or
     deleted one is repaired in place (`TransferBackend.repair`), never imported twice.
+    The rest goes in batches of at most ``batch`` files, each its own transaction:
+    a crash loses at most the batch in flight, and a rerun goes on from there.
     """
     content = _read_export(export)
     ids = _dataset_ids(content)
@@ -443,17 +482,19 @@ def import_export(destination: Site, directory: Path, export: Path, transfer: st
         present = {str(ref.id) for ref in dest.get_many_datasets(ids)}
         if len(present) == len(ids):
             return 0
-        if present:
-            for item in content["data"]:
-                if item["type"] == "dataset":
-                    item["records"] = [
-                        r for r in item["records"] if not {str(i) for i in r["dataset_id"]} <= present
-                    ]
+        batches = _import_batches(content, present, batch)
+        # Written apart: the export may sit in another site's datastore.
         with tempfile.TemporaryDirectory() as scratch:
-            if present:
-                # Written apart: the export may sit in another site's datastore.
-                export = Path(scratch) / export.name
-                with export.open("w") as stream:
-                    yaml.dump(content, stream)
-            dest.import_(directory=str(directory), filename=str(export), format="yaml", transfer=transfer)
+            for number, part in enumerate(batches, 1):
+                path = Path(scratch) / f"batch{number}.yaml"
+                with path.open("w") as stream:
+                    yaml.dump(part, stream)
+                dest.import_(directory=str(directory), filename=str(path), format="yaml", transfer=transfer)
+                _LOG.info(
+                    "Imported batch %d of %d into %s (%s).",
+                    number,
+                    len(batches),
+                    destination.name,
+                    export.name,
+                )
     return len(ids) - len(present)

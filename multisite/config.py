@@ -90,6 +90,8 @@ class Site:
     """Cores the facility gives the campaign (``multisite forecast``)."""
     wan_mb_per_s: float | None = None
     """Throughput of its WAN link to the central site, MB/s (``multisite forecast``)."""
+    registry: Mapping[str, str] | None = None
+    """Registry database (``db``, ``namespace``) of a repository the campaign creates; `None`: SQLite."""
 
     @property
     def is_central(self) -> bool:
@@ -167,6 +169,8 @@ class Campaign:
     """Seconds a site instance waits for a hand-off another instance sends."""
     wait_interval: float = 30.0
     """Seconds between two looks for a hand-off another instance sends."""
+    import_batch: int = 10_000
+    """Files per import transaction at a hand-off's destination (``transfer.import_batch``)."""
     preflight: Mapping[str, Any] = field(default_factory=dict)
     """Checks before each chunk is submitted (``space_margin``, ``space_reserve_gb``; see `multisite.bps`)."""
     heartbeat_s: float = 30.0
@@ -271,7 +275,8 @@ def _schema_problems(config: Mapping[str, Any]) -> list[str]:
     for error in sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path)):
         where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
         hint = error.schema.get("description")
-        message = error.message
+        # A password in a URL is not echoed back into logs.
+        message = re.sub(r"(://[^:/@\s]+):[^@\s]*@", r"\1:***@", error.message)
         if error.validator == "additionalProperties":
             message += "; remove it or check its spelling"
         problems.append(f"{where}: {message}" + (f" (expected: {hint})" if hint else ""))
@@ -590,6 +595,7 @@ def load_campaign(config: Mapping[str, Any] | str | Path, base: str | Path = "."
                 s["bps"],
                 s.get("cores"),
                 s.get("wan_mb_per_s"),
+                s.get("registry"),
             )
             for name, s in sites_cfg.items()
         },
@@ -602,6 +608,7 @@ def load_campaign(config: Mapping[str, Any] | str | Path, base: str | Path = "."
         instance=data.get("site"),
         wait_timeout=float(transfer.get("wait", {}).get("timeout_s", Campaign.wait_timeout)),
         wait_interval=float(transfer.get("wait", {}).get("interval_s", Campaign.wait_interval)),
+        import_batch=int(transfer.get("import_batch", Campaign.import_batch)),
         preflight=data.get("preflight", {}),
         heartbeat_s=float(data.get("status", {}).get("heartbeat_s", Campaign.heartbeat_s)),
         forecast=data.get("forecast", {}),

@@ -69,9 +69,9 @@ SKY_ELEMENTS = ("skymap", "tract", "patch")
 def make_backend(campaign: Campaign) -> TransferBackend:
     """Return the transfer backend the campaign is configured for."""
     if campaign.transfer_backend == "butler":
-        return ButlerBackend(campaign.name, campaign.transfer_mode)
+        return ButlerBackend(campaign.name, campaign.transfer_mode, campaign.import_batch)
     if campaign.transfer_backend == "rucio":
-        return RucioBackend(campaign.name, campaign.rucio)
+        return RucioBackend(campaign.name, campaign.rucio, import_batch=campaign.import_batch)
     raise ValueError(
         f"transfer.backend {campaign.transfer_backend!r} is not available; use 'butler' or 'rucio'"
     )

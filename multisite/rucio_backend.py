@@ -15,14 +15,16 @@ One hand-off (``label`` ``<handoff>/<site>``) is, on the sending side:
    daemons), plus the hand-off's Butler export file (dimension records, dataset
    types, RUN collections and dataset refs with their formatters) so the
    destination Butler accepts every dataset, and its manifest (each file's dataset
-   type, data ID, size and adler32: `multisite.integrity`), all in one Rucio dataset
-   ``multisite.<campaign>.<handoff>.<site>``, inside the container
-   ``multisite.<campaign>.<handoff>``, inside ``multisite.<campaign>``;
-2. the dataset closed: a closed dataset is a sent hand-off;
+   type, data ID, size and adler32: `multisite.integrity`), in Rucio datasets of at
+   most ``max_files_per_dataset`` files each (``multisite.<campaign>.<handoff>.<site>.<part>``,
+   the hand-off's files in name order, so a rerun puts each file where the first run
+   did), inside the hand-off's container ``multisite.<campaign>.<handoff>.<site>``,
+   inside ``multisite.<campaign>.<handoff>``, inside ``multisite.<campaign>``;
+2. its datasets closed, then its container: a closed container is a sent hand-off;
 
-and on the receiving side, once the dataset is closed:
+and on the receiving side, once the container is closed:
 
-3. one replication rule of that dataset to the destination RSE (activity, lifetime,
+3. one replication rule of that container to the destination RSE (activity, lifetime,
    account, grouping from config);
 4. a wait for the rule, polling with back-off and logging files and bytes done, that
    stops with an error naming the files and Rucio's reasons on STUCK or timeout;
@@ -60,9 +62,11 @@ from typing import TYPE_CHECKING, Any
 from lsst.daf.butler import Butler, DatasetRef
 
 from .backends import (
+    IMPORT_BATCH,
     HandoffPayload,
     TransferBackend,
     datastore_root,
+    exported_dataset_ids,
     import_export,
     repair_outcome,
     write_export,
@@ -118,6 +122,14 @@ class RucioSettings:
         Seconds to wait for the rule before giving up (a rerun resumes the wait).
     chunk_size : `int`
         Largest list sent in one Rucio call.
+    max_files_per_dataset : `int`
+        Most files in one Rucio dataset; a larger hand-off is several datasets
+        under its container.
+    ingest : `str`
+        Who registers the arrived files in the destination Butler: ``workflow``
+        (the receiving rule imports them) or ``facility`` (the facility's ingest
+        daemon, ``ctrl_ingestd``, does, from each file's Rubin metadata; the
+        rule waits for its datasets and verifies them).
     """
 
     scope: str
@@ -132,6 +144,8 @@ class RucioSettings:
     poll_backoff: float = 1.5
     timeout: float = 3600.0
     chunk_size: int = 1000
+    max_files_per_dataset: int = 10_000
+    ingest: str = "workflow"
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -154,6 +168,8 @@ class RucioSettings:
             poll_backoff=float(poll.get("backoff", cls.poll_backoff)),
             timeout=float(poll.get("timeout_s", cls.timeout)),
             chunk_size=int(section.get("chunk_size", cls.chunk_size)),
+            max_files_per_dataset=int(section.get("max_files_per_dataset", cls.max_files_per_dataset)),
+            ingest=section.get("ingest", cls.ingest),
         )
 
 
@@ -204,8 +220,15 @@ class RucioBackend(TransferBackend):
 
     name = "rucio"
 
-    def __init__(self, campaign: str, settings: RucioSettings | Mapping[str, Any], client: Any = None):
+    def __init__(
+        self,
+        campaign: str,
+        settings: RucioSettings | Mapping[str, Any],
+        client: Any = None,
+        import_batch: int = IMPORT_BATCH,
+    ):
         self.campaign = campaign
+        self.import_batch = import_batch
         self.settings = (
             settings if isinstance(settings, RucioSettings) else RucioSettings.from_config(settings)
         )
@@ -307,16 +330,21 @@ class RucioBackend(TransferBackend):
 
     # ------------------------------------------------------------------ naming
     def names(self, label: str) -> dict[str, str]:
-        """Rucio container and dataset names of a hand-off ``<handoff>/<site>``, its export and manifest."""
+        """Rucio container names of a hand-off ``<handoff>/<site>`` (its own: ``handoff``), its files'."""
         handoff, site = label.split("/", 1)
         campaign = f"multisite.{self.campaign}"
         return {
             "campaign_container": campaign,
             "stage_container": f"{campaign}.{handoff}",
-            "dataset": f"{campaign}.{handoff}.{site}",
+            "handoff": f"{campaign}.{handoff}.{site}",
             "export": self.export_name(label),
             "manifest": self.manifest_name(label),
         }
+
+    def parts(self, container: str, names: Iterable[str]) -> dict[str, list[str]]:
+        """Split a hand-off's file names, in name order, into its datasets of ``max_files_per_dataset``."""
+        ordered, size = sorted(names), self.settings.max_files_per_dataset
+        return {f"{container}.{i // size:05d}": ordered[i : i + size] for i in range(0, len(ordered), size)}
 
     def _rse(self, site: Site) -> str:
         try:
@@ -361,15 +389,16 @@ class RucioBackend(TransferBackend):
         src_root = self._check_rse(source, source_butler)
         src_rse = self._rse(source)
         registered = self._register(source_butler, src_root, src_rse, payload, names, label)
-        did = self._call(f"read {scope}:{names['dataset']}", self.client.get_did, scope, names["dataset"])
-        if did.get("open", True):
-            self._call(f"close {scope}:{names['dataset']}", self.client.close, scope, names["dataset"])
+        for name in [*registered["datasets"], names["handoff"]]:  # the container last: then it is sent
+            if self._call(f"read {scope}:{name}", self.client.get_did, scope, name).get("open", True):
+                self._call(f"close {scope}:{name}", self.client.close, scope, name)
         return {
             "rucio": {
                 "scope": scope,
                 "campaign_container": f"{scope}:{names['campaign_container']}",
                 "stage_container": f"{scope}:{names['stage_container']}",
-                "dataset": f"{scope}:{names['dataset']}",
+                "container": f"{scope}:{names['handoff']}",
+                "datasets": len(registered["datasets"]),
                 "export_file": f"{scope}:{names['export']}",
                 "source_rse": src_rse,
                 "files": len(registered["files"]),
@@ -380,16 +409,16 @@ class RucioBackend(TransferBackend):
         }
 
     def published(self, source: Site, destination: Site, label: str) -> bool:
-        """Whether the hand-off's Rucio dataset exists and is closed (its sender is done)."""
+        """Whether the hand-off's Rucio container exists and is closed (its sender is done)."""
         from rucio.common.exception import DataIdentifierNotFound
 
-        scope, dataset = self.settings.scope, self.names(label)["dataset"]
+        scope, container = self.settings.scope, self.names(label)["handoff"]
         try:
-            did = self.client.get_did(scope, dataset)
+            did = self.client.get_did(scope, container)
         except DataIdentifierNotFound:
             return False
         except Exception:
-            did = self._call(f"read {scope}:{dataset}", self.client.get_did, scope, dataset)
+            did = self._call(f"read {scope}:{container}", self.client.get_did, scope, container)
         return not did.get("open", True)
 
     def receive(self, source: Site, destination: Site, label: str) -> tuple[dict[str, Any], Path]:
@@ -399,16 +428,22 @@ class RucioBackend(TransferBackend):
         with open_butler(destination.repo) as dest_butler:
             dst_root = self._check_rse(destination, dest_butler)
         src_rse, dst_rse = self._rse(source), self._rse(destination)
-        files = self._dataset_files(names["dataset"], dst_root)
-        rule_id, created = self._ensure_rule(names["dataset"], src_rse, dst_rse, label)
+        files = self._dataset_files(names["handoff"], dst_root)
+        rule_id, created = self._ensure_rule(names["handoff"], src_rse, dst_rse, label)
         self._wait(rule_id, files, label, dst_rse)
         t_ok = time.monotonic()
         self._check_arrived(destination, dst_root, files, label)
-        imported = import_export(destination, dst_root, dst_root / names["export"], None)
-        _LOG.info("Rucio %s: %d datasets ingested into %s.", label, imported, destination.name)
+        if self.settings.ingest == "facility":
+            imported = 0
+            self._wait_for_facility(destination, dst_root / names["export"], label)
+        else:
+            imported = import_export(
+                destination, dst_root, dst_root / names["export"], None, self.import_batch
+            )
+            _LOG.info("Rucio %s: %d datasets ingested into %s.", label, imported, destination.name)
         details = {
             "rucio": {
-                "dataset": f"{scope}:{names['dataset']}",
+                "container": f"{scope}:{names['handoff']}",
                 "rule_id": rule_id,
                 "rule_created": created,
                 "source_rse": src_rse,
@@ -417,6 +452,7 @@ class RucioBackend(TransferBackend):
                 "bytes": sum(f.bytes or 0 for f in files.values()),
             },
             "imported_datasets": imported,
+            "ingested_by": self.settings.ingest,
             "verified_files": len(files),
             "timings_s": {
                 "rule_to_ok": round(t_ok - started, 3),
@@ -424,6 +460,48 @@ class RucioBackend(TransferBackend):
             },
         }
         return details, dst_root / names["export"]
+
+    def _wait_for_facility(self, destination: Site, export: Path, label: str) -> None:
+        """Wait, polling with back-off, until the facility's ingest daemon registered the hand-off's datasets.
+
+        Raises
+        ------
+        RucioHandoffError
+            Raised after ``poll.timeout_s`` naming the datasets still missing
+            (a rerun waits again).
+        """
+        ids = exported_dataset_ids(export)
+        deadline = time.monotonic() + self.settings.timeout
+        interval = self.settings.poll_interval
+        while True:
+            with open_butler(destination.repo) as butler:
+                missing = sorted(set(ids) - {str(ref.id) for ref in butler.get_many_datasets(ids)})
+            if not missing:
+                _LOG.info(
+                    "Rucio %s: %s's ingest daemon registered all %d datasets.",
+                    label,
+                    destination.name,
+                    len(ids),
+                )
+                return
+            _LOG.info(
+                "Rucio %s: waiting for %s's ingest daemon: %d of %d datasets registered.",
+                label,
+                destination.name,
+                len(ids) - len(missing),
+                len(ids),
+            )
+            if time.monotonic() >= deadline:
+                raise RucioHandoffError(
+                    f"Hand-off {label}: its files are at {destination.name} and verified, but the facility's "
+                    f"ingest daemon (transfer.rucio.ingest: facility) has not registered {len(missing)} of "
+                    f"{len(ids)} datasets after {self.settings.timeout:g} s "
+                    f"(transfer.rucio.poll.timeout_s):\n"
+                    f"{_listing(missing)}\nCheck {destination.name}'s ctrl_ingestd (its log and its message "
+                    "feed), or set transfer.rucio.ingest: workflow; then rerun: the wait starts again."
+                )
+            time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+            interval = min(interval * self.settings.poll_backoff, self.settings.poll_max_interval)
 
     # ------------------------------------------------------------------ registration
     def _files_of(self, butler: Butler, root: Path, refs: list[DatasetRef]) -> dict[str, FileRecord]:
@@ -437,14 +515,10 @@ class RucioBackend(TransferBackend):
             )
         return {record.name: record for record, _ in inside}
 
-    def _dataset_files(self, dataset: str, root: Path) -> dict[str, _File]:
-        """Return the files of a hand-off's Rucio dataset, with Rucio's size and adler32, under ``root``."""
-        scope = self.settings.scope
+    def _dataset_files(self, did: str, root: Path) -> dict[str, _File]:
+        """Return the files of a hand-off's Rucio container, with Rucio's size and adler32, under ``root``."""
         return {
-            f["name"]: _File(f["name"], root / f["name"], f["bytes"], f["adler32"])
-            for f in self._call(
-                f"list the files of {scope}:{dataset}", self.client.list_files, scope, dataset
-            )
+            name: _File(name, root / name, f["bytes"], f["adler32"]) for name, f in self._content(did).items()
         }
 
     def _register(
@@ -456,26 +530,31 @@ class RucioBackend(TransferBackend):
         names: dict[str, str],
         label: str,
     ) -> dict[str, Any]:
-        """Register the hand-off's files (where they are) in its Rucio dataset; idempotent.
+        """Register the hand-off's files (where they are) in its Rucio datasets; idempotent.
 
-        The dataset's files go first, with their refs as Rubin metadata
+        The datasets' files go first, with their refs as Rubin metadata
         (`multisite.rubin_registration`); then the manifest, from the sizes and
-        checksums Rucio holds for them, and the Butler export.
+        checksums Rucio holds for them, and the Butler export. A file already in
+        the hand-off's container stays in the dataset it is in.
         """
-        client, scope = self.client, self.settings.scope
+        client, scope, container = self.client, self.settings.scope, names["handoff"]
         records = self._files_of(butler, root, payload.refs)
+        own = (names["manifest"], names["export"])
+        parts = self.parts(container, [*records, *own])
         self._ensure_did(client.add_container, names["campaign_container"])
         self._ensure_did(client.add_container, names["stage_container"])
-        self._ensure_did(client.add_dataset, names["dataset"])
+        self._ensure_did(client.add_container, container)
+        for dataset in parts:
+            self._ensure_did(client.add_dataset, dataset)
         self._attach(names["campaign_container"], [names["stage_container"]])
-        self._attach(names["stage_container"], [names["dataset"]])
+        self._attach(names["stage_container"], [container])
+        self._attach(container, list(parts))
 
-        content = self._content(names["dataset"])
-        own = (names["manifest"], names["export"])
+        content = self._content(container)
         extra = sorted(set(content) - set(records) - set(own))
         if extra:
             raise RucioHandoffError(
-                f"Rucio dataset {scope}:{names['dataset']} holds {len(extra)} file(s) this hand-off does not "
+                f"Rucio container {scope}:{container} holds {len(extra)} file(s) this hand-off does not "
                 f"move (was the hand-off's content changed since it was registered?):\n{_listing(extra)}"
             )
         # Imported here: lsst-rucio-register needs rucio-clients, which a butler-backend campaign may lack.
@@ -483,10 +562,12 @@ class RucioBackend(TransferBackend):
 
         registrar = RubinRegistrar(butler, rse, scope, root, self._pfn_base(rse), self._call)
         by_id = {str(ref.id): ref for ref in payload.refs}
-        missing = {name: by_id[r.dataset_id] for name, r in records.items() if name not in content}
-        if missing:
-            self._add_to_dataset(registrar, names["dataset"], missing)
-            content = self._content(names["dataset"])
+        for dataset, members in parts.items():
+            if missing := {
+                n: by_id[records[n].dataset_id] for n in members if n in records and n not in content
+            }:
+                self._add_to_dataset(registrar, dataset, missing)
+        before, content = content, self._content(container)
         # The hand-off's own files, written once: their registered checksums must stay true.
         if names["manifest"] not in content:
             Manifest(
@@ -498,30 +579,33 @@ class RucioBackend(TransferBackend):
             ).write(root / names["manifest"])
         if names["export"] not in content:
             write_export(butler, root, payload, names["export"])
-        registrar.register_files(names["dataset"], [root / name for name in own if name not in content])
-        before, content = content, self._content(names["dataset"])
+        for dataset, members in parts.items():
+            if unregistered := [root / name for name in own if name in members and name not in content]:
+                registrar.register_files(dataset, unregistered)
+        content = self._content(container)
         absent = sorted((set(records) | set(own)) - set(content))
         if absent:
             raise RucioHandoffError(
-                f"Rucio {label}: {len(absent)} file(s) are not in {scope}:{names['dataset']} after "
+                f"Rucio {label}: {len(absent)} file(s) are not in {scope}:{container} after "
                 f"registration:\n{_listing(absent)}\nRerun the rule; what is registered is kept."
             )
-        added = len(missing) + len(set(content) - set(before))
+        added = len(set(content) - set(before))
         files = {name: _File(name, root / name, f["bytes"], f["adler32"]) for name, f in content.items()}
         total = sum(f.bytes or 0 for f in files.values())
         _LOG.info(
-            "Rucio %s: %d files (%d bytes) in %s:%s, %d registered now.",
+            "Rucio %s: %d files (%d bytes) in %d datasets of %s:%s, %d registered now.",
             label,
             len(files),
             total,
+            len(parts),
             scope,
-            names["dataset"],
+            container,
             added,
         )
-        return {"files": files, "bytes": total, "added": added}
+        return {"files": files, "bytes": total, "added": added, "datasets": list(parts)}
 
     def _content(self, dataset: str) -> dict[str, dict]:
-        """Files of a Rucio dataset, with Rucio's size and adler32, by name."""
+        """Files of a Rucio dataset or container (its datasets'), with Rucio's size and adler32, by name."""
         scope = self.settings.scope
         found = self._call(f"list the files of {scope}:{dataset}", self.client.list_files, scope, dataset)
         return {f["name"]: f for f in found}
@@ -811,12 +895,12 @@ class RucioBackend(TransferBackend):
         if not self.published(source, destination, label):
             return repair_outcome("not sent")
         dst_rse = self._rse(destination)
-        rule_id = self._find_rule(names["dataset"], dst_rse)
+        rule_id = self._find_rule(names["handoff"], dst_rse)
         if rule_id is None:
             return repair_outcome("not received")
         with open_butler(destination.repo) as butler:
             root = self._check_rse(destination, butler)
-        files = self._dataset_files(names["dataset"], root)
+        files = self._dataset_files(names["handoff"], root)
         states = self._replica_states(dst_rse, list(files))
         held = [name for name in files if states.get(name) == "AVAILABLE"]
         in_recovery = [name for name in files if states.get(name) in ("BAD", "COPYING")]

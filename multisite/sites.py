@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lsst.daf.butler import Butler, Config
+from lsst.daf.butler.registry.interfaces import SchemaAlreadyDefinedError
 
 from .butler_utils import collection_exists, open_butler, repo_write_lock
 from .config import Campaign
@@ -28,7 +29,8 @@ def prepare_repo(campaign: Campaign, site: str) -> dict[str, Any]:
     FileNotFoundError
         Raised when the repository is missing and ``create_repo`` is false.
     FileExistsError
-        Raised when the repository's directory holds files but no repository.
+        Raised when the repository's directory holds files but no repository, or
+        when the registry's PostgreSQL namespace already holds tables.
     """
     started = datetime.now(UTC)
     repo = campaign.sites[site].repo
@@ -38,12 +40,25 @@ def prepare_repo(campaign: Campaign, site: str) -> dict[str, Any]:
             raise FileNotFoundError(
                 f"sites.{site}.repo: no Butler repository at {repo}; create it or set create_repo: true"
             )
-        seed = Config(campaign.repo_seed) if campaign.repo_seed else None
+        seed = Config(campaign.repo_seed) if campaign.repo_seed else Config()
+        if registry := campaign.sites[site].registry:
+            seed["registry", "db"] = registry["db"]
+            seed["registry", "namespace"] = registry["namespace"]
         # Made beside it, then renamed into place: a kill in the middle leaves no half-made
         # repository (a butler.yaml without its registry's tables) for a rerun to take as whole.
         partial = Path(repo).with_name(f"{Path(repo).name}_partial")
         shutil.rmtree(partial, ignore_errors=True)
-        Butler.makeRepo(str(partial), config=seed)
+        try:
+            Butler.makeRepo(str(partial), config=seed)
+        except SchemaAlreadyDefinedError as err:
+            shutil.rmtree(partial, ignore_errors=True)
+            db, namespace = registry["db"], registry["namespace"]  # SQLite's file is new: always empty
+            raise FileExistsError(
+                f"sites.{site}.registry: namespace {namespace} of {db} already holds a registry ({err}): "
+                "another repository's, or one whose creation was killed. If it is no other repository's, "
+                f"drop it (psql {db} -c 'DROP SCHEMA {namespace} CASCADE') and rerun; else name another "
+                "namespace."
+            ) from None
         try:
             partial.rename(repo)
         except OSError as err:

@@ -143,8 +143,29 @@ def local_rucio(tmp_path_factory):
         rucio.stop()
 
 
-def rucio_config(directory: Path, rucio: LocalRucio, storage: Path, **poll) -> Path:
-    """Demo campaign config with the rucio backend and the repositories at the RSEs' roots."""
+@pytest.fixture(scope="session")
+def demo_through_faults(tmp_path_factory):
+    """Run the demo campaign (butler backend, one instance) to its end through test_faults' faults.
+
+    test_faults checks the recovery; test_instances compares the final outputs of four site
+    instances with those of this single-instance run: one campaign for both.
+    """
+    from .test_faults import run_through_faults, small_filesystem
+
+    directory = tmp_path_factory.mktemp("faults")
+    with small_filesystem(directory) as small:
+        yield run_through_faults(directory, small)
+
+
+def rucio_config(
+    directory: Path, rucio: LocalRucio, storage: Path, max_files_per_dataset: int = 10_000, **poll
+) -> Path:
+    """Demo campaign config with the rucio backend and the repositories at the RSEs' roots.
+
+    The repositories' registries are PostgreSQL, as at the facilities: the test Rucio's
+    cluster, one namespace per repository (named after ``directory`` and the site). A
+    small ``max_files_per_dataset`` splits the demo's hand-offs into several Rucio datasets.
+    """
     client_config = rucio.write_client_config(directory / "rucio.cfg", directory / "rucio-token")
     path = demo_config(
         directory,
@@ -157,12 +178,15 @@ def rucio_config(directory: Path, rucio: LocalRucio, storage: Path, **poll) -> P
                 "grouping": "DATASET",
                 "client_config": str(client_config),
                 "rses": RSES,
+                "max_files_per_dataset": max_files_per_dataset,
                 "poll": {"interval_s": 0.5, "max_interval_s": 2, "backoff": 1.5, "timeout_s": 120, **poll},
             },
         },
     )
     config = yaml.safe_load(path.read_text())
+    prefix = re.sub(r"[^a-z0-9_]", "_", directory.name.lower())
     for name, site in config["sites"].items():
         site["repo"] = str(storage / name / SCOPE)
+        site["registry"] = {"db": rucio.butler_db, "namespace": f"{prefix}_{name}"}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

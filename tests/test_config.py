@@ -120,6 +120,25 @@ def test_values_that_would_reach_a_query_are_checked(campaign_dir, field, value)
     assert f"{field}: " in _problems(campaign_dir, edit)
 
 
+@pytest.mark.parametrize(
+    ("registry", "named"),
+    [
+        ({"db": "postgresql://butler:secret@db.example.org/butler", "namespace": "ral"}, "registry.db"),
+        ({"db": "postgresql://butler@db.example.org/butler; rm -rf /", "namespace": "ral"}, "registry.db"),
+        ({"db": "postgresql://butler@db.example.org/butler", "namespace": "RAL repo"}, "registry.namespace"),
+        ({"db": "postgresql://butler@db.example.org/butler"}, "registry"),
+    ],
+)
+def test_registry_database_is_a_postgresql_url_without_password_and_a_plain_namespace(
+    campaign_dir, registry, named
+):
+    def edit(config):
+        config["sites"]["ral"]["registry"] = registry
+
+    message = _problems(campaign_dir, edit)
+    assert f"sites.ral.{named}" in message and "secret" not in message
+
+
 def test_two_central_sites_and_typos(campaign_dir):
     def edit(config):
         config["sites"]["ral"]["role"] = "central"

@@ -8,6 +8,10 @@ fault the operator's documented recovery is applied (``snakemake --unlock`` and
 and a rerun). The campaign must end with every QA check passing (each product equal to
 the single-site reference), no dataset stored twice at any site, no orphaned file in any
 datastore, and ``multisite check`` finding markers and Butlers consistent.
+
+The campaign is the session fixture ``demo_through_faults`` (conftest), which runs it
+with ``run_through_faults``: test_instances compares four site instances' final outputs
+with this single-instance run, so one campaign serves both.
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ import random
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 from lsst.daf.butler import Butler
 
-from multisite.config import load_campaign
+from multisite.backends import exported_dataset_ids
+from multisite.config import Campaign, load_campaign
 from multisite.markers import read_marker
 
 from .conftest import BIN, demo_config, snakemake, snakemake_command
@@ -38,8 +45,8 @@ def multisite(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
-def run_killed_after(directory: Path, seconds: float, *targets: str) -> bool:
-    """Run the workflow and SIGKILL its process group after ``seconds``; return whether it was killed."""
+def run_killed_when(directory: Path, condition: Callable[[], bool], *targets: str) -> bool:
+    """Run the workflow and SIGKILL its process group once ``condition()``; return whether it was killed."""
     with open(directory / "snakemake.log", "a") as log:
         process = subprocess.Popen(
             snakemake_command(directory, "--rerun-incomplete", *targets),
@@ -48,22 +55,28 @@ def run_killed_after(directory: Path, seconds: float, *targets: str) -> bool:
             env=ENV,
             start_new_session=True,
         )
-        try:
-            process.wait(timeout=seconds)
-            return False
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            # A killed bps submit leaves its parsl workers for a while; let them go.
-            time.sleep(5)
-            snakemake(directory, "--unlock")
-            return True
+        while process.poll() is None:
+            if condition():
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                # A killed bps submit leaves its parsl workers for a while; let them go.
+                time.sleep(5)
+                snakemake(directory, "--unlock")
+                return True
+            time.sleep(0.05)
+        return False
 
 
-@pytest.fixture
-def small_filesystem(tmp_path):
+def run_killed_after(directory: Path, seconds: float, *targets: str) -> bool:
+    """Run the workflow and SIGKILL its process group after ``seconds``; return whether it was killed."""
+    deadline = time.monotonic() + seconds
+    return run_killed_when(directory, lambda: time.monotonic() >= deadline, *targets)
+
+
+@contextmanager
+def small_filesystem(directory: Path) -> Iterator[Path]:
     """Mount a 12 MB tmpfs: room for lancs's repository and raws, not for its processing."""
-    mount = tmp_path / "small"
+    mount = directory / "small"
     mount.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], check=True)
     try:
@@ -107,36 +120,46 @@ def duplicated(campaign, site: str) -> list[str]:
     return found
 
 
-def test_demo_survives_kills_a_damaged_raw_and_a_full_disk(tmp_path, small_filesystem):
+@dataclass
+class FaultedDemo:
+    """A demo campaign run to its end through the faults, and what the operator met on the way."""
+
+    directory: Path
+    config: Path
+    campaign: Campaign
+    damaged: Path
+    """The raw damaged at ral after it arrived."""
+    failed: subprocess.CompletedProcess
+    """The run that met the damaged raw and the full disk."""
+
+    @property
+    def work(self) -> Path:
+        return self.directory / "work"
+
+
+def run_through_faults(directory: Path, small: Path) -> FaultedDemo:
+    """Run the demo campaign in ``directory``, lancs's repository on ``small``, through the faults.
+
+    Each fault is followed by the README's recovery; what the checks need is returned.
+    """
     print(f"fault seed {SEED} (set MULTISITE_FAULT_SEED to replay)")
     rng = random.Random(SEED)
-    config = demo_config(tmp_path)
+    config = demo_config(directory)
     text = config.read_text().replace(
-        str(tmp_path / "work" / "sites" / "lancs" / "repo"), str(small_filesystem / "lancs")
+        str(directory / "work" / "sites" / "lancs" / "repo"), str(small / "lancs")
     )
     config.write_text(text)
     campaign = load_campaign(config)
-    markers = campaign.layout.markers
 
     # 1. kill -9 at random moments while the sites are prepared and the raws travel.
+    raws = [
+        str(campaign.layout.handoff_marker("raws", s.name).relative_to(directory))
+        for s in campaign.processing_sites
+    ]
     for _ in range(2):
-        run_killed_after(
-            tmp_path,
-            rng.uniform(8, 40),
-            *[
-                str(campaign.layout.handoff_marker("raws", s.name).relative_to(tmp_path))
-                for s in campaign.processing_sites
-            ],
-        )
+        run_killed_after(directory, rng.uniform(8, 40), *raws)
     # The README's restart after a kill: the steps the kill interrupted are redone.
-    snakemake(
-        tmp_path,
-        "--rerun-incomplete",
-        *[
-            str(campaign.layout.handoff_marker("raws", s.name).relative_to(tmp_path))
-            for s in campaign.processing_sites
-        ],
-    )
+    snakemake(directory, "--rerun-incomplete", *raws)
 
     # 2. A raw damaged at ral after it arrived: verification names it, repair fixes it.
     ral = Butler.from_config(campaign.sites["ral"].repo)
@@ -147,25 +170,57 @@ def test_demo_survives_kills_a_damaged_raw_and_a_full_disk(tmp_path, small_files
     path.write_bytes(bytes(data))
 
     # 3. lancs's disk fills up before its processing.
-    ballast = fill(small_filesystem, 256 * 1024)
+    ballast = fill(small, 256 * 1024)
 
-    failed = snakemake(tmp_path, "--keep-going", check=False)
-    assert failed.returncode != 0
-    output = failed.stdout + failed.stderr
-    assert path.name in output and "multisite repair" in output, output[-5000:]
-    assert "lancs" in output and ("free space" in output or "No space left" in output), output[-5000:]
+    failed = snakemake(directory, "--keep-going", check=False)
 
     multisite("repair", str(config), "--site", "ral")
     ballast.unlink()
     multisite("orphans", str(config), "--site", "lancs", "--delete")
     # One more kill in the middle of the recovery run, then the documented restart.
-    run_killed_after(tmp_path, rng.uniform(20, 90))
-    snakemake(tmp_path, "--rerun-incomplete")
+    run_killed_after(directory, rng.uniform(20, 90))
+    snakemake(directory, "--rerun-incomplete")
+    return FaultedDemo(directory, config, campaign, path, failed)
 
-    qa = read_marker(markers / "qa" / "qa.json")
+
+def test_demo_survives_kills_a_damaged_raw_and_a_full_disk(demo_through_faults):
+    demo = demo_through_faults
+    # The run that met the faults failed, naming the damaged raw, the repair, and lancs's full disk.
+    assert demo.failed.returncode != 0
+    output = demo.failed.stdout + demo.failed.stderr
+    assert demo.damaged.name in output and "multisite repair" in output, output[-5000:]
+    assert "lancs" in output and ("free space" in output or "No space left" in output), output[-5000:]
+
+    # After the recovery, the campaign is complete and clean.
+    qa = read_marker(demo.campaign.layout.markers / "qa" / "qa.json")
     assert all(set(counts) == {"pass"} for counts in qa["summary"].values()), qa["summary"]
-    for site in campaign.sites.values():
-        assert not duplicated(campaign, site.name), site.name
-        orphans = multisite("orphans", str(config), "--site", site.name)
+    for site in demo.campaign.sites.values():
+        assert not duplicated(demo.campaign, site.name), site.name
+        orphans = multisite("orphans", str(demo.config), "--site", site.name)
         assert "no orphan" in orphans.stdout.lower(), orphans.stdout
-    assert multisite("check", str(config)).returncode == 0
+    assert multisite("check", str(demo.config)).returncode == 0
+
+
+def test_a_receiver_killed_in_the_middle_of_its_import_reruns_to_completion_without_duplicates(tmp_path):
+    """Killed between two import batches of in2p3's raws; ``--rerun-incomplete`` imports only the rest."""
+    config = demo_config(tmp_path, transfer={"backend": "butler", "mode": "copy", "import_batch": 1})
+    campaign = load_campaign(config)
+    target = str(campaign.layout.handoff_marker("raws", "in2p3").relative_to(tmp_path))
+    log = campaign.layout.handoff_log("raws", "in2p3")
+    third_batch_in = lambda: log.exists() and "Imported batch 3 of" in log.read_text()  # noqa: E731
+    assert run_killed_when(tmp_path, third_batch_in, target)
+    export = Path(campaign.central.repo) / "handoff_exports" / "demo" / "raws" / "in2p3.yaml"
+    ids = exported_dataset_ids(export)
+    at_in2p3 = Butler.from_config(campaign.sites["in2p3"].repo)
+    kept = len(at_in2p3.get_many_datasets(ids))
+    assert 3 <= kept < len(ids), (kept, len(ids))  # the batches committed before the kill stay
+
+    snakemake(tmp_path, "--rerun-incomplete", target)
+    marker = read_marker(tmp_path / target)
+    assert marker["backend_details"]["transferred"] == len(ids) - kept
+    at_in2p3 = Butler.from_config(campaign.sites["in2p3"].repo)
+    found = at_in2p3.get_many_datasets(ids)
+    assert sorted(str(ref.id) for ref in found) == sorted(ids)
+    assert all(at_in2p3.stored_many(found).values())
+    raws = at_in2p3.query_datasets("raw", collections=campaign.raw_collection, find_first=False, limit=None)
+    assert raws and len(raws) == len({ref.dataId for ref in raws})

@@ -4,10 +4,16 @@ Four instances (usdf, in2p3, ral, lancs), started together with their site profi
 (the executor set to local: the batch paths are proven in test_slurm and
 test_htcondor), run the demo campaign through the test Rucio. Each instance's config
 names only its own repository: the other sites' repositories are paths that lead
-nowhere, so an instance that reached into another site's files would fail. A first
-campaign runs untouched and ends with the final outputs of a single-instance run; in a
-second, RAL's instance is killed in the middle, the others wait and say so, and the
-campaign completes once it is restarted, with nothing that was finished done again.
+nowhere, so an instance that reached into another site's files would fail. In a first
+campaign, the Rucio server is stopped for a minute while USDF's rule for a fan-in is
+pending (transfers held back), then started again on the same port with its data: the
+instances ride the outage out, the campaign ends with the final outputs of a
+single-instance run (test_faults' campaign, shared through the session fixture
+``demo_through_faults``), every hand-off in one Rucio rule on its container of closed
+datasets of at most ``MAX_FILES`` files, and a forced rerun of the fan-in registers,
+rules and imports nothing. In a second, RAL's instance is killed in the
+middle, the others wait and say so, and the campaign completes once it is restarted,
+with nothing that was finished done again.
 """
 
 from __future__ import annotations
@@ -29,18 +35,30 @@ from multisite.config import load_campaign
 from multisite.markers import read_marker
 from multisite.rucio_backend import RucioBackend
 
-from .conftest import BIN, REPO, RSES, SCOPE, demo_config, rucio_config, snakemake
+from .conftest import BIN, REPO, RSES, SCOPE, rucio_config, scheduled_jobs
 
 SITES = ("usdf", "in2p3", "ral", "lancs")
 ENV = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+OUTAGE_S = 60
+MAX_FILES = 10
 
 
-def instance_configs(base: Path, rucio, storage: Path, scope: str) -> dict[str, Path]:
-    """One config per instance: its own work area, its own repository only (at ``<RSE>/<scope>``)."""
-    RucioBackend(
-        "demo", {"scope": SCOPE, "rses": RSES, "client_config": str(rucio.client_config)}
-    ).client.add_scope("root", scope)
-    template = yaml.safe_load(rucio_config(base, rucio, storage).read_text())
+def rucio_client(rucio, scope: str):
+    """Return a client of the test Rucio, as the campaigns' own (``scope`` only names where they write)."""
+    return RucioBackend(
+        "demo", {"scope": scope, "rses": RSES, "client_config": str(rucio.client_config)}
+    ).client
+
+
+def instance_configs(base: Path, rucio, storage: Path, scope: str, **poll) -> dict[str, Path]:
+    """One config per instance: its own work area, its own repository only (at ``<RSE>/<scope>``).
+
+    Rucio datasets hold at most `MAX_FILES` files, so the larger hand-offs take several.
+    """
+    rucio_client(rucio, SCOPE).add_scope("root", scope)
+    template = yaml.safe_load(
+        rucio_config(base, rucio, storage, max_files_per_dataset=MAX_FILES, **poll).read_text()
+    )
     template["transfer"]["rucio"]["scope"] = scope
     template["transfer"]["wait"] = {"timeout_s": 1800, "interval_s": 2}
     paths = {}
@@ -104,7 +122,13 @@ def status(config: Path) -> str:
     return result.stdout
 
 
-def wait_for(what: str, condition, processes: dict[str, subprocess.Popen], timeout: float = 1200) -> None:
+def wait_for(
+    what: str,
+    condition,
+    processes: dict[str, subprocess.Popen],
+    timeout: float = 1200,
+    interval: float = 2,
+) -> None:
     """Poll ``condition`` until true; fail early if an instance stopped on an error."""
     deadline = time.monotonic() + timeout
     while not condition():
@@ -112,7 +136,7 @@ def wait_for(what: str, condition, processes: dict[str, subprocess.Popen], timeo
             code = process.poll()
             assert code in (None, 0), f"{site}'s instance failed (exit {code}) while waiting for {what}"
         assert time.monotonic() < deadline, f"no {what} after {timeout} s"
-        time.sleep(2)
+        time.sleep(interval)
 
 
 def event_lines(config: Path) -> list[dict]:
@@ -138,6 +162,39 @@ def check_campaign(configs: dict[str, Path]) -> Path:
     return usdf
 
 
+def rules_by_handoff(client, scope: str) -> dict[str, list[str]]:
+    """Return every hand-off's container (``multisite.demo.<handoff>.<site>``), with its rules' ids."""
+    names = client.list_dids(scope, {"name": "multisite.demo.*.*"}, did_type="container")
+    return {name: sorted(r["id"] for r in client.list_did_rules(scope, name)) for name in names}
+
+
+def fanins(client, scope: str) -> list[str]:
+    """Return the fan-in hand-offs' containers registered so far."""
+    return list(client.list_dids(scope, {"name": "multisite.demo.fanin_step2.*"}, did_type="container"))
+
+
+def pending_fanin_rule(client, scope: str) -> tuple[str, str] | None:
+    """Return the sending site and rule id of a fan-in whose Rucio rule exists and is not OK yet."""
+    for name in fanins(client, scope):
+        for rule in client.list_did_rules(scope, name):
+            if str(rule["state"]) != "OK":
+                return name.rsplit(".", 1)[1], rule["id"]
+    return None
+
+
+def force(site: str, config: Path, marker: Path) -> list[str]:
+    """Force one finished job of a site's instance again (the README's recipe); return the rules that ran."""
+    result = subprocess.run(
+        [*command(site, config), "--force", str(marker.relative_to(config.parent))],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        check=False,
+    )
+    assert result.returncode == 0, f"{site}: {(result.stdout + result.stderr)[-4000:]}"
+    return [rule for rule, _ in scheduled_jobs(result.stdout + result.stderr).values()]
+
+
 def _final_outputs(work: Path) -> pd.DataFrame:
     """QA table of a finished campaign, without paths: products compared to the reference."""
     table = pd.read_csv(work / "logs" / "qa" / "qa.csv")
@@ -160,17 +217,76 @@ def test_profiles_by_name_run_their_site_share():
         assert stages and all(name.endswith(f"_{site}") for name in stages), (site, stages)
 
 
-def test_four_instances_started_together_end_like_one_instance(local_rucio, tmp_path_factory):
+def test_four_instances_ride_out_a_rucio_outage_during_a_fanin_and_end_like_one_instance(
+    local_rucio, tmp_path_factory, demo_through_faults
+):
     rucio, storage = local_rucio
-    configs = instance_configs(tmp_path_factory.mktemp("instances"), rucio, storage, "sites")
-    finish({site: start(site, config) for site, config in configs.items()}, configs)
+    scope = "sites"
+    # The calls that meet the outage retry for up to poll.timeout_s: well beyond the outage.
+    configs = instance_configs(tmp_path_factory.mktemp("instances"), rucio, storage, scope, timeout_s=600)
+    client = rucio_client(rucio, scope)
+    processes = {site: start(site, config) for site, config in configs.items()}
+    try:
+        # Transfers held back as soon as a fan-in is registered, so that USDF's rule for it stays pending.
+        wait_for("a fan-in registered", lambda: fanins(client, scope), processes, interval=0.5)
+        rucio.pause_daemons()
+        try:
+            pending = []  # what each poll found; the last one is the rule
+            wait_for(
+                "USDF's rule for a fan-in",
+                lambda: pending.append(pending_fanin_rule(client, scope)) or pending[-1],
+                processes,
+                interval=0.5,
+            )
+            sender, rule_id = pending[-1]
+            rucio.stop_server()
+            try:
+                time.sleep(OUTAGE_S)
+                stopped = {site: process.poll() for site, process in processes.items()}
+            finally:
+                rucio.start_server()  # on the same port, with its data
+        finally:
+            rucio.resume_daemons()
+        assert set(stopped.values()) == {None}, f"instances stopped during the outage: {stopped}"
+        finish(processes, configs)
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+
     usdf = check_campaign(configs)
-    single = tmp_path_factory.mktemp("single-instance")
-    demo_config(single)
-    snakemake(single, timeout=1800)
+    # The final outputs of one instance: test_faults' campaign, the demo run to its end through faults.
     pd.testing.assert_frame_equal(
-        _final_outputs(usdf).reset_index(drop=True), _final_outputs(single / "work").reset_index(drop=True)
+        _final_outputs(usdf).reset_index(drop=True),
+        _final_outputs(demo_through_faults.work).reset_index(drop=True),
     )
+    # USDF's fan-in said it waited for the server, and went on when it came back.
+    log = (usdf / "logs" / "handoff" / "fanin_step2" / f"{sender}.log").read_text()
+    assert re.search(r"Rucio unreachable for \d+ s", log) and "Rucio reachable again" in log, log[-4000:]
+    rules = rules_by_handoff(client, scope)
+    assert rule_id in rules[f"multisite.demo.fanin_step2.{sender}"]
+    assert all(len(ids) == 1 for ids in rules.values()), rules
+    # Every hand-off's files in closed datasets of at most MAX_FILES files, the raws' in several.
+    parts = {
+        name: [d["name"] for d in client.list_content(scope, name)] for name in rules if ".raws." in name
+    }
+    assert len(parts) == 3 and all(len(names) > 1 for names in parts.values()), parts
+    sizes = [len(list(client.list_files(scope, part))) for names in parts.values() for part in names]
+    assert max(sizes) == MAX_FILES, sizes
+
+    # A forced rerun of the finished fan-in, both halves, sends what it sent before (its event
+    # snapshot included): Rucio's dataset matches, nothing is registered, ruled or imported again.
+    dids = sorted(client.list_dids(scope, {"name": "*"}, did_type="all"))
+    sent = configs[sender].parent / "work" / "markers" / "sent" / "fanin_step2" / f"{sender}.json"
+    received = usdf / "markers" / "handoff" / "fanin_step2" / f"{sender}.json"
+    assert force(sender, configs[sender], sent) == ["send_handoff"]
+    assert force("usdf", configs["usdf"], received) == ["handoff"]
+    assert read_marker(sent)["backend_details"]["rucio"]["files_registered_now"] == 0
+    again = read_marker(received)["backend_details"]
+    assert again["rucio"]["rule_id"] == rule_id and not again["rucio"]["rule_created"]
+    assert again["imported_datasets"] == 0
+    assert rules_by_handoff(client, scope) == rules
+    assert sorted(client.list_dids(scope, {"name": "*"}, did_type="all")) == dids
 
 
 def test_killed_instance_is_waited_for_and_restarted_without_redoing_anything(local_rucio, tmp_path_factory):

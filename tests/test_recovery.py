@@ -3,7 +3,8 @@
 A read-only registry and a full disk are refused before anything is submitted,
 naming the site, the repository, the numbers and the fix; a failed submission names
 the first line of its jobs' logs that says why; datastore files no registry row
-refers to are listed and deleted, and nothing else. The tests that need a finished
+refers to are listed and deleted, and nothing else; a hand-off's import that crashes
+between batches keeps the batches before, and its rerun adds only the rest. The tests that need a finished
 demo campaign (``multisite check``, the rerun recipe, a real killed submission) are
 at the end of ``test_campaign.py``.
 """
@@ -21,6 +22,7 @@ import pandas as pd
 import pytest
 from lsst.daf.butler import Butler, Config, DatasetType
 
+from multisite.backends import HandoffPayload, datastore_root, import_export, write_export
 from multisite.bps import Preflight, first_error, run_stage
 from multisite.cli import main
 from multisite.config import load_campaign
@@ -282,3 +284,41 @@ def test_a_survey_killed_half_way_is_made_again_whole(tmp_path):
     butler = Butler.from_config(str(repo))
     assert len(butler.query_datasets("raw", collections=campaign.raw_collection)) == made["raws"]
     assert sorted(p.name for p in repo.glob("raws-*")) == []
+
+
+def test_a_crash_between_import_batches_loses_nothing_and_the_rerun_goes_on(tmp_path, monkeypatch, caplog):
+    """Each batch of an import commits alone: a crash keeps the batches before it, a rerun adds the rest."""
+    campaign = load_campaign(demo_config(tmp_path))
+    for site in ("usdf", SITE):
+        prepare_repo(campaign, site)
+    make_demo_survey(campaign)
+    central = Butler.from_config(campaign.central.repo)
+    refs = central.query_datasets("raw", collections=campaign.raw_collection, limit=None)[:11]
+    root = datastore_root(central)
+    export = write_export(central, root, HandoffPayload(refs), "handoff_exports/demo/batches/ral.yaml")
+    butler_class = type(central)  # the class whose import_ a repository's Butler runs
+    real_import = butler_class.import_
+    calls = []
+
+    def crash_on_the_third(self, *args, **kwargs):
+        calls.append(kwargs["filename"])
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real_import(self, *args, **kwargs)
+
+    monkeypatch.setattr(butler_class, "import_", crash_on_the_third)
+    with pytest.raises(RuntimeError, match="killed"):
+        import_export(campaign.sites[SITE], root, export, "copy", batch=4)
+    at_ral = Butler.from_config(campaign.sites[SITE].repo)
+    kept = {ref.id for ref in at_ral.get_many_datasets([ref.id for ref in refs])}
+    assert len(kept) == 8 and all(at_ral.stored_many([ref for ref in refs if ref.id in kept]).values())
+
+    calls.clear()
+    caplog.set_level("INFO", logger="multisite.backends")
+    assert import_export(campaign.sites[SITE], root, export, "copy", batch=4) == 3
+    assert len(calls) == 1 and "Imported batch 1 of 1 into ral" in caplog.text
+    at_ral = Butler.from_config(campaign.sites[SITE].repo)
+    found = at_ral.query_datasets("raw", collections=campaign.raw_collection, limit=None)
+    assert sorted(ref.id for ref in found) == sorted(ref.id for ref in refs)
+    assert all(at_ral.stored_many(found).values())
+    assert import_export(campaign.sites[SITE], root, export, "copy", batch=4) == 0

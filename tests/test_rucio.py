@@ -2,11 +2,14 @@
 
 The session fixture starts the Rucio of ``tests/rucio_harness`` (and stops it by
 process id at the end); a missing piece fails loudly, it is never skipped. The
-tests of this module run in order on one pair of demo repositories: a hand-off
-end to end, an idempotent rerun, a corrupted source file, the server stopped in
-the middle, no secret anywhere, site instances waiting for each other, and a file
-damaged and one deleted at the destination, caught by the rerun's verification and
-repaired through Rucio's own recovery (``multisite repair``).
+tests of this module run in order on the demo's repositories, their registries in
+the test Rucio's PostgreSQL (one namespace each), with Rucio datasets of at most
+``MAX_FILES`` files: a hand-off end to end, an idempotent rerun, a corrupted source
+file, the server stopped in the middle, no secret anywhere, site instances waiting
+for each other, a file damaged and one deleted at the destination, caught by the
+rerun's verification and repaired through Rucio's own recovery (``multisite
+repair``), and a facility's ingest daemon (the stand-in of ``rucio_harness.ingester``)
+registering what arrives while the rule waits for it.
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from lsst.daf.butler import Butler, Config, DatasetRef
+from lsst.daf.butler import Butler, DatasetRef
 from lsst.rucio.register.rubin_meta import RubinMeta
 
 from multisite.backends import HandoffPayload
@@ -34,19 +38,22 @@ from multisite.integrity import Manifest, adler32_of
 from multisite.layout import Layout
 from multisite.placement import compute_placement
 from multisite.rucio_backend import RucioBackend
+from multisite.sites import prepare_repo
 from multisite.status import campaign_status
 
-from .conftest import REPO, SCOPE, rucio_config
+from .conftest import SCOPE, rucio_config
+from .rucio_harness.ingester import StandInIngester
+
+MAX_FILES = 8  # files per Rucio dataset: the demo's hand-offs take several
 
 
 @pytest.fixture(scope="module")
 def setup(local_rucio, tmp_path_factory):
     rucio, storage = local_rucio
     directory = tmp_path_factory.mktemp("rucio-campaign")
-    campaign = load_campaign(rucio_config(directory, rucio, storage))
-    seed = Config(str(REPO / "multisite" / "demo" / "repo_seed.yaml"))
-    for site in campaign.sites.values():
-        Butler.makeRepo(site.repo, config=seed)
+    campaign = load_campaign(rucio_config(directory, rucio, storage, max_files_per_dataset=MAX_FILES))
+    for site in campaign.sites:
+        prepare_repo(campaign, site)  # on PostgreSQL registries
     with Butler.from_config(campaign.central.repo, writeable=True) as butler:
         make_survey(butler, SurveySpec(), campaign.raw_collection, campaign.truth_collection)
         placement = compute_placement(butler, campaign)
@@ -82,7 +89,7 @@ def test_1_handoff_end_to_end(setup, caplog):
     assert marker["backend"] == "rucio"
     info = details["rucio"]
     assert info["rule_id"] and info["rule_created"]
-    assert info["dataset"] == f"{SCOPE}:multisite.demo.raws.in2p3"
+    assert info["container"] == f"{SCOPE}:multisite.demo.raws.in2p3"
     c = client(campaign)
     rule = c.get_replication_rule(info["rule_id"])
     assert rule["state"] == "OK" and rule["rse_expression"] == "IN2P3_BUTLER_DISK"
@@ -114,9 +121,18 @@ def test_1_handoff_end_to_end(setup, caplog):
         assert meta.rubin_butler == ("raw_file" if record.dataset_type == "raw" else "data_product")
     export_meta = c.get_metadata(SCOPE, "handoff_exports/demo/raws/in2p3.yaml", plugin="ALL")
     assert export_meta["rubin_butler"] == "dim_file"
-    # The container hierarchy: campaign > stage > hand-off dataset.
+    # The container hierarchy: campaign > stage > hand-off > its datasets of at most MAX_FILES files,
+    # every file in one of them, each closed (the hand-off was sent), the rule on the hand-off's container.
     assert [d["name"] for d in c.list_content(SCOPE, "multisite.demo")] == ["multisite.demo.raws"]
     assert "multisite.demo.raws.in2p3" in [d["name"] for d in c.list_content(SCOPE, "multisite.demo.raws")]
+    parts = sorted(d["name"] for d in c.list_content(SCOPE, "multisite.demo.raws.in2p3"))
+    assert parts == [f"multisite.demo.raws.in2p3.{i:05d}" for i in range(math.ceil(len(files) / MAX_FILES))]
+    assert len(parts) > 1
+    by_part = {part: sorted(f["name"] for f in c.list_files(SCOPE, part)) for part in parts}
+    assert all(len(names) == MAX_FILES for names in list(by_part.values())[:-1])
+    assert sorted(name for names in by_part.values() for name in names) == sorted(names)
+    assert not any(c.get_did(SCOPE, did)["open"] for did in [*parts, "multisite.demo.raws.in2p3"])
+    assert [r["id"] for r in c.list_did_rules(SCOPE, "multisite.demo.raws.in2p3")] == [info["rule_id"]]
     # Same dataset IDs in the same RUN, files inside the destination datastore, visit records there.
     central = Butler.from_config(campaign.central.repo)
     dest = Butler.from_config(campaign.sites["in2p3"].repo)
@@ -381,3 +397,47 @@ def test_7_damaged_files_at_the_destination_are_caught_then_repaired_through_ruc
     assert not marker["backend_details"]["rucio"]["rule_created"]
     dest = Butler.from_config(in2p3.repo)
     assert len(dest.query_datasets("raw", collections="*", find_first=False, limit=None)) == n_datasets
+
+
+def test_8_the_facility_ingests_what_arrives_and_the_rule_waits_for_it(setup):
+    """``transfer.rucio.ingest: facility``: the facility's daemon registers the files, the rule verifies."""
+    campaign, placement, rucio = setup
+    central, ral = campaign.central, campaign.sites["ral"]
+    butler = Butler.from_config(central.repo)
+    at_ral = Butler.from_config(ral.repo)
+    raws_elsewhere = [
+        ref
+        for ref in butler.query_datasets("raw", collections=campaign.raw_collection, limit=None)
+        if at_ral.get_dataset(ref.id) is None
+    ]
+    refs = raws_elsewhere[: MAX_FILES + 2]  # two Rucio datasets with the export and manifest
+    assert len(refs) == MAX_FILES + 2
+    facility = dataclasses.replace(make_backend(campaign).settings, ingest="facility", timeout=30.0)
+    # No daemon: the files arrive and are verified, then the wait ends naming what is missing; the
+    # workflow registered nothing itself.
+    with pytest.raises(RucioHandoffError) as failure:
+        RucioBackend(campaign.name, facility).deliver(central, ral, HandoffPayload(refs), "facility/ral")
+    message = str(failure.value)
+    assert "ingest daemon (transfer.rucio.ingest: facility) has not registered" in message, message
+    assert f"{len(refs)} of {len(refs)} datasets" in message and str(refs[0].id) in message
+    assert "transfer.rucio.ingest: workflow" in message
+    assert nothing_of(ral.repo, refs)
+
+    # The stand-in daemon ingests from the Rucio metadata alone; the rerun waits for it and completes.
+    ingester = StandInIngester(client(campaign), SCOPE, campaign.rucio["rses"]["ral"], ral.repo)
+    daemon = threading.Thread(target=ingester.run)
+    daemon.start()
+    try:
+        details, _ = RucioBackend(campaign.name, dataclasses.replace(facility, timeout=120.0)).deliver(
+            central, ral, HandoffPayload(refs), "facility/ral"
+        )
+    finally:
+        ingester.stop.set()
+        daemon.join(60)
+    assert details["ingested_by"] == "facility" and details["imported_datasets"] == 0
+    assert not details["rucio"]["rule_created"]  # the rule of the first attempt
+    dest = Butler.from_config(ral.repo)
+    assert all(dest.stored_many(refs).values())
+    for ref in refs[:3]:
+        assert dest.get_dataset(ref.id) == ref
+        assert (dest.get(ref).pixels == butler.get(ref).pixels).all()

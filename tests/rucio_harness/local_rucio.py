@@ -6,7 +6,8 @@ by its process id:
 
 * a private PostgreSQL 15 cluster (``initdb``/``pg_ctl`` run as the ``postgres`` user,
   on a free 127.0.0.1 port, in a temporary directory), schema from the rucio package's
-  ``tools/reset_database.py``;
+  ``tools/reset_database.py``, and beside it the database ``butler`` (with
+  ``btree_gist``) for Butler registries, as at the facilities (`LocalRucio.butler_db`);
 * the ``rucio`` server package from PyPI in its **own** virtual environment
   (``requirements-rucio-server.txt``; created on first use), served by gunicorn on
   127.0.0.1 over plain HTTP with userpass authentication;
@@ -48,6 +49,7 @@ PROJECT = HERE.parent.parent
 DEFAULT_VENV = Path(os.environ.get("MULTISITE_RUCIO_VENV", PROJECT / ".rucio-venv"))
 REQUIREMENTS = PROJECT / "requirements-rucio-server.txt"
 PG_BIN = Path(os.environ.get("MULTISITE_PG_BIN", "/usr/lib/postgresql/15/bin"))
+BUTLER_DATABASE = "butler"
 DEFAULT_RSES = ("USDF_BUTLER_DISK", "IN2P3_BUTLER_DISK", "RAL_BUTLER_DISK", "LANCS_BUTLER_DISK")
 ACTIVITY = "Data Consolidation"
 # alembic's env.py configures logging from its ini file: these sections must be there.
@@ -232,6 +234,11 @@ class LocalRucio:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def butler_db(self) -> str:
+        """The cluster's database for Butler registries (one PostgreSQL schema per repository)."""
+        return f"postgresql://postgres@127.0.0.1:{self.pg_port}/{BUTLER_DATABASE}"
+
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> LocalRucio:
         """Install (first time) and start everything; stop what started if a step fails."""
@@ -331,9 +338,13 @@ class LocalRucio:
         )
         self.pg_port = free_port()
         self._pg_ctl_start()
+        connect = ["-h", "127.0.0.1", "-p", str(self.pg_port), "-U", "postgres"]
+        for database in ("rucio", BUTLER_DATABASE):
+            _run([*as_postgres, str(PG_BIN / "createdb"), *connect, database], self.logs / "pg_ctl.log")
+        # Butler registries need it (their timespan constraints).
         _run(
-            [*as_postgres, str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.pg_port)]
-            + ["-U", "postgres", "rucio"],
+            [*as_postgres, str(PG_BIN / "psql"), *connect, "-d", BUTLER_DATABASE]
+            + ["-c", "CREATE EXTENSION IF NOT EXISTS btree_gist"],
             self.logs / "pg_ctl.log",
         )
 
@@ -581,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         rucio = LocalRucio(directory, rses, args.scope).start()
     print(f"Local Rucio up at {rucio.url} (server pid {rucio.server_pid}, daemons pid {rucio.daemons_pid}).")
     print(f"Client config: {rucio.client_config}")
+    print(f"Butler registries: sites.<site>.registry.db {rucio.butler_db} (one namespace per site)")
     for name, prefix in rucio.rses.items():
         print(f"  RSE {name}: {prefix}/{args.scope}/<Butler-relative path>")
     print(f"Stop it with: scripts/rucio_local.sh down (or {sys.argv[0]} down --dir {directory})")
