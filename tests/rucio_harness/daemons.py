@@ -1,4 +1,4 @@
-"""Run Rucio's judge-evaluator, conveyor submitter, poller and finisher, necromancer and judge-repairer.
+"""Run Rucio's judge-injector, -evaluator and -repairer, conveyor submitter, poller and finisher, necromancer.
 
 Runs inside the Rucio server's virtual environment, with ``RUCIO_CONFIG`` pointing
 at the server configuration (it talks to the database like the real daemons do).
@@ -8,7 +8,9 @@ a replica declared bad (``declare_bad_file_replicas``) into a recovery transfer
 from a good replica, which the conveyor then copies; the judge-repairer retries
 rules that stay STUCK (after ``[repairer] updated_at_delta`` seconds, 1800 by
 default, as the daemon does). While the file named by ``--pause-file`` exists,
-passes are skipped (tests use this to hold transfers back). Stop it with SIGTERM.
+passes are skipped (tests use this to hold transfers back). The judge-injector makes
+the locks of rules Rucio creates asynchronously (those on 10,000 files or more).
+Stop it with SIGTERM.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def main() -> int:
     from rucio.daemons.conveyor.finisher import finisher
     from rucio.daemons.conveyor.poller import poller
     from rucio.daemons.conveyor.submitter import submitter
-    from rucio.daemons.judge import repairer
+    from rucio.daemons.judge import injector, repairer
     from rucio.daemons.judge.evaluator import re_evaluator
 
     def once(daemon, **arguments) -> None:
@@ -65,7 +67,10 @@ def main() -> int:
     signal.signal(signal.SIGINT, _stop)
     pause = Path(args.pause_file)
     paused_rules: dict = {}  # the judge-repairer's memory of rules it backs off from, across passes
+    paused_injections: dict = {}  # the judge-injector's
     passes = [
+        # Rucio creates a rule on 10,000 files or more asynchronously: this daemon makes its locks.
+        ("judge-injector", lambda: once(injector, paused_rules=paused_injections)),
         ("judge-evaluator", lambda: re_evaluator(once=True, did_limit=1000)),
         # Before the conveyor: a replica declared bad becomes a transfer in the same pass.
         ("necromancer", lambda: once(necromancer, bulk=1000)),
