@@ -835,22 +835,16 @@ def _write_lock(campaign: Campaign, site: str, what: str) -> Iterator[None]:
         yield
 
 
-def _remove_files_of_killed_attempts(
-    campaign: Campaign, site: str, stage: str, chunk: str, what: str
-) -> None:
+def _remove_files_of_killed_attempts(repo: str, root: Path, chain: str, what: str) -> None:
     """Delete the files a chunk's earlier attempts wrote and never registered (a killed ``bps submit``'s).
 
-    They lie under the chunk's RUNs (``<chunk chain>/<stamp>``), which only the
-    chunk's own attempts write, and an attempt's jobs end with its ``bps
-    submit``; so the chunk's next attempt removes them before it starts, and no
-    killed attempt leaves files behind for ``multisite orphans``.
+    They lie under the chunk's RUNs (``<chunk chain>/<stamp>``) in the datastore
+    at ``root``, which only the chunk's own attempts write, and an attempt's jobs
+    end with its ``bps submit``; so the chunk's next attempt removes them before
+    it starts, and no killed attempt leaves files behind for ``multisite orphans``.
     """
-    butler = open_butler(campaign.sites[site].repo)
-    try:
-        root = datastore_root(butler)
-    except HandoffError:
-        return  # not one local directory: preflight says so
-    files = orphaned_files(butler, root, campaign.stage_chain(site, stage, chunk))
+    butler = open_butler(repo)
+    files = orphaned_files(butler, root, chain)
     if files:
         _LOG.warning(
             "%s: deleting %d files of earlier attempts that no registry row refers to "
@@ -909,7 +903,9 @@ def run_stage(
     space: dict[str, Any] = {}
     with _write_lock(campaign, site, label):
         checks = preflight(campaign, site, label)
-        _remove_files_of_killed_attempts(campaign, site, stage, chunk, label)
+        if checks.datastore is not None:  # else preflight said it is not one local directory
+            chain = campaign.stage_chain(site, stage, chunk)
+            _remove_files_of_killed_attempts(repo, checks.datastore, chain, label)
         built = chunk_graph(campaign, site, stage, chunk, placement, qgraph_dir, stamp, flow)
         chain, quanta, n_quanta = built.chain, built.quanta, built.n_quanta
         if built.path is not None:
