@@ -92,7 +92,8 @@ bench: setup
 	$(BIN)/python benchmarks/bench_demo.py
 
 bench-rucio: setup system-deps rucio-setup
-	$(BIN)/python benchmarks/bench_rucio.py
+	$(BIN)/python benchmarks/bench_rucio.py --kind raw --datasets 10000
+	$(BIN)/python benchmarks/bench_rucio.py --kind product --datasets 100000
 
 bench-planner: setup
 	$(BIN)/python benchmarks/bench_planner.py

@@ -1,16 +1,21 @@
-"""Benchmark one Rucio hand-off of many small files through a real local Rucio.
+"""Benchmark one Rucio hand-off of many small datasets through a real local Rucio.
 
 Starts the test harness's Rucio (PostgreSQL, server, judge and conveyor daemons,
-file-copy transfer tool), makes a source Butler with ``--files`` small datasets,
+file-copy transfer tool), makes a source Butler with ``--datasets`` small datasets,
 both Butlers' registries in that PostgreSQL (as at the facilities), moves them to
-an empty destination Butler with the rucio backend (files registered with
-``lsst-rucio-register``, in Rucio datasets of at most ``--max-files-per-dataset``,
-imported in batches of ``--import-batch``), and prints: Rucio datasets,
-registration time, rule-to-OK time, ingest time, files per second end to end,
-Rucio API calls per file (every HTTP request the client sends is counted), and the
-process's peak memory after the sending and after the receiving half.
+an empty destination Butler with the rucio backend and prints: files and zips
+registered, Rucio datasets, registration time, rule-to-OK time, ingest time,
+datasets per second end to end, Rucio API calls per dataset (every HTTP request the
+client sends is counted), and the process's peak memory after the sending and
+after the receiving half.
 
-    .venv/bin/python benchmarks/bench_rucio.py [--files 10000] [--max-files-per-dataset 10000]
+``--kind product`` (processed datasets) travels in Butler zips of at most
+``--datasets-per-zip`` datasets, registered with ``lsst-rucio-register`` and
+ingested with ``Butler.ingest_zip``; ``--kind raw`` as one file per dataset,
+registered with its ref and imported in batches of ``--import-batch``. Either way
+the files are in Rucio datasets of at most ``--max-files-per-dataset``.
+
+    .venv/bin/python benchmarks/bench_rucio.py [--kind product] [--datasets 100000]
 """
 
 from __future__ import annotations
@@ -48,8 +53,8 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def make_source(repo: Path, n_files: int) -> list[DatasetRef]:
-    """Fill a repository with ``n_files`` small YAML datasets, ingested in place."""
+def make_source(repo: Path, n_files: int, name: str) -> list[DatasetRef]:
+    """Fill a repository with ``n_files`` small YAML datasets of type ``name``, ingested in place."""
     butler = Butler.from_config(str(repo), writeable=True, run="bench/run")
     butler.registry.insertDimensionData(
         "instrument",
@@ -68,16 +73,15 @@ def make_source(repo: Path, n_files: int) -> list[DatasetRef]:
             for i in range(n_files)
         ],
     )
-    dataset_type = DatasetType(
-        "bench_blob", ["instrument", "detector"], "StructuredDataDict", universe=butler.dimensions
-    )
+    dimensions = ["instrument", "detector"]
+    dataset_type = DatasetType(name, dimensions, "StructuredDataDict", universe=butler.dimensions)
     butler.registry.registerDatasetType(dataset_type)
     butler.registry.registerRun("bench/run")
-    directory = repo / "bench" / "run" / "bench_blob"
+    directory = repo / "bench" / "run" / name
     directory.mkdir(parents=True)
     datasets = []
     for i in range(n_files):
-        path = directory / f"bench_blob_{i:05d}.yaml"
+        path = directory / f"{name}_{i:06d}.yaml"
         path.write_text(yaml.safe_dump({"detector": i, "payload": "x" * 200}))
         ref = DatasetRef(dataset_type, {"instrument": "BenchCam", "detector": i}, run="bench/run")
         datasets.append(FileDataset(path=str(path), refs=[ref]))
@@ -90,9 +94,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--files", type=int, default=10_000)
+    parser.add_argument("--kind", choices=("product", "raw"), default="product")
+    parser.add_argument("--datasets", type=int, default=10_000)
     parser.add_argument("--max-files-per-dataset", type=int, default=10_000)
     parser.add_argument("--import-batch", type=int, default=10_000)
+    parser.add_argument("--datasets-per-zip", type=int, default=1_000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-rucio-") as tmp:
         tmp = Path(tmp)
@@ -106,7 +112,7 @@ def main() -> int:
             t0 = time.monotonic()
             make_repo(src_repo, rucio.butler_db)
             make_repo(dst_repo, rucio.butler_db)
-            refs = make_source(src_repo, args.files)
+            refs = make_source(src_repo, args.datasets, "raw" if args.kind == "raw" else "bench_blob")
             print(f"source repository with {len(refs)} datasets made in {time.monotonic() - t0:.1f} s")
             client_config = rucio.write_client_config(tmp / "client.cfg", tmp / "token")
             backend = RucioBackend(
@@ -120,6 +126,7 @@ def main() -> int:
                     "poll": {"interval_s": 0.5, "max_interval_s": 5, "timeout_s": 3600},
                 },
                 import_batch=args.import_batch,
+                datasets_per_zip=args.datasets_per_zip,
             )
             from rucio.client.baseclient import BaseClient
 
@@ -148,8 +155,10 @@ def main() -> int:
     n_calls = sum(calls.values())
     n_files = received["rucio"]["files"]
     n_bytes = received["rucio"]["bytes"]
+    n_zips = sent["rucio"]["zips"]
     print(
-        f"hand-off of {len(refs)} datasets ({n_files} files incl. the export and manifest, {n_bytes} bytes)"
+        f"hand-off of {len(refs)} {args.kind} datasets: {n_files} files registered "
+        f"({n_zips} zips, {n_files - n_zips - 2} single files, the export and the manifest), {n_bytes} bytes"
     )
     print(
         f"  Rucio datasets        {sent['rucio']['datasets']:8d}  "
@@ -158,8 +167,8 @@ def main() -> int:
     print(f"  registration          {timings['register']:8.2f} s")
     print(f"  rule to OK            {timings['rule_to_ok']:8.2f} s")
     print(f"  ingest                {timings['ingest']:8.2f} s")
-    print(f"  end to end            {total:8.2f} s  ->  {len(refs) / total:.1f} files/s")
-    print(f"  Rucio API calls       {n_calls} ({n_calls / len(refs):.3f} per file)")
+    print(f"  end to end            {total:8.2f} s  ->  {len(refs) / total:.1f} datasets/s")
+    print(f"  Rucio API calls       {n_calls} ({n_calls / len(refs):.4f} per dataset)")
     for key, count in sorted(calls.items(), key=lambda kv: -kv[1]):
         print(f"    {count:5d}  {key}")
     print(

@@ -2,14 +2,20 @@
 
 A `TransferBackend` moves one hand-off's payload (dataset refs and dimension
 records) from a source site's Butler to a destination site's, in a sending and a
-receiving half. Both publish the payload as a Butler export file written beside the
-source files (``<EXPORT_DIR>/<campaign>/<handoff>/<site>.yaml`` under the source
-datastore root), with the hand-off's manifest beside it (``<site>.manifest.json``:
-each file's size and adler32, recorded at the source; `multisite.integrity`), import
-it at the destination and verify every file there against the manifest, which the
-destination keeps at the same place in its own datastore. `ButlerBackend` copies the
-files from repository to repository; ``multisite.rucio_backend`` replicates them
-with Rucio. Each backend also repairs a received hand-off (`TransferBackend.repair`).
+receiving half, the way Rubin moves Butler data between facilities: processed
+datasets in Butler zips (`write_zips`: each zip holds its datasets' files, refs and
+dimension records, so it is ingested anywhere as it is), raws as their own files
+with a Butler export file of their refs and of the extra dimension records the
+site needs. The sender writes both under the source datastore root
+(``<EXPORT_DIR>/<campaign>/<handoff>/<site>/NNNNN.zip`` and ``<site>.yaml``) with
+the hand-off's manifest beside them (``<site>.manifest.json``: each file's and
+zip's size and adler32, recorded at the source, and the datasets in it;
+`multisite.integrity`); the receiver imports the export, ingests the zips
+(`ingest_zips`) and verifies every file at the destination against the manifest,
+which the destination keeps at the same place in its own datastore.
+`ButlerBackend` copies from repository to repository; ``multisite.rucio_backend``
+replicates with Rucio. Each backend also repairs a received hand-off
+(`TransferBackend.repair`).
 """
 
 from __future__ import annotations
@@ -18,27 +24,30 @@ __all__ = (
     "EXPORT_DIR",
     "IMPORT_BATCH",
     "MANIFEST_SUFFIX",
+    "ZIP_DATASETS",
     "ButlerBackend",
     "HandoffPayload",
     "TransferBackend",
     "datastore_root",
     "delete_datastore_files",
-    "exported_dataset_ids",
     "handoff_file_name",
     "import_export",
+    "ingest_zips",
     "orphaned_files",
     "repair_outcome",
     "verify_received",
     "write_export",
+    "write_zips",
 )
 
 import abc
 import itertools
 import logging
 import os
+import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -46,11 +55,14 @@ from typing import Any
 import lsst.daf.butler.transfers  # noqa: F401 - registers the !uuid YAML tag of Butler exports
 import yaml
 from lsst.daf.butler import Butler, CollectionType, DatasetRef, DimensionRecord
+from lsst.daf.butler.datastores.file_datastore.retrieve_artifacts import ZipIndex
+from lsst.resources import ResourcePath
 
 from .butler_utils import open_butler, repo_write_lock
 from .config import Campaign, Site
 from .errors import HandoffError
 from .integrity import (
+    Damage,
     FileRecord,
     Manifest,
     check_files,
@@ -64,6 +76,8 @@ from .integrity import (
 _LOG = logging.getLogger(__name__)
 IMPORT_BATCH = Campaign.import_batch
 """Files per import transaction at a destination, unless ``transfer.import_batch`` says otherwise."""
+ZIP_DATASETS = Campaign.datasets_per_zip
+"""Most datasets in one Butler zip, unless ``transfer.datasets_per_zip`` says otherwise."""
 
 EXPORT_DIR = "handoff_exports"
 """Directory, in the source datastore, of the Butler export files that publish hand-offs."""
@@ -82,7 +96,8 @@ def handoff_file_name(campaign: str, label: str, suffix: str) -> str:
     label : `str`
         The hand-off, ``<handoff>/<site>``.
     suffix : `str`
-        ``.yaml`` for the export file, `MANIFEST_SUFFIX` for the manifest.
+        ``.yaml`` for the export file, `MANIFEST_SUFFIX` for the manifest, ``""``
+        for the directory of its zips.
     """
     handoff, site = label.split("/", 1)
     return f"{EXPORT_DIR}/{campaign}/{handoff}/{site}{suffix}"
@@ -106,19 +121,38 @@ class HandoffPayload:
     def counts(self) -> dict[str, int]:
         return dict(sorted(Counter(ref.datasetType.name for ref in self.refs).items()))
 
+    def files(self) -> list[DatasetRef]:
+        """Return the datasets that travel as their own files: raws, as the instrument wrote them."""
+        return [ref for ref in self.refs if ref.datasetType.name == "raw"]
+
+    def zipped(self) -> list[DatasetRef]:
+        """Return the datasets that travel in Butler zips: every processed dataset."""
+        return [ref for ref in self.refs if ref.datasetType.name != "raw"]
+
 
 class TransferBackend(abc.ABC):
     """Moves hand-offs between sites' Butlers, in a sending and a receiving half, and repairs them.
 
     ``label`` names a hand-off for one site, ``<handoff>/<site>``; its export file
     is ``<EXPORT_DIR>/<campaign>/<handoff>/<site>.yaml`` under a datastore root, its
-    manifest ``<site>.manifest.json`` beside it.
+    manifest ``<site>.manifest.json`` and its zips' directory ``<site>/`` beside it.
+
+    Parameters
+    ----------
+    campaign : `str`
+        Campaign name (part of the hand-off's file names).
+    import_batch : `int`
+        Files per import transaction at the destination (`import_export`).
+    datasets_per_zip : `int`
+        Most datasets in one Butler zip (`write_zips`).
     """
 
     name: str
-    campaign: str
-    import_batch: int = IMPORT_BATCH
-    """Files per import transaction at the destination (`import_export`)."""
+
+    def __init__(self, campaign: str, import_batch: int = IMPORT_BATCH, datasets_per_zip: int = ZIP_DATASETS):
+        self.campaign = campaign
+        self.import_batch = import_batch
+        self.datasets_per_zip = datasets_per_zip
 
     @abc.abstractmethod
     def send(self, source: Site, destination: Site, payload: HandoffPayload, label: str) -> dict[str, Any]:
@@ -135,15 +169,15 @@ class TransferBackend(abc.ABC):
         """Whether the sending half of the hand-off is complete."""
 
     @abc.abstractmethod
-    def receive(self, source: Site, destination: Site, label: str) -> tuple[dict[str, Any], Path]:
+    def receive(self, source: Site, destination: Site, label: str) -> tuple[dict[str, Any], list[str]]:
         """Bring a published hand-off's files to the destination and import them; idempotent.
 
         Returns
         -------
         provenance : `dict`
             Backend-specific facts for the marker.
-        export : `pathlib.Path`
-            The hand-off's export file, whose datasets must now be in the destination Butler.
+        dataset_ids : `list` [`str`]
+            The hand-off's datasets (from its manifest), which must now be in the destination Butler.
         """
 
     @abc.abstractmethod
@@ -165,20 +199,23 @@ class TransferBackend(abc.ABC):
 
     def deliver(
         self, source: Site, destination: Site, payload: HandoffPayload, label: str
-    ) -> tuple[dict[str, Any], Path]:
+    ) -> tuple[dict[str, Any], list[str]]:
         """Both halves, for an instance that runs both sites."""
         provenance = self.send(source, destination, payload, label)
-        received, export = self.receive(source, destination, label)
+        received, dataset_ids = self.receive(source, destination, label)
         for key, value in received.items():
             both = isinstance(value, dict) and isinstance(provenance.get(key), dict)
             provenance[key] = provenance[key] | value if both else value
-        return provenance, export
+        return provenance, dataset_ids
 
     def export_name(self, label: str) -> str:
         return handoff_file_name(self.campaign, label, ".yaml")
 
     def manifest_name(self, label: str) -> str:
         return handoff_file_name(self.campaign, label, MANIFEST_SUFFIX)
+
+    def zip_directory(self, label: str) -> str:
+        return handoff_file_name(self.campaign, label, "")
 
 
 class ButlerBackend(TransferBackend):
@@ -187,65 +224,105 @@ class ButlerBackend(TransferBackend):
     Parameters
     ----------
     campaign : `str`
-        Campaign name (part of the export file names).
+        Campaign name (part of the hand-off's file names).
     mode : `str`
         File transfer mode (``copy``, ``link``, ...).
     import_batch : `int`
         Files per import transaction at the destination.
+    datasets_per_zip : `int`
+        Most datasets in one Butler zip.
     """
 
     name = "butler"
 
-    def __init__(self, campaign: str, mode: str = "copy", import_batch: int = IMPORT_BATCH):
-        self.campaign = campaign
+    def __init__(
+        self,
+        campaign: str,
+        mode: str = "copy",
+        import_batch: int = IMPORT_BATCH,
+        datasets_per_zip: int = ZIP_DATASETS,
+    ):
+        super().__init__(campaign, import_batch, datasets_per_zip)
         self.mode = mode
-        self.import_batch = import_batch
 
     def send(self, source: Site, destination: Site, payload: HandoffPayload, label: str) -> dict[str, Any]:
         butler = open_butler(source.repo)
         root = datastore_root(butler)
+        zips = write_zips(butler, root, payload.zipped(), self.zip_directory(label), self.datasets_per_zip)
         # The manifest first: the export file is what tells a receiver the hand-off is sent.
-        manifest = self._write_manifest(butler, root, payload, label)
+        manifest = self._write_manifest(butler, root, payload, zips, label)
         export = write_export(butler, root, payload, self.export_name(label))
         return {
             "mode": self.mode,
             "export": str(export),
             "manifest": str(root / self.manifest_name(label)),
-            "files": len(manifest.files),
+            "files": len(manifest.files) - len(zips),
+            "zips": len(zips),
         }
 
-    def _write_manifest(self, butler: Butler, root: Path, payload: HandoffPayload, label: str) -> Manifest:
-        """Record the size and adler32 of the payload's files at the source, once per content."""
+    def _write_manifest(
+        self, butler: Butler, root: Path, payload: HandoffPayload, zips: list[FileRecord], label: str
+    ) -> Manifest:
+        """Record the size and adler32 of the payload's files and zips at the source, once per content.
+
+        Zips are measured on every run: one written again (cut short by a crash,
+        or deleted after damage) has other bytes.
+        """
         path = root / self.manifest_name(label)
-        inside, outside = datastore_files(butler, root, payload.refs)
+        inside, outside = datastore_files(butler, root, payload.files())
         files = inside + outside
+        zips = [record.measured(root / record.name) for record in zips]
         if path.exists():
             try:
                 existing = Manifest.read(path)
             except HandoffError:
                 existing = None
-            if existing is not None and existing.label == label and existing.matches(r for r, _ in files):
+            if (
+                existing is not None
+                and existing.label == label
+                and existing.matches([*(r for r, _ in files), *zips])
+                and set(zips) <= set(existing.files)
+            ):
                 return existing
-        manifest = Manifest(label, tuple(record.measured(where) for record, where in files))
+        manifest = Manifest(label, (*(record.measured(where) for record, where in files), *zips))
         manifest.write(path)
         return manifest
 
     def published(self, source: Site, destination: Site, label: str) -> bool:
         return (datastore_root(open_butler(source.repo)) / self.export_name(label)).exists()
 
-    def receive(self, source: Site, destination: Site, label: str) -> tuple[dict[str, Any], Path]:
+    def receive(self, source: Site, destination: Site, label: str) -> tuple[dict[str, Any], list[str]]:
         root = datastore_root(open_butler(source.repo))
         export = root / self.export_name(label)
         manifest = self._sent_manifest(root, source, label)
         with open_butler(destination.repo) as butler:
-            kept = datastore_root(butler) / self.manifest_name(label)
+            dst_root = datastore_root(butler)
+        kept = dst_root / self.manifest_name(label)
         # The destination keeps the manifest, for verify_inputs and repairs.
         record = FileRecord(self.manifest_name(label)).measured(root / self.manifest_name(label))
         if problem := copy_verified(root / record.name, kept, record):
             raise HandoffError(f"Hand-off {label}: cannot keep its manifest at {destination.name}: {problem}")
+        zips = [(record, dst_root / record.name) for record in manifest.files if record.zipped]
+
+        def fetch(record: FileRecord, path: Path) -> None:
+            # Checked as it is copied: a zip is ingested whole, so a bad one must not get in.
+            if problem := copy_verified(root / record.name, path, record):
+                raise damaged_files(
+                    f"Hand-off {label}",
+                    source.name,
+                    [Damage(record, root / record.name, problem)],
+                    root,
+                    note="The zip at the source differs from what its manifest recorded when the hand-off "
+                    "was sent; nothing from it was ingested.",
+                    fix=f"Delete {root / record.name} at {source.name} and send the hand-off again (its "
+                    "rule with --forcerun): the zip is written again from the source's datasets; then rerun.",
+                )
+
         imported = import_export(destination, root, export, self.mode, self.import_batch)
+        imported += ingest_zips(destination, zips, fetch)
         verified = verify_received(destination, manifest, f"Hand-off {label}")
-        return {"mode": self.mode, "transferred": imported, "verified_files": verified}, export
+        details = {"mode": self.mode, "transferred": imported, "verified_files": verified, "zips": len(zips)}
+        return details, manifest.dataset_ids()
 
     def _sent_manifest(self, root: Path, source: Site, label: str) -> Manifest:
         path = root / self.manifest_name(label)
@@ -402,15 +479,18 @@ def delete_datastore_files(files: list[Path], root: Path) -> None:
 
 
 def write_export(butler: Butler, root: Path, payload: HandoffPayload, name: str) -> Path:
-    """Write the payload's Butler export (records, dataset types, RUNs, refs) under ``root``.
+    """Write the Butler export of the payload's files and extra records under ``root``.
 
-    The file appears complete or not at all: it is what tells a receiver the hand-off is sent.
+    It holds the refs of the datasets that travel as files (with their dataset
+    types and RUNs) and the payload's extra dimension records; zipped datasets
+    carry their own. The file appears complete or not at all: it is what tells a
+    receiver the hand-off is sent.
     """
     path = root / name
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.tmp.yaml")
     with butler.export(filename=str(partial), format="yaml", transfer=None) as export:
-        export.saveDatasets(payload.refs)
+        export.saveDatasets(payload.files())
         for element, records in payload.records.items():
             if records:
                 export.saveDimensionData(element, records)
@@ -423,9 +503,96 @@ def _read_export(export: Path) -> dict[str, Any]:
         return yaml.safe_load(stream)
 
 
-def exported_dataset_ids(export: Path) -> list[str]:
-    """Dataset IDs in a Butler YAML export."""
-    return _dataset_ids(_read_export(export))
+def _zip_ids(path: Path) -> tuple[str, ...] | None:
+    """Return the sorted IDs of the datasets in a Butler zip; `None` if it is no readable zip."""
+    try:
+        index = ZipIndex.from_zip_file(ResourcePath(path))
+    except Exception:  # noqa: BLE001 - a zip cut short by a crash, to write again
+        return None
+    return tuple(sorted({str(i) for info in index.artifact_map.values() for i in info.ids}))
+
+
+def write_zips(
+    butler: Butler, root: Path, refs: list[DatasetRef], directory: str, per_zip: int
+) -> list[FileRecord]:
+    """Write datasets in Butler zips of at most ``per_zip`` each, ``<directory>/NNNNN.zip`` under ``root``.
+
+    Datasets are grouped in RUN and data ID order, so the outputs of one quantum
+    travel together and a rerun makes the same groups. Each zip holds its
+    datasets' files and an index of their refs and dimension records
+    (`lsst.daf.butler.Butler.retrieve_artifacts_zip`). A zip already there with
+    the same datasets is kept as it is: its bytes may be registered in Rucio.
+    Each zip appears complete or not at all.
+
+    Returns
+    -------
+    zips : `list` [`FileRecord`]
+        A record per zip (its name and datasets, no checksum yet).
+    """
+    top = root / directory
+    top.mkdir(parents=True, exist_ok=True)
+    for stale in top.glob(".staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    ordered = sorted(refs, key=lambda ref: (ref.run, str(ref.dataId), ref.datasetType.name))
+    records = []
+    for number, start in enumerate(range(0, len(ordered), per_zip)):
+        group = ordered[start : start + per_zip]
+        record = FileRecord(f"{directory}/{number:05d}.zip", zipped=tuple(sorted(str(r.id) for r in group)))
+        path = root / record.name
+        if _zip_ids(path) != record.zipped:
+            staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=top))
+            try:
+                made = butler.retrieve_artifacts_zip(_expanded(butler, group), staging)
+                os.replace(made.ospath, path)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        records.append(record)
+    return records
+
+
+def _expanded(butler: Butler, refs: list[DatasetRef]) -> list[DatasetRef]:
+    """Return refs with their dimension records, which a zip carries to its destination."""
+    return [
+        ref if ref.dataId.hasRecords() else ref.expanded(butler.registry.expandDataId(ref.dataId))
+        for ref in refs
+    ]
+
+
+def ingest_zips(
+    destination: Site,
+    zips: list[tuple[FileRecord, Path]],
+    fetch: Callable[[FileRecord, Path], None] | None = None,
+) -> int:
+    """Ingest a hand-off's Butler zips where they lie in the destination datastore; return new datasets.
+
+    Each zip keeps the name it had at the source, under the destination's
+    datastore root, whichever backend brought it there, and carries its datasets'
+    dimension records. A zip whose datasets the destination already has (a rerun)
+    is left out. Each zip is one transaction: a crash loses at most the zip in flight.
+
+    Parameters
+    ----------
+    destination : `Site`
+        The receiving site.
+    zips : `list` [`tuple` [`FileRecord`, `pathlib.Path`]]
+        Each zip's manifest record and where it is (or is to be) in the destination datastore.
+    fetch : `~collections.abc.Callable`, optional
+        Called with a zip's record and path to bring it there first (the butler
+        backend); Rucio delivered them already.
+    """
+    ids = [dataset_id for record, _ in zips for dataset_id in record.zipped]
+    if not ids:
+        return 0
+    with repo_write_lock(destination.repo), open_butler(destination.repo, writeable=True) as dest:
+        present = {str(ref.id) for ref in dest.get_many_datasets(ids)}
+        for record, path in zips:
+            if not set(record.zipped) <= present:
+                if fetch is not None:
+                    fetch(record, path)
+                where = ResourcePath(path)
+                dest.ingest_zip(where, transfer=None, transfer_dimensions=True, skip_existing=True)
+                _LOG.info("Ingested %s into %s.", record.name, destination.name)
+    return len(ids) - len(present)
 
 
 def _dataset_ids(content: dict[str, Any]) -> list[str]:

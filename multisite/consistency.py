@@ -36,12 +36,19 @@ from typing import Any
 
 from lsst.daf.butler import Butler
 
-from .backends import EXPORT_DIR, datastore_root, delete_datastore_files, exported_dataset_ids, orphaned_files
+from .backends import (
+    MANIFEST_SUFFIX,
+    datastore_root,
+    delete_datastore_files,
+    handoff_file_name,
+    orphaned_files,
+)
 from .bps import chunk_refs
 from .butler_utils import collection_exists, open_butler, repo_write_lock
 from .config import Campaign
 from .errors import HandoffError
 from .flow import handoffs, stage_chunks
+from .integrity import Manifest
 from .markers import read_marker
 
 _LOG = logging.getLogger(__name__)
@@ -169,10 +176,10 @@ def _stage_problems(butler: Butler, marker: dict[str, Any], chunk_chains: list[s
     return []
 
 
-def _export_of(campaign: Campaign, repos: _Repos, marker: dict[str, Any]) -> Path | None:
-    """Return the hand-off's export file (the dataset IDs it moved), where it still is; `None` if nowhere."""
-    name = f"{EXPORT_DIR}/{campaign.name}/{marker['handoff']}/{marker['site']}.yaml"
-    candidates = [marker.get("backend_details", {}).get("export")]
+def _manifest_of(campaign: Campaign, repos: _Repos, marker: dict[str, Any]) -> Path | None:
+    """Return the hand-off's manifest (the dataset IDs it moved), where it still is; `None` if nowhere."""
+    name = handoff_file_name(campaign.name, f"{marker['handoff']}/{marker['site']}", MANIFEST_SUFFIX)
+    candidates = [marker.get("backend_details", {}).get("manifest")]
     for site in (marker["destination"], marker["source"]):
         butler = repos.get(site, needed=False) if site in campaign.sites else None
         with contextlib.suppress(HandoffError):
@@ -195,15 +202,15 @@ def _handoff_problems(campaign: Campaign, repos: _Repos, marker: dict[str, Any])
         problems.append(f"its RUNs are missing at {marker['destination']}: {', '.join(missing)}")
     elif unchained := [run for run in runs if run not in children]:
         problems.append(f"{chain} lacks its RUNs {', '.join(unchained)}")
-    export = _export_of(campaign, repos, marker)
-    if export is not None:
-        ids = exported_dataset_ids(export)
+    manifest = _manifest_of(campaign, repos, marker)
+    if manifest is not None:
+        ids = Manifest.read(manifest).dataset_ids()
         refs = dest.get_many_datasets(ids)
         stored = dest.stored_many(refs)
         absent = len(ids) - sum(stored.values())
         if absent:
             problems.append(
-                f"{absent} of the {len(ids)} datasets of its export {export} are not stored there"
+                f"{absent} of the {len(ids)} datasets of its manifest {manifest} are not stored there"
             )
     elif runs and not problems:
         present = Counter(

@@ -38,7 +38,7 @@ from typing import Any
 import pandas as pd
 from lsst.daf.butler import Butler
 
-from .backends import ButlerBackend, HandoffPayload, TransferBackend, exported_dataset_ids
+from .backends import ButlerBackend, HandoffPayload, TransferBackend
 from .butler_utils import ensure_in_chain, open_butler, repo_write_lock
 from .config import Campaign, Site
 from .errors import HandoffError
@@ -69,9 +69,16 @@ SKY_ELEMENTS = ("skymap", "tract", "patch")
 def make_backend(campaign: Campaign) -> TransferBackend:
     """Return the transfer backend the campaign is configured for."""
     if campaign.transfer_backend == "butler":
-        return ButlerBackend(campaign.name, campaign.transfer_mode, campaign.import_batch)
+        return ButlerBackend(
+            campaign.name, campaign.transfer_mode, campaign.import_batch, campaign.datasets_per_zip
+        )
     if campaign.transfer_backend == "rucio":
-        return RucioBackend(campaign.name, campaign.rucio, import_batch=campaign.import_batch)
+        return RucioBackend(
+            campaign.name,
+            campaign.rucio,
+            import_batch=campaign.import_batch,
+            datasets_per_zip=campaign.datasets_per_zip,
+        )
     raise ValueError(
         f"transfer.backend {campaign.transfer_backend!r} is not available; use 'butler' or 'rucio'"
     )
@@ -136,7 +143,7 @@ def _outgoing(campaign: Campaign, name: str, site: str, placement: pd.DataFrame)
         ref
         for dataset_type in PipelineFlow(campaign).handoff_types(handoff)
         for ref in source_butler.query_datasets(
-            dataset_type, collections=collections, limit=None, explain=False
+            dataset_type, collections=collections, limit=None, explain=False, with_dimension_records=True
         )
         if selection.accepts(ref.dataId, owned=handoff.to_central)
     ]
@@ -163,7 +170,8 @@ def _outgoing(campaign: Campaign, name: str, site: str, placement: pd.DataFrame)
 def _arrived(campaign: Campaign, label: str, destination: Site, dataset_ids: list[str]) -> dict[str, Any]:
     """Check every dataset of a hand-off is stored at the destination; chain its RUNs there."""
     with repo_write_lock(destination.repo), open_butler(destination.repo, writeable=True) as dest:
-        found = {dataset_id: dest.get_dataset(dataset_id) for dataset_id in dataset_ids}
+        known = {str(ref.id): ref for ref in dest.get_many_datasets(dataset_ids)}
+        found = {dataset_id: known.get(dataset_id) for dataset_id in dataset_ids}
         refs = [ref for ref in found.values() if ref is not None]
         stored = dest.stored_many(refs)
         missing = [i for i, ref in found.items() if ref is None or not stored[ref]]
@@ -176,10 +184,11 @@ def _arrived(campaign: Campaign, label: str, destination: Site, dataset_ids: lis
             )
         runs = sorted({ref.run for ref in refs})
         ensure_in_chain(dest, campaign.handoff_chain(destination.name), runs)
-        uris = dest.get_many_uris(refs)
+        # A zip is the file of all its datasets: count it once.
+        files = {uris.primaryURI.ospath: uris.primaryURI for uris in dest.get_many_uris(refs).values()}
     return {
         "datasets": dict(sorted(Counter(ref.datasetType.name for ref in refs).items())),
-        "bytes": sum(uris[ref].primaryURI.size() for ref in refs),
+        "bytes": sum(uri.size() for uri in files.values()),
         "destination_chain": campaign.handoff_chain(destination.name),
         "runs": runs,
     }
@@ -241,8 +250,7 @@ def run_handoff(
     if same_repo:
         details, dataset_ids = {}, [str(ref.id) for ref in out.payload.refs]
     else:
-        details, export = backend.deliver(out.source, out.destination, out.payload, out.label)
-        dataset_ids = exported_dataset_ids(export)
+        details, dataset_ids = backend.deliver(out.source, out.destination, out.payload, out.label)
     return {
         **_identity(out.label, out.source, out.destination, backend, same_repo),
         "backend_details": details,
@@ -301,11 +309,11 @@ def receive_handoff(
     label = f"{handoff_name}/{site}"
     if not backend.published(source, destination, label):
         _wait_until_published(campaign, backend, source, destination, label, started)
-    details, export = backend.receive(source, destination, label)
+    details, dataset_ids = backend.receive(source, destination, label)
     return {
         **_identity(label, source, destination, backend),
         "backend_details": details,
-        **_arrived(campaign, label, destination, exported_dataset_ids(export)),
+        **_arrived(campaign, label, destination, dataset_ids),
         **provenance(started),
     }
 

@@ -92,9 +92,11 @@ class FileRecord:
     adler32 : `str` or `None`
         Checksum (8 lower-case hex digits).
     dataset_type, data_id, dataset_id : `str` or `None`
-        The dataset the file stores (`None` for the hand-off's own files).
+        The dataset the file stores (`None` for a Butler zip and the hand-off's own files).
     component : `str` or `None`
         The component, for a dataset stored as several files.
+    zipped : `tuple` [`str`, ...]
+        For a Butler zip, the IDs of the datasets it stores.
     """
 
     name: str
@@ -104,9 +106,12 @@ class FileRecord:
     data_id: str | None = None
     dataset_id: str | None = None
     component: str | None = None
+    zipped: tuple[str, ...] = ()
 
     def describe(self) -> str:
         """Return the dataset the file stores, e.g. ``raw {instrument: 'X', exposure: 1, detector: 0}``."""
+        if self.zipped:
+            return f"Butler zip of {len(self.zipped)} datasets"
         if self.dataset_type is None:
             return ""
         kind = self.dataset_type + (f".{self.component}" if self.component else "")
@@ -162,17 +167,26 @@ class Manifest:
             content = json.loads(Path(path).read_text())
             if content.get("format") != MANIFEST_FORMAT:
                 raise ValueError(f"format {content.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-            return cls(content["handoff"], tuple(FileRecord(**record) for record in content["files"]))
+            files = tuple(
+                FileRecord(**{**record, "zipped": tuple(record.get("zipped", ()))})
+                for record in content["files"]
+            )
+            return cls(content["handoff"], files)
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise HandoffError(f"{path} is not a readable hand-off manifest ({err})") from None
 
     def matches(self, records: Iterable[FileRecord]) -> bool:
         """Whether the manifest records exactly these files of these datasets (checksums aside)."""
 
-        def keys(items: Iterable[FileRecord]) -> set[tuple[str, str | None, str | None]]:
-            return {(r.name, r.dataset_id, r.component) for r in items}
+        def keys(items: Iterable[FileRecord]) -> set[tuple[str, str | None, str | None, tuple[str, ...]]]:
+            return {(r.name, r.dataset_id, r.component, tuple(r.zipped)) for r in items}
 
         return keys(self.files) == keys(records)
+
+    def dataset_ids(self) -> list[str]:
+        """Return the IDs of the datasets the hand-off moves, in files and in zips, sorted."""
+        in_files = {r.dataset_id for r in self.files if r.dataset_id}
+        return sorted(in_files | {i for r in self.files for i in r.zipped})
 
 
 def datastore_files(
@@ -226,22 +240,23 @@ def held_files(
     butler : `lsst.daf.butler.Butler`
         The repository (a hand-off's destination).
     records : `~collections.abc.Iterable` [`FileRecord`]
-        Dataset files as their source recorded them.
+        Dataset files and Butler zips as their source recorded them.
 
     Returns
     -------
     held : `list` [`tuple` [`FileRecord`, `pathlib.Path`]]
         Each record whose dataset the repository knows, with where its file is (or
-        should be: a deleted file keeps its datastore record).
+        should be: a deleted file keeps its datastore record); a zip is where its
+        first dataset is.
     unknown : `list` [`FileRecord`]
         Records whose dataset the repository does not know (not received).
     """
-    records = [r for r in records if r.dataset_id]
-    refs = {str(ref.id): ref for ref in butler.get_many_datasets({r.dataset_id for r in records})}
+    records = [r for r in records if r.dataset_id or r.zipped]
+    refs = {str(ref.id): ref for ref in butler.get_many_datasets({_stored(r) for r in records})}
     uris = butler.get_many_uris(list(refs.values()), allow_missing=True)
     held, unknown = [], []
     for record in records:
-        ref = refs.get(record.dataset_id)
+        ref = refs.get(_stored(record))
         found = uris.get(ref) if ref is not None else None
         uri = None
         if found is not None:
@@ -251,6 +266,11 @@ def held_files(
         else:
             held.append((record, Path(uri.ospath)))
     return held, unknown
+
+
+def _stored(record: FileRecord) -> str:
+    """Return the ID of a dataset whose file is the record's (a zip's first)."""
+    return record.dataset_id or record.zipped[0]
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,17 @@ class RubinRegistrar:
                 )
         return count
 
+    def register_zips(self, dataset: str, paths: Sequence[Path]) -> int:
+        """Register Butler zips (none registered at the RSE yet); each carries its own refs."""
+        if not paths:
+            return 0
+        return self._register(
+            f"register {len(paths)} zips at {self.rse} in {self.scope}:{dataset}",
+            self._interface(DataType.ZIP_FILE).register_zips,
+            dataset,
+            [ResourcePath(path) for path in paths],
+        )
+
     def register_files(self, dataset: str, paths: Sequence[Path]) -> int:
         """Register a hand-off's own files (its Butler export and manifest) as dimension-record files."""
         if not paths:

@@ -9,13 +9,14 @@ already inside the destination Butler's datastore.
 
 One hand-off (``label`` ``<handoff>/<site>``) is, on the sending side:
 
-1. its files registered where they are with Rubin's ``lsst-rucio-register``
+1. its raws and the Butler zips of its processed datasets (`multisite.backends.write_zips`)
+   registered where they are with Rubin's ``lsst-rucio-register``
    (`multisite.rubin_registration`: replicas at the source RSE, with size, adler32
    and the ``rubin_butler``/``rubin_sidecar`` metadata of the facilities' ingest
-   daemons), plus the hand-off's Butler export file (dimension records, dataset
-   types, RUN collections and dataset refs with their formatters) so the
-   destination Butler accepts every dataset, and its manifest (each file's dataset
-   type, data ID, size and adler32: `multisite.integrity`), in Rucio datasets of at
+   daemons), plus the hand-off's Butler export file (the raws' refs, with their
+   dataset types and RUN collections, and the dimension records the site needs) and
+   its manifest (each file's and zip's datasets, size and adler32:
+   `multisite.integrity`), in Rucio datasets of at
    most ``max_files_per_dataset`` files each (``multisite.<campaign>.<handoff>.<site>.<part>``,
    the hand-off's files in name order, so a rerun puts each file where the first run
    did), inside the hand-off's container ``multisite.<campaign>.<handoff>.<site>``,
@@ -29,9 +30,9 @@ and on the receiving side, once the container is closed:
 4. a wait for the rule, polling with back-off and logging files and bytes done, that
    stops with an error naming the files and Rucio's reasons on STUCK or timeout;
 5. on OK, every file checked at the destination against Rucio's size and adler32
-   (`multisite.integrity.check_files`, on every run: a rerun re-verifies) and the
-   export imported into the destination Butler with ``transfer=None`` (the files
-   are already in its datastore).
+   (`multisite.integrity.check_files`, on every run: a rerun re-verifies), then the
+   export imported and the zips ingested into the destination Butler with
+   ``transfer=None`` (the files are already in its datastore).
 
 A damaged or deleted file at the destination is repaired through Rucio
 (`RucioBackend.repair`, ``multisite repair``): its replica is declared bad, Rucio's
@@ -57,19 +58,21 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lsst.daf.butler import Butler, DatasetRef
 
 from .backends import (
     IMPORT_BATCH,
+    ZIP_DATASETS,
     HandoffPayload,
     TransferBackend,
     datastore_root,
-    exported_dataset_ids,
     import_export,
+    ingest_zips,
     repair_outcome,
     write_export,
+    write_zips,
 )
 from .butler_utils import open_butler
 from .config import Site
@@ -84,9 +87,6 @@ from .integrity import (
     repair_command,
     with_descriptions,
 )
-
-if TYPE_CHECKING:
-    from .rubin_registration import RubinRegistrar
 
 _LOG = logging.getLogger(__name__)
 
@@ -216,6 +216,10 @@ class RucioBackend(TransferBackend):
         The ``transfer.rucio`` configuration.
     client : `rucio.client.Client`, optional
         Client to use (tests, benchmarks); one is made from the configuration otherwise.
+    import_batch : `int`
+        Files per import transaction at the destination.
+    datasets_per_zip : `int`
+        Most datasets in one Butler zip.
     """
 
     name = "rucio"
@@ -226,9 +230,9 @@ class RucioBackend(TransferBackend):
         settings: RucioSettings | Mapping[str, Any],
         client: Any = None,
         import_batch: int = IMPORT_BATCH,
+        datasets_per_zip: int = ZIP_DATASETS,
     ):
-        self.campaign = campaign
-        self.import_batch = import_batch
+        super().__init__(campaign, import_batch, datasets_per_zip)
         self.settings = (
             settings if isinstance(settings, RucioSettings) else RucioSettings.from_config(settings)
         )
@@ -339,6 +343,7 @@ class RucioBackend(TransferBackend):
             "handoff": f"{campaign}.{handoff}.{site}",
             "export": self.export_name(label),
             "manifest": self.manifest_name(label),
+            "zips": self.zip_directory(label),
         }
 
     def parts(self, container: str, names: Iterable[str]) -> dict[str, list[str]]:
@@ -402,6 +407,7 @@ class RucioBackend(TransferBackend):
                 "export_file": f"{scope}:{names['export']}",
                 "source_rse": src_rse,
                 "files": len(registered["files"]),
+                "zips": registered["zips"],
                 "bytes": registered["bytes"],
                 "files_registered_now": registered["added"],
             },
@@ -421,7 +427,7 @@ class RucioBackend(TransferBackend):
             did = self._call(f"read {scope}:{container}", self.client.get_did, scope, container)
         return not did.get("open", True)
 
-    def receive(self, source: Site, destination: Site, label: str) -> tuple[dict[str, Any], Path]:
+    def receive(self, source: Site, destination: Site, label: str) -> tuple[dict[str, Any], list[str]]:
         started = time.monotonic()
         names = self.names(label)
         scope = self.settings.scope
@@ -433,13 +439,16 @@ class RucioBackend(TransferBackend):
         self._wait(rule_id, files, label, dst_rse)
         t_ok = time.monotonic()
         self._check_arrived(destination, dst_root, files, label)
+        manifest = Manifest.read(dst_root / names["manifest"])
         if self.settings.ingest == "facility":
             imported = 0
-            self._wait_for_facility(destination, dst_root / names["export"], label)
+            self._wait_for_facility(destination, manifest.dataset_ids(), label)
         else:
             imported = import_export(
                 destination, dst_root, dst_root / names["export"], None, self.import_batch
             )
+            zips = [(record, dst_root / record.name) for record in manifest.files if record.zipped]
+            imported += ingest_zips(destination, zips)
             _LOG.info("Rucio %s: %d datasets ingested into %s.", label, imported, destination.name)
         details = {
             "rucio": {
@@ -459,9 +468,9 @@ class RucioBackend(TransferBackend):
                 "ingest": round(time.monotonic() - t_ok, 3),
             },
         }
-        return details, dst_root / names["export"]
+        return details, manifest.dataset_ids()
 
-    def _wait_for_facility(self, destination: Site, export: Path, label: str) -> None:
+    def _wait_for_facility(self, destination: Site, ids: list[str], label: str) -> None:
         """Wait, polling with back-off, until the facility's ingest daemon registered the hand-off's datasets.
 
         Raises
@@ -470,7 +479,6 @@ class RucioBackend(TransferBackend):
             Raised after ``poll.timeout_s`` naming the datasets still missing
             (a rerun waits again).
         """
-        ids = exported_dataset_ids(export)
         deadline = time.monotonic() + self.settings.timeout
         interval = self.settings.poll_interval
         while True:
@@ -530,17 +538,21 @@ class RucioBackend(TransferBackend):
         names: dict[str, str],
         label: str,
     ) -> dict[str, Any]:
-        """Register the hand-off's files (where they are) in its Rucio datasets; idempotent.
+        """Register the hand-off's files and zips (where they are) in its Rucio datasets; idempotent.
 
-        The datasets' files go first, with their refs as Rubin metadata
+        The raws go first, with their refs as Rubin metadata, and the zips
         (`multisite.rubin_registration`); then the manifest, from the sizes and
         checksums Rucio holds for them, and the Butler export. A file already in
         the hand-off's container stays in the dataset it is in.
         """
         client, scope, container = self.client, self.settings.scope, names["handoff"]
-        records = self._files_of(butler, root, payload.refs)
+        records = self._files_of(butler, root, payload.files())
+        zips = {
+            record.name: record
+            for record in write_zips(butler, root, payload.zipped(), names["zips"], self.datasets_per_zip)
+        }
         own = (names["manifest"], names["export"])
-        parts = self.parts(container, [*records, *own])
+        parts = self.parts(container, [*records, *zips, *own])
         self._ensure_did(client.add_container, names["campaign_container"])
         self._ensure_did(client.add_container, names["stage_container"])
         self._ensure_did(client.add_container, container)
@@ -551,7 +563,7 @@ class RucioBackend(TransferBackend):
         self._attach(container, list(parts))
 
         content = self._content(container)
-        extra = sorted(set(content) - set(records) - set(own))
+        extra = sorted(set(content) - set(records) - set(zips) - set(own))
         if extra:
             raise RucioHandoffError(
                 f"Rucio container {scope}:{container} holds {len(extra)} file(s) this hand-off does not "
@@ -563,10 +575,20 @@ class RucioBackend(TransferBackend):
         registrar = RubinRegistrar(butler, rse, scope, root, self._pfn_base(rse), self._call)
         by_id = {str(ref.id): ref for ref in payload.refs}
         for dataset, members in parts.items():
-            if missing := {
-                n: by_id[records[n].dataset_id] for n in members if n in records and n not in content
-            }:
-                self._add_to_dataset(registrar, dataset, missing)
+            self._add_to_dataset(
+                registrar.rse,
+                dataset,
+                [n for n in members if n in records and n not in content],
+                lambda part, dataset=dataset: registrar.register_refs(
+                    dataset, [by_id[records[n].dataset_id] for n in part]
+                ),
+            )
+            self._add_to_dataset(
+                registrar.rse,
+                dataset,
+                [n for n in members if n in zips and n not in content],
+                lambda part, dataset=dataset: registrar.register_zips(dataset, [root / n for n in part]),
+            )
         before, content = content, self._content(container)
         # The hand-off's own files, written once: their registered checksums must stay true.
         if names["manifest"] not in content:
@@ -574,7 +596,7 @@ class RucioBackend(TransferBackend):
                 label,
                 tuple(
                     replace(r, bytes=content[n]["bytes"], adler32=content[n]["adler32"])
-                    for n, r in records.items()
+                    for n, r in (records | zips).items()
                 ),
             ).write(root / names["manifest"])
         if names["export"] not in content:
@@ -583,7 +605,7 @@ class RucioBackend(TransferBackend):
             if unregistered := [root / name for name in own if name in members and name not in content]:
                 registrar.register_files(dataset, unregistered)
         content = self._content(container)
-        absent = sorted((set(records) | set(own)) - set(content))
+        absent = sorted((set(records) | set(zips) | set(own)) - set(content))
         if absent:
             raise RucioHandoffError(
                 f"Rucio {label}: {len(absent)} file(s) are not in {scope}:{container} after "
@@ -602,7 +624,7 @@ class RucioBackend(TransferBackend):
             container,
             added,
         )
-        return {"files": files, "bytes": total, "added": added, "datasets": list(parts)}
+        return {"files": files, "zips": len(zips), "bytes": total, "added": added, "datasets": list(parts)}
 
     def _content(self, dataset: str) -> dict[str, dict]:
         """Files of a Rucio dataset or container (its datasets'), with Rucio's size and adler32, by name."""
@@ -618,22 +640,26 @@ class RucioBackend(TransferBackend):
         )
         return pfns[f"{scope}:{probe}"].removesuffix(f"/{scope}/{probe}")
 
-    def _add_to_dataset(self, registrar: RubinRegistrar, dataset: str, refs: dict[str, DatasetRef]) -> None:
-        """Put files in the hand-off's dataset: attach those registered at the RSE, register the others.
+    def _add_to_dataset(
+        self, rse: str, dataset: str, names: list[str], register: Callable[[list[str]], Any]
+    ) -> None:
+        """Put files in the hand-off's dataset: attach those registered at the RSE, ``register`` the others.
 
-        A file registered by another hand-off (a raw going to two sites) is attached
-        as it is; a concurrent hand-off registering the same file first only sends
-        the loop round once more.
+        A file registered by another hand-off (a raw going to two sites), or by an
+        attempt killed before it attached it, is attached as it is; a concurrent
+        hand-off registering the same file first only sends the loop round once more.
         """
+        if not names:
+            return
         client, scope, chunk = self.client, self.settings.scope, self.settings.chunk_size
         for _ in range(3):
             content = self._content(dataset)
-            todo = sorted(name for name in refs if name not in content)
+            todo = sorted(name for name in names if name not in content)
             if not todo:
                 return
             present: dict[str, dict] = {}
             for part in _chunks(todo, chunk):
-                present |= self._replicas_at(registrar.rse, [_File(name, Path(name)) for name in part])
+                present |= self._replicas_at(rse, [_File(name, Path(name)) for name in part])
             for part in _chunks([name for name in todo if name in present], chunk):
                 self._call(
                     f"attach {len(part)} files to {scope}:{dataset}",
@@ -642,8 +668,8 @@ class RucioBackend(TransferBackend):
                     dataset,
                     [{"scope": scope, "name": name} for name in part],
                 )
-            for part in _chunks([refs[name] for name in todo if name not in present], chunk):
-                registrar.register_refs(dataset, part)
+            for part in _chunks([name for name in todo if name not in present], chunk):
+                register(part)
 
     def _replicas_at(self, rse: str, files: list[_File]) -> dict[str, dict]:
         """Replicas of ``files`` registered at ``rse`` (in any state), by name."""

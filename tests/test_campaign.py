@@ -7,12 +7,14 @@ the multi-site products must equal the single-site reference.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import signal
 import subprocess
 import time
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -210,11 +212,16 @@ def test_6_qa_fails_when_a_site_output_is_altered(campaign_dir, campaign):
     ref = usdf.find_dataset(
         "deep_coadd", skymap="demo", tract=0, patch=4, collections=campaign.handoff_chain("usdf")
     )
-    path = Path(usdf.getURI(ref).ospath)
+    # The coadd came back to USDF in a Butler zip: change its file inside the zip.
+    uri = usdf.getURI(ref)
+    path, member = Path(uri.ospath), uri.fragment.removeprefix("zip-path=")
     original = path.read_bytes()
     coadd = usdf.get(ref)
     coadd.pixels[10:20, 10:20] *= 1.01
-    path.write_bytes(SkyImageFormatter.to_bytes(None, coadd))
+    with zipfile.ZipFile(io.BytesIO(original)) as before, zipfile.ZipFile(path, "w") as after:
+        for item in before.infolist():
+            altered = SkyImageFormatter.to_bytes(None, coadd) if item.filename == member else None
+            after.writestr(item, altered or before.read(item))
     try:
         with pytest.raises(QAFailed) as caught:
             run_qa(campaign, campaign_dir / "qa-altered.csv")

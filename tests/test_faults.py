@@ -28,8 +28,8 @@ from pathlib import Path
 
 from lsst.daf.butler import Butler
 
-from multisite.backends import exported_dataset_ids
 from multisite.config import Campaign, load_campaign
+from multisite.integrity import Manifest
 from multisite.markers import read_marker
 
 from .conftest import BIN, demo_config, snakemake, snakemake_command
@@ -209,8 +209,8 @@ def test_a_receiver_killed_in_the_middle_of_its_import_reruns_to_completion_with
     log = campaign.layout.handoff_log("raws", "in2p3")
     third_batch_in = lambda: log.exists() and "Imported batch 3 of" in log.read_text()  # noqa: E731
     assert run_killed_when(tmp_path, third_batch_in, target)
-    export = Path(campaign.central.repo) / "handoff_exports" / "demo" / "raws" / "in2p3.yaml"
-    ids = exported_dataset_ids(export)
+    manifest = Path(campaign.central.repo) / "handoff_exports" / "demo" / "raws" / "in2p3.manifest.json"
+    ids = Manifest.read(manifest).dataset_ids()
     at_in2p3 = Butler.from_config(campaign.sites["in2p3"].repo)
     kept = len(at_in2p3.get_many_datasets(ids))
     assert 3 <= kept < len(ids), (kept, len(ids))  # the batches committed before the kill stay

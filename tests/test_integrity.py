@@ -83,13 +83,18 @@ def test_manifest_is_byte_stable_and_a_damaged_one_is_named(tmp_path):
     source = tmp_path / "raw.npz"
     source.write_bytes(b"pixels")
     record = _recorded(source, dataset_type="raw", data_id="{exposure: 1}", dataset_id="d1")
-    manifest = Manifest("raws/ral", (record, FileRecord("a", 1, "00000002")))
+    zipped = FileRecord("h/ral/00000.zip", 1, "00000002", zipped=("d2", "d3"))
+    manifest = Manifest("raws/ral", (record, zipped))
     first = manifest.write(tmp_path / "m1.json").read_bytes()
     # Same content, same bytes (a manifest registered in Rucio keeps its adler32 when rewritten).
     assert Manifest("raws/ral", manifest.files[::-1]).write(tmp_path / "m2.json").read_bytes() == first
     assert Manifest.read(tmp_path / "m1.json").files == tuple(sorted(manifest.files, key=lambda r: r.name))
-    assert manifest.matches([FileRecord("a"), dataclasses.replace(record, bytes=None, adler32=None)])
-    assert not manifest.matches([FileRecord("a")])
+    assert Manifest.read(tmp_path / "m1.json").dataset_ids() == ["d1", "d2", "d3"]
+    assert zipped.describe() == "Butler zip of 2 datasets"
+    unmeasured = dataclasses.replace(zipped, bytes=None, adler32=None)
+    assert manifest.matches([unmeasured, dataclasses.replace(record, bytes=None, adler32=None)])
+    assert not manifest.matches([dataclasses.replace(unmeasured, zipped=("d2",)), record])
+    assert not manifest.matches([unmeasured])
     (tmp_path / "m1.json").write_bytes(first[: len(first) // 2])
     with pytest.raises(HandoffError, match="m1.json is not a readable hand-off manifest"):
         Manifest.read(tmp_path / "m1.json")
@@ -212,16 +217,18 @@ def test_1_raws_handoff_records_checksums_at_the_source_and_verifies_them(campai
     manifest = Manifest.read(usdf / MANIFEST)
     # The destination keeps the same manifest, for verify_inputs and repairs.
     assert (ral / MANIFEST).read_bytes() == (usdf / MANIFEST).read_bytes()
-    assert {r.dataset_type for r in manifest.files} == {"raw", "campaign_placement"}
+    # The raws as files, the site's share of the placement in a Butler zip, kept under the same name.
+    raws, zips = [r for r in manifest.files if not r.zipped], [r for r in manifest.files if r.zipped]
+    assert {r.dataset_type for r in raws} == {"raw"} and all(r.data_id.startswith("{") for r in raws)
+    assert len(zips) == 1 and len(zips[0].zipped) == 1 and zips[0].name.endswith("/raws/ral/00000.zip")
+    placement = Butler.from_config(str(ral)).get_dataset(zips[0].zipped[0])
+    assert placement.datasetType.name == "campaign_placement"
     for record in manifest.files:
         assert record.adler32 == adler32_of(usdf / record.name) == adler32_of(ral / record.name)
-        assert record.bytes == (usdf / record.name).stat().st_size and record.data_id.startswith("{")
+        assert record.bytes == (usdf / record.name).stat().st_size
     marker = read_marker(campaign / RAWS_HANDOFF)
-    assert (
-        marker["backend_details"]["verified_files"]
-        == len(manifest.files)
-        == marker["backend_details"]["files"]
-    )
+    details = marker["backend_details"]
+    assert details["verified_files"] == len(manifest.files) == details["files"] + details["zips"]
     assert read_marker(campaign / INPUTS)["files_verified"] == len(manifest.files)
 
 

@@ -4,7 +4,8 @@ A read-only registry and a full disk are refused before anything is submitted,
 naming the site, the repository, the numbers and the fix; a failed submission names
 the first line of its jobs' logs that says why; datastore files no registry row
 refers to are listed and deleted, and nothing else; a hand-off's import that crashes
-between batches keeps the batches before, and its rerun adds only the rest. The tests that need a finished
+between batches keeps the batches before, and its rerun adds only the rest; a zip
+damaged at the source is refused before any of it is ingested. The tests that need a finished
 demo campaign (``multisite check``, the rerun recipe, a real killed submission) are
 at the end of ``test_campaign.py``.
 """
@@ -22,12 +23,13 @@ import pandas as pd
 import pytest
 from lsst.daf.butler import Butler, Config, DatasetType
 
-from multisite.backends import HandoffPayload, datastore_root, import_export, write_export
+from multisite.backends import ButlerBackend, HandoffPayload, datastore_root, import_export, write_export
 from multisite.bps import Preflight, first_error, run_stage
 from multisite.cli import main
 from multisite.config import load_campaign
 from multisite.consistency import Finding, check_campaign, find_orphans
-from multisite.errors import CampaignConfigError, StageFailed
+from multisite.errors import CampaignConfigError, DamagedFilesError, StageFailed
+from multisite.integrity import Manifest
 from multisite.markers import write_marker
 from multisite.sites import make_demo_survey, prepare_repo
 
@@ -322,3 +324,58 @@ def test_a_crash_between_import_batches_loses_nothing_and_the_rerun_goes_on(tmp_
     assert sorted(ref.id for ref in found) == sorted(ref.id for ref in refs)
     assert all(at_ral.stored_many(found).values())
     assert import_export(campaign.sites[SITE], root, export, "copy", batch=4) == 0
+
+
+def test_products_travel_in_zips_and_a_damaged_zip_is_refused_before_any_of_it_is_ingested(tmp_path):
+    """Processed datasets go in Butler zips of ``datasets_per_zip`` (raws as files), butler backend."""
+    campaign = load_campaign(demo_config(tmp_path))
+    for site in ("usdf", SITE):
+        prepare_repo(campaign, site)
+    make_demo_survey(campaign)
+    central, ral = campaign.central, campaign.sites[SITE]
+    with Butler.from_config(central.repo, writeable=True) as butler:
+        blob = DatasetType(
+            "zip_probe", ["instrument", "detector"], "StructuredDataDict", universe=butler.dimensions
+        )
+        butler.registry.registerDatasetType(blob)
+        butler.collections.register("probes/run")
+        products = [
+            butler.put({"detector": d}, blob, instrument=campaign.instrument, detector=d, run="probes/run")
+            for d in range(4)
+        ]
+        truths = butler.query_all_datasets(campaign.truth_collection, limit=None)
+        raws = butler.query_datasets("raw", collections=campaign.raw_collection, limit=2)
+    payload, label = HandoffPayload([*raws, *products, *truths]), "zips/ral"
+    backend = ButlerBackend(campaign.name, datasets_per_zip=2)
+    root = Path(central.repo)
+    sent = backend.send(central, ral, payload, label)
+    assert (sent["files"], sent["zips"]) == (2, 3)
+    zips = [root / f"handoff_exports/demo/zips/ral/{i:05d}.zip" for i in range(3)]
+    assert all(path.is_file() for path in zips)
+    first = [path.read_bytes() for path in zips]
+    backend.send(central, ral, payload, label)  # a rerun keeps each zip as it is
+    assert [path.read_bytes() for path in zips] == first
+
+    # A zip goes bad at the source after it was sent: refused by its checksum, nothing of it ingested.
+    damaged = bytearray(first[1])
+    damaged[len(damaged) // 2] ^= 0xFF
+    zips[1].write_bytes(bytes(damaged))
+    with pytest.raises(DamagedFilesError) as caught:
+        backend.receive(central, ral, label)
+    message = str(caught.value)
+    assert "handoff_exports/demo/zips/ral/00001.zip" in message and "Butler zip of 2 datasets" in message
+    assert f"Delete {zips[1]} at usdf and send the hand-off again" in message
+    in_bad_zip = Manifest.read(root / backend.manifest_name(label)).files[1].zipped
+    assert not Butler.from_config(ral.repo).get_many_datasets(in_bad_zip)
+
+    # The documented fix: the zip deleted and the hand-off sent again, then received whole.
+    zips[1].unlink()
+    backend.send(central, ral, payload, label)
+    details, dataset_ids = backend.receive(central, ral, label)
+    assert sorted(dataset_ids) == sorted(str(ref.id) for ref in payload.refs)
+    at_ral = Butler.from_config(ral.repo)
+    assert len(at_ral.get_many_datasets(dataset_ids)) == 8 and details["verified_files"] == 5
+    for ref in products:  # read from the zip, which keeps its source name in RAL's datastore
+        assert at_ral.get(ref) == {"detector": ref.dataId["detector"]}
+        assert "handoff_exports/demo/zips/ral/0000" in str(at_ral.getURI(ref))
+    assert backend.receive(central, ral, label)[0]["transferred"] == 0  # a rerun adds nothing

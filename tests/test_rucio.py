@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 from lsst.daf.butler import Butler, DatasetRef
+from lsst.daf.butler.datastores.file_datastore.retrieve_artifacts import ZipIndex
+from lsst.resources import ResourcePath
 from lsst.rucio.register.rubin_meta import RubinMeta
 
 from multisite.backends import HandoffPayload
@@ -95,7 +97,7 @@ def test_1_handoff_end_to_end(setup, caplog):
     assert rule["state"] == "OK" and rule["rse_expression"] == "IN2P3_BUTLER_DISK"
     assert rule["activity"] == "Data Consolidation" and rule["grouping"] == "DATASET"
     files = list(c.list_files(SCOPE, "multisite.demo.raws.in2p3"))
-    # every raw and the site's share of the placement, plus the Butler export file and the manifest
+    # every raw and the zip of the site's share of the placement, plus the Butler export file and the manifest
     n_raws = marker["datasets"]["raw"]
     assert marker["datasets"] == {"campaign_placement": 1, "raw": n_raws}
     assert len(files) == n_raws + 3 == info["files"] == details["verified_files"]
@@ -110,15 +112,24 @@ def test_1_handoff_end_to_end(setup, caplog):
     assert {r.name: (r.bytes, r.adler32) for r in manifest.files} == {
         name: value for name, value in registered.items() if not name.startswith("handoff_exports/")
     }
-    assert {r.dataset_type for r in manifest.files} == {"raw", "campaign_placement"}
-    # Registered by lsst-rucio-register: each file carries Rubin's metadata, which its own models
-    # parse back into the very DatasetRef the central Butler holds.
+    raw_files = [r for r in manifest.files if not r.zipped]
+    (zipped,) = [r for r in manifest.files if r.zipped]
+    assert {r.dataset_type for r in raw_files} == {"raw"} and len(raw_files) == n_raws
+    # Registered by lsst-rucio-register: each raw carries Rubin's metadata, which its own models
+    # parse back into the very DatasetRef the central Butler holds; the zip is registered as one,
+    # and its own index holds that DatasetRef.
     central = Butler.from_config(campaign.central.repo)
-    for record in manifest.files[:5]:
+    for record in raw_files[:5]:
         meta = RubinMeta.model_validate(c.get_metadata(SCOPE, record.name, plugin="ALL"))
         ref = DatasetRef.from_json(meta.rubin_sidecar, universe=central.dimensions)
         assert ref == central.get_dataset(record.dataset_id)
-        assert meta.rubin_butler == ("raw_file" if record.dataset_type == "raw" else "data_product")
+        assert meta.rubin_butler == "raw_file"
+    meta = RubinMeta.model_validate(c.get_metadata(SCOPE, zipped.name, plugin="ALL"))
+    assert meta.rubin_butler == "zip_file" and zipped.name == "handoff_exports/demo/raws/in2p3/00000.zip"
+    index = ZipIndex.from_zip_file(ResourcePath(Path(campaign.central.repo) / zipped.name))
+    (placement_ref,) = index.refs.to_refs(universe=central.dimensions)
+    assert placement_ref == central.get_dataset(zipped.zipped[0])
+    assert placement_ref.datasetType.name == "campaign_placement"
     export_meta = c.get_metadata(SCOPE, "handoff_exports/demo/raws/in2p3.yaml", plugin="ALL")
     assert export_meta["rubin_butler"] == "dim_file"
     # The container hierarchy: campaign > stage > hand-off > its datasets of at most MAX_FILES files,
@@ -209,30 +220,36 @@ def test_3_corrupted_source_file_fails_clearly_and_ingests_nothing(setup):
         }
     )
     refs = raws(campaign, butler, {visits[0]})
-    victim = refs[0]
-    path = Path(butler.getURI(victim).ospath)
-    name = str(path.relative_to(central.repo))
-    original = path.read_bytes()
+    truths = butler.query_all_datasets(campaign.truth_collection, limit=None)  # processed: in a zip
+    paths = [
+        Path(butler.getURI(refs[0]).ospath),
+        Path(central.repo) / "handoff_exports/demo/corrupt/ral/00000.zip",
+    ]
     backend = make_backend(campaign)
     rucio.pause_daemons()
     try:
-        thread, outcome = _deliver_in_thread(backend, central, ral, HandoffPayload(refs), "corrupt/ral")
+        payload = HandoffPayload([*refs, *truths])
+        thread, outcome = _deliver_in_thread(backend, central, ral, payload, "corrupt/ral")
         _wait_for_rule(campaign, "multisite.demo.corrupt.ral")
-        # The source file goes bad after registration (same size, other bytes).
-        damaged = bytearray(original)
-        damaged[len(damaged) // 2] ^= 0xFF
-        path.write_bytes(bytes(damaged))
+        # A raw and the zip go bad at the source after registration (same size, other bytes).
+        originals = [path.read_bytes() for path in paths]
+        for path, original in zip(paths, originals, strict=True):
+            damaged = bytearray(original)
+            damaged[len(damaged) // 2] ^= 0xFF
+            path.write_bytes(bytes(damaged))
     finally:
         rucio.resume_daemons()
     thread.join(300)
-    path.write_bytes(original)
+    for path, original in zip(paths, originals, strict=True):
+        path.write_bytes(original)
     assert not thread.is_alive()
     error = outcome.get("error")
     assert isinstance(error, RucioHandoffError), outcome
     message = str(error)
-    assert "STUCK" in message and name in message and "checksum mismatch" in message, message
+    assert "STUCK" in message and "checksum mismatch" in message, message
+    assert all(str(path.relative_to(central.repo)) in message for path in paths), message
     assert "Nothing from this hand-off was ingested" in message
-    assert nothing_of(ral.repo, refs)
+    assert nothing_of(ral.repo, [*refs, *truths])
     assert rucio.password not in message
 
 
@@ -410,8 +427,11 @@ def test_8_the_facility_ingests_what_arrives_and_the_rule_waits_for_it(setup):
         for ref in butler.query_datasets("raw", collections=campaign.raw_collection, limit=None)
         if at_ral.get_dataset(ref.id) is None
     ]
-    refs = raws_elsewhere[: MAX_FILES + 2]  # two Rucio datasets with the export and manifest
-    assert len(refs) == MAX_FILES + 2
+    truths = butler.query_all_datasets(campaign.truth_collection, limit=None)  # processed: in a zip
+    assert truths and nothing_of(ral.repo, truths)
+    # two Rucio datasets with the zip, the export and the manifest
+    refs = raws_elsewhere[: MAX_FILES + 1] + truths
+    assert len(refs) == MAX_FILES + 1 + len(truths)
     facility = dataclasses.replace(make_backend(campaign).settings, ingest="facility", timeout=30.0)
     # No daemon: the files arrive and are verified, then the wait ends naming what is missing; the
     # workflow registered nothing itself.
@@ -419,7 +439,7 @@ def test_8_the_facility_ingests_what_arrives_and_the_rule_waits_for_it(setup):
         RucioBackend(campaign.name, facility).deliver(central, ral, HandoffPayload(refs), "facility/ral")
     message = str(failure.value)
     assert "ingest daemon (transfer.rucio.ingest: facility) has not registered" in message, message
-    assert f"{len(refs)} of {len(refs)} datasets" in message and str(refs[0].id) in message
+    assert f"{len(refs)} of {len(refs)} datasets" in message and str(truths[0].id) in message
     assert "transfer.rucio.ingest: workflow" in message
     assert nothing_of(ral.repo, refs)
 
@@ -441,3 +461,8 @@ def test_8_the_facility_ingests_what_arrives_and_the_rule_waits_for_it(setup):
     for ref in refs[:3]:
         assert dest.get_dataset(ref.id) == ref
         assert (dest.get(ref).pixels == butler.get(ref).pixels).all()
+    for ref in truths:  # ingested by the daemon from the zip, where Rucio put it
+        assert dest.get_dataset(ref.id) == ref
+        assert "handoff_exports/demo/facility/ral/" in str(dest.getURI(ref))
+        got, sent = dest.get(ref), butler.get(ref)
+        assert (got.as_array() == sent.as_array()).all() if hasattr(got, "as_array") else got == sent

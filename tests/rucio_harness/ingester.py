@@ -10,6 +10,8 @@ ingested as ``ctrl_ingestd`` does it (``RseButler.ingest``):
 
 * ``dim_file`` (a hand-off's Butler export): its dimension records, dataset types
   and RUN collections imported (its datasets are left to their own files' entries);
+* ``zip_file`` (processed datasets): ``Butler.ingest_zip`` where it lies, with the
+  dimension records it carries;
 * ``raw_file`` and ``data_product``: ``Butler.ingest`` of the file where it lies, with
   the `~lsst.daf.butler.DatasetRef` of its sidecar (same dataset ID as at the source).
 
@@ -74,6 +76,9 @@ class StandInIngester:
             for name, _ in by_type.get("dim_file", []):
                 self._import_dimensions(butler, root / name)
                 self.done.add(name)
+            for name, _ in by_type.get("zip_file", []):
+                if self._ingest_zip(butler, root / name):
+                    self.done.add(name)
             for kind in ("raw_file", "data_product"):
                 for name, meta in by_type.get(kind, []):
                     if self._ingest(butler, root / name, meta["rubin_sidecar"]):
@@ -100,6 +105,15 @@ class StandInIngester:
             yaml.dump(content, records)
             records.flush()
             butler.import_(filename=records.name, format="yaml", transfer=None)
+
+    @staticmethod
+    def _ingest_zip(butler: Butler, path: Path) -> bool:
+        try:
+            butler.ingest_zip(path, transfer=None, transfer_dimensions=True, skip_existing=True)
+        except Exception as err:  # noqa: BLE001 - as for a file, a later pass tries again
+            _LOG.info("stand-in ingester: %s not ingested yet: %s", path.name, err)
+            return False
+        return True
 
     @staticmethod
     def _ingest(butler: Butler, path: Path, sidecar: str) -> bool:
