@@ -99,24 +99,26 @@ class RubinRegistrar:
                 )
         return count
 
-    def register_zips(self, dataset: str, paths: Sequence[Path]) -> int:
-        """Register Butler zips (none registered at the RSE yet); each carries its own refs."""
-        if not paths:
-            return 0
-        return self._register(
-            f"register {len(paths)} zips at {self.rse} in {self.scope}:{dataset}",
-            self._interface(DataType.ZIP_FILE).register_zips,
-            dataset,
-            [ResourcePath(path) for path in paths],
-        )
+    def register_files(self, dataset: str, paths: Sequence[Path], zips: bool = False) -> int:
+        """Register files that need no sidecar (none registered at the RSE yet).
 
-    def register_files(self, dataset: str, paths: Sequence[Path]) -> int:
-        """Register a hand-off's own files (its Butler export and manifest) as dimension-record files."""
+        Parameters
+        ----------
+        dataset : `str`
+            The Rucio dataset to attach them to.
+        paths : `~collections.abc.Sequence` [`pathlib.Path`]
+            The files.
+        zips : `bool`
+            Whether they are Butler zips (``zip_file``: each carries its own refs);
+            otherwise the hand-off's own files, its Butler export and manifest (``dim_file``).
+        """
         if not paths:
             return 0
+        interface = self._interface(DataType.ZIP_FILE if zips else DataType.DIM_FILE)
+        what = "zips" if zips else "hand-off files"
         return self._register(
-            f"register {len(paths)} hand-off files at {self.rse} in {self.scope}:{dataset}",
-            self._interface(DataType.DIM_FILE).register_dims,
+            f"register {len(paths)} {what} at {self.rse} in {self.scope}:{dataset}",
+            interface.register_zips if zips else interface.register_dims,
             dataset,
             [ResourcePath(path) for path in paths],
         )

@@ -587,7 +587,9 @@ class RucioBackend(TransferBackend):
                 registrar.rse,
                 dataset,
                 [n for n in members if n in zips and n not in content],
-                lambda part, dataset=dataset: registrar.register_zips(dataset, [root / n for n in part]),
+                lambda part, dataset=dataset: registrar.register_files(
+                    dataset, [root / n for n in part], zips=True
+                ),
             )
         before, content = content, self._content(container)
         # The hand-off's own files, written once: their registered checksums must stay true.
