@@ -41,6 +41,7 @@ __all__ = (
 )
 
 import abc
+import contextlib
 import itertools
 import logging
 import os
@@ -248,9 +249,11 @@ class ButlerBackend(TransferBackend):
     def send(self, source: Site, destination: Site, payload: HandoffPayload, label: str) -> dict[str, Any]:
         butler = open_butler(source.repo)
         root = datastore_root(butler)
-        zips = write_zips(butler, root, payload.zipped(), self.zip_directory(label), self.datasets_per_zip)
+        zips, written = write_zips(
+            butler, root, payload.zipped(), self.zip_directory(label), self.datasets_per_zip
+        )
         # The manifest first: the export file is what tells a receiver the hand-off is sent.
-        manifest = self._write_manifest(butler, root, payload, zips, label)
+        manifest = self._write_manifest(butler, root, payload, zips, written, label)
         export = write_export(butler, root, payload, self.export_name(label))
         return {
             "mode": self.mode,
@@ -261,31 +264,37 @@ class ButlerBackend(TransferBackend):
         }
 
     def _write_manifest(
-        self, butler: Butler, root: Path, payload: HandoffPayload, zips: list[FileRecord], label: str
+        self,
+        butler: Butler,
+        root: Path,
+        payload: HandoffPayload,
+        zips: list[FileRecord],
+        written: set[str],
+        label: str,
     ) -> Manifest:
         """Record the size and adler32 of the payload's files and zips at the source, once per content.
 
-        Zips are measured on every run: one written again (cut short by a crash,
-        or deleted after damage) has other bytes.
+        A file or zip keeps the checksum first recorded for it, unless it is new to
+        the hand-off or a zip written again now (``written``: deleted after damage):
+        a file damaged at the source since it was recorded must not pass as good.
         """
         path = root / self.manifest_name(label)
         inside, outside = datastore_files(butler, root, payload.files())
-        files = inside + outside
-        zips = [record.measured(root / record.name) for record in zips]
+        existing = None
         if path.exists():
-            try:
+            with contextlib.suppress(HandoffError):
                 existing = Manifest.read(path)
-            except HandoffError:
-                existing = None
-            if (
-                existing is not None
-                and existing.label == label
-                and existing.matches([*(r for r, _ in files), *zips])
-                and set(zips) <= set(existing.files)
-            ):
-                return existing
-        manifest = Manifest(label, (*(record.measured(where) for record, where in files), *zips))
-        manifest.write(path)
+        recorded = {r.name: r for r in existing.files} if existing and existing.label == label else {}
+
+        def checked(record: FileRecord, where: Path) -> FileRecord:
+            old = recorded.get(record.name)
+            unchanged = old is not None and replace(old, bytes=None, adler32=None) == record
+            return old if unchanged and record.name not in written else record.measured(where)
+
+        every = [*inside, *outside, *((record, root / record.name) for record in zips)]
+        manifest = Manifest(label, tuple(checked(record, where) for record, where in every))
+        if existing is None or set(manifest.files) != set(existing.files):
+            manifest.write(path)
         return manifest
 
     def published(self, source: Site, destination: Site, label: str) -> bool:
@@ -514,7 +523,7 @@ def _zip_ids(path: Path) -> tuple[str, ...] | None:
 
 def write_zips(
     butler: Butler, root: Path, refs: list[DatasetRef], directory: str, per_zip: int
-) -> list[FileRecord]:
+) -> tuple[list[FileRecord], set[str]]:
     """Write datasets in Butler zips of at most ``per_zip`` each, ``<directory>/NNNNN.zip`` under ``root``.
 
     Datasets are grouped in RUN and data ID order, so the outputs of one quantum
@@ -528,13 +537,15 @@ def write_zips(
     -------
     zips : `list` [`FileRecord`]
         A record per zip (its name and datasets, no checksum yet).
+    written : `set` [`str`]
+        The names of the zips written by this call.
     """
     top = root / directory
     top.mkdir(parents=True, exist_ok=True)
     for stale in top.glob(".staging-*"):
         shutil.rmtree(stale, ignore_errors=True)
     ordered = sorted(refs, key=lambda ref: (ref.run, str(ref.dataId), ref.datasetType.name))
-    records = []
+    records, written = [], set()
     for number, start in enumerate(range(0, len(ordered), per_zip)):
         group = ordered[start : start + per_zip]
         record = FileRecord(f"{directory}/{number:05d}.zip", zipped=tuple(sorted(str(r.id) for r in group)))
@@ -546,8 +557,9 @@ def write_zips(
                 os.replace(made.ospath, path)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
+            written.add(record.name)
         records.append(record)
-    return records
+    return records, written
 
 
 def _expanded(butler: Butler, refs: list[DatasetRef]) -> list[DatasetRef]:

@@ -175,14 +175,6 @@ class Manifest:
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise HandoffError(f"{path} is not a readable hand-off manifest ({err})") from None
 
-    def matches(self, records: Iterable[FileRecord]) -> bool:
-        """Whether the manifest records exactly these files of these datasets (checksums aside)."""
-
-        def keys(items: Iterable[FileRecord]) -> set[tuple[str, str | None, str | None, tuple[str, ...]]]:
-            return {(r.name, r.dataset_id, r.component, tuple(r.zipped)) for r in items}
-
-        return keys(self.files) == keys(records)
-
     def dataset_ids(self) -> list[str]:
         """Return the IDs of the datasets the hand-off moves, in files and in zips, sorted."""
         in_files = {r.dataset_id for r in self.files if r.dataset_id}

@@ -547,10 +547,9 @@ class RucioBackend(TransferBackend):
         """
         client, scope, container = self.client, self.settings.scope, names["handoff"]
         records = self._files_of(butler, root, payload.files())
-        zips = {
-            record.name: record
-            for record in write_zips(butler, root, payload.zipped(), names["zips"], self.datasets_per_zip)
-        }
+        # A zip registered already is kept as it is: Rucio holds its checksum.
+        zip_records, _ = write_zips(butler, root, payload.zipped(), names["zips"], self.datasets_per_zip)
+        zips = {record.name: record for record in zip_records}
         own = (names["manifest"], names["export"])
         parts = self.parts(container, [*records, *zips, *own])
         self._ensure_did(client.add_container, names["campaign_container"])

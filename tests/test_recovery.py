@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import struct
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -379,3 +380,13 @@ def test_products_travel_in_zips_and_a_damaged_zip_is_refused_before_any_of_it_i
         assert at_ral.get(ref) == {"detector": ref.dataId["detector"]}
         assert "handoff_exports/demo/zips/ral/0000" in str(at_ral.getURI(ref))
     assert backend.receive(central, ral, label)[0]["transferred"] == 0  # a rerun adds nothing
+
+    # Damaged at the source after a complete hand-off, a zip keeps its first checksum when the
+    # hand-off is sent again: RAL's good copy still verifies, and the damage is named, not spread.
+    manifest = (root / backend.manifest_name(label)).read_bytes()
+    damaged = bytearray(zips[2].read_bytes())
+    damaged[struct.unpack("<I", damaged[-6:-2])[0] - 1] ^= 0xFF  # its last file's, before the zip's directory
+    zips[2].write_bytes(bytes(damaged))
+    backend.send(central, ral, payload, label)
+    assert (root / backend.manifest_name(label)).read_bytes() == manifest
+    assert backend.receive(central, ral, label)[0]["verified_files"] == 5
