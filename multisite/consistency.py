@@ -281,8 +281,8 @@ def check_campaign(campaign: Campaign, site: str | None = None) -> CheckReport:
     stage marker whose chunk markers are missing (a forced rerun killed mid-way),
     a chunk marker its stage marker does not list, and every chunk verified but
     the stage not gathered; each hand-off marker's RUNs chained at its
-    destination and every dataset of its export stored there (or, without an
-    export, its dataset counts in its RUNs). Only this instance's markers are read.
+    destination and every dataset of its manifest stored there (or, without a
+    manifest, its dataset counts in its RUNs). Only this instance's markers are read.
 
     Parameters
     ----------

@@ -2,7 +2,8 @@
 
 Every file a hand-off moves is recorded at its source when the hand-off is sent:
 its Butler-relative path, size and adler32 (Rucio's checksum), with its dataset
-type, data ID and dataset ID, in the hand-off's *manifest*. The manifest is a small
+type, data ID and dataset ID (for a Butler zip, the IDs of the datasets in it), in
+the hand-off's *manifest*; a rerun keeps what was first recorded. The manifest is a small
 JSON file beside the hand-off's Butler export file
 (``handoff_exports/<campaign>/<handoff>/<site>.manifest.json`` under the source
 datastore root); it travels with the hand-off (the Rucio backend registers it in
@@ -11,7 +12,7 @@ place in the destination's datastore. Files are checked against it:
 
 - by the receiving half of every hand-off, before its marker is written, on every
   run (a rerun re-verifies what an earlier run delivered);
-- by ``verify_inputs``, for the raws of a site's share;
+- by ``verify_inputs``, for the raws of a site's share (and its zip of the placement);
 - by `multisite.handoff.repair_site` (``multisite repair``), which fetches each damaged or missing
   file of the hand-offs a site received again from its source, through the backend
   (a copy from the source datastore, or Rucio's own recovery of a bad replica),
