@@ -36,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from multisite.backends import HandoffPayload  # noqa: E402
+from multisite.butler_utils import stream_datasets  # noqa: E402
 from multisite.config import Site  # noqa: E402
 from multisite.rucio_backend import RucioBackend  # noqa: E402
 from tests.rucio_harness.local_rucio import LocalRucio  # noqa: E402
@@ -60,38 +61,61 @@ def peak_mb() -> float:
     return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
 
 
+PATCHES_PER_TRACT = 100
+"""Patches of each tract of the benchmark's sky map (10 x 10)."""
+
+
 def make_source(repo: Path, n_files: int, name: str) -> list[DatasetRef]:
-    """Fill a repository with ``n_files`` small YAML datasets of type ``name``, ingested in place."""
+    """Fill a repository with ``n_files`` small YAML datasets of type ``name``, ingested in place.
+
+    One per patch, as coadds are, of as many tracts as it takes: data IDs of
+    elements the Butler does not cache (it keeps a whole table of small elements,
+    such as detectors, in memory, which would grow with the benchmark's size).
+    """
     butler = Butler.from_config(str(repo), writeable=True, run="bench/run")
+    tracts = range((n_files + PATCHES_PER_TRACT - 1) // PATCHES_PER_TRACT)
     butler.registry.insertDimensionData(
-        "instrument",
+        "skymap",
         {
-            "name": "BenchCam",
-            "detector_max": n_files + 1,
-            "visit_max": 10,
-            "exposure_max": 10,
-            "class_name": "",
+            "name": "BenchMap",
+            "hash": b"bench",
+            "tract_max": len(tracts),
+            "patch_nx_max": 10,
+            "patch_ny_max": 10,
         },
     )
+    butler.registry.insertDimensionData("tract", *[{"skymap": "BenchMap", "id": t} for t in tracts])
+    data_ids = [
+        {"skymap": "BenchMap", "tract": i // PATCHES_PER_TRACT, "patch": i % PATCHES_PER_TRACT}
+        for i in range(n_files)
+    ]
     butler.registry.insertDimensionData(
-        "detector",
+        "patch",
         *[
-            {"instrument": "BenchCam", "id": i, "full_name": f"D{i:05d}", "purpose": "SCIENCE"}
-            for i in range(n_files)
+            {
+                "skymap": "BenchMap",
+                "tract": d["tract"],
+                "id": d["patch"],
+                "cell_x": d["patch"] % 10,
+                "cell_y": d["patch"] // 10,
+            }
+            for d in data_ids
         ],
     )
-    dimensions = ["instrument", "detector"]
-    dataset_type = DatasetType(name, dimensions, "StructuredDataDict", universe=butler.dimensions)
+    dataset_type = DatasetType(
+        name, ["skymap", "tract", "patch"], "StructuredDataDict", universe=butler.dimensions
+    )
     butler.registry.registerDatasetType(dataset_type)
     butler.registry.registerRun("bench/run")
     directory = repo / "bench" / "run" / name
     directory.mkdir(parents=True)
     datasets = []
-    for i in range(n_files):
+    for i, data_id in enumerate(data_ids):
         path = directory / f"{name}_{i:06d}.yaml"
-        path.write_text(yaml.safe_dump({"detector": i, "payload": "x" * 200}))
-        ref = DatasetRef(dataset_type, {"instrument": "BenchCam", "detector": i}, run="bench/run")
-        datasets.append(FileDataset(path=str(path), refs=[ref]))
+        path.write_text(yaml.safe_dump({**data_id, "payload": "x" * 200}))
+        datasets.append(
+            FileDataset(path=str(path), refs=[DatasetRef(dataset_type, data_id, run="bench/run")])
+        )
     butler.ingest(*datasets, transfer=None)
     return [dataset.refs[0] for dataset in datasets]
 
@@ -119,11 +143,11 @@ def run_half(half: str, settings: dict, args: argparse.Namespace, src_repo: Path
     destination = Site("in2p3", "remote", str(dst_repo), False, {})
     started = time.monotonic()
     if half == "send":
-        # The sending rule's own query: the refs with their dimension records, which zips carry.
-        refs = Butler.from_config(str(src_repo)).query_datasets(
-            dataset_type_name(args), collections="bench/run", limit=None, with_dimension_records=True
-        )
-        details = backend.send(source, destination, HandoffPayload(refs), "bench/in2p3")
+        # The sending rule's own query: raws listed, processed datasets streamed with their records.
+        name, butler = dataset_type_name(args), Butler.from_config(str(src_repo))
+        found = stream_datasets(butler, name, ["bench/run"], with_records=name != "raw")
+        payload = HandoffPayload(list(found)) if name == "raw" else HandoffPayload([], found)
+        details = backend.send(source, destination, payload, "bench/in2p3")
     else:
         details, _ = backend.receive(source, destination, "bench/in2p3")
     return {

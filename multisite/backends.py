@@ -48,7 +48,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -106,29 +106,54 @@ def handoff_file_name(campaign: str, label: str, suffix: str) -> str:
 
 @dataclass
 class HandoffPayload:
-    """What one hand-off moves: dataset refs in the source repository, and records.
+    """What one hand-off moves: raws as their own files, processed datasets in Butler zips, and records.
+
+    The processed datasets are an iterable that a send reads once, in its order
+    (a query's pages, `multisite.butler_utils.stream_datasets`), so that a
+    hand-off of any size is zipped without holding its refs.
 
     Attributes
     ----------
-    refs : `list` [`lsst.daf.butler.DatasetRef`]
-        Datasets to move (resolved in the source repository).
+    raws : `list` [`lsst.daf.butler.DatasetRef`]
+        Datasets that travel as their own files, as the instrument wrote them.
+    products : `~collections.abc.Iterable` [`lsst.daf.butler.DatasetRef`]
+        Processed datasets, which travel in zips, in a fixed order (a rerun zips them the same way).
     records : `dict` [`str`, `list` [`lsst.daf.butler.DimensionRecord`]]
         Extra dimension records by element, in insertion order.
     """
 
-    refs: list[DatasetRef]
+    raws: list[DatasetRef]
+    products: Iterable[DatasetRef] = ()
     records: dict[str, list[DimensionRecord]] = field(default_factory=dict)
+    _zipped: Counter[str] | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def of(cls, refs: Iterable[DatasetRef]) -> HandoffPayload:
+        """Return the payload of datasets held in memory, raws split from the rest."""
+        refs = list(refs)
+        return cls(
+            [r for r in refs if r.datasetType.name == "raw"], [r for r in refs if r.datasetType.name != "raw"]
+        )
+
+    def zipped(self) -> Iterator[DatasetRef]:
+        """Yield the processed datasets, in their order, counting them (`counts`)."""
+        counted: Counter[str] = Counter()
+        for ref in self.products:
+            counted[ref.datasetType.name] += 1
+            yield ref
+        self._zipped = counted
 
     def counts(self) -> dict[str, int]:
-        return dict(sorted(Counter(ref.datasetType.name for ref in self.refs).items()))
+        """Return how many datasets of each type moved; the processed ones are counted as they are zipped.
 
-    def files(self) -> list[DatasetRef]:
-        """Return the datasets that travel as their own files: raws, as the instrument wrote them."""
-        return [ref for ref in self.refs if ref.datasetType.name == "raw"]
-
-    def zipped(self) -> list[DatasetRef]:
-        """Return the datasets that travel in Butler zips: every processed dataset."""
-        return [ref for ref in self.refs if ref.datasetType.name != "raw"]
+        Raises
+        ------
+        RuntimeError
+            Raised when the processed datasets were not read to their end yet.
+        """
+        if self._zipped is None:
+            raise RuntimeError("HandoffPayload.counts: the processed datasets have not been zipped yet")
+        return dict(sorted((Counter(ref.datasetType.name for ref in self.raws) + self._zipped).items()))
 
 
 class TransferBackend(abc.ABC):
@@ -279,7 +304,7 @@ class ButlerBackend(TransferBackend):
         a file damaged at the source since it was recorded must not pass as good.
         """
         path = root / self.manifest_name(label)
-        inside, outside = datastore_files(butler, root, payload.files())
+        inside, outside = datastore_files(butler, root, payload.raws)
         existing = None
         if path.exists():
             with contextlib.suppress(HandoffError):
@@ -499,7 +524,7 @@ def write_export(butler: Butler, root: Path, payload: HandoffPayload, name: str)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.tmp.yaml")
     with butler.export(filename=str(partial), format="yaml", transfer=None) as export:
-        export.saveDatasets(payload.files())
+        export.saveDatasets(payload.raws)
         for element, records in payload.records.items():
             if records:
                 export.saveDimensionData(element, records)
@@ -522,16 +547,16 @@ def _zip_ids(path: Path) -> tuple[str, ...] | None:
 
 
 def write_zips(
-    butler: Butler, root: Path, refs: list[DatasetRef], directory: str, per_zip: int
+    butler: Butler, root: Path, refs: Iterable[DatasetRef], directory: str, per_zip: int
 ) -> tuple[list[FileRecord], set[str]]:
     """Write datasets in Butler zips of at most ``per_zip`` each, ``<directory>/NNNNN.zip`` under ``root``.
 
-    Datasets are grouped in RUN and data ID order, so the outputs of one quantum
-    travel together and a rerun makes the same groups. Each zip holds its
-    datasets' files and an index of their refs and dimension records
-    (`lsst.daf.butler.Butler.retrieve_artifacts_zip`). A zip already there with
-    the same datasets is kept as it is: its bytes may be registered in Rucio.
-    Each zip appears complete or not at all.
+    The datasets are zipped in the order they come (a fixed one, so a rerun
+    makes the same zips), ``per_zip`` at a time: only one zip's refs are held.
+    Each zip holds its datasets' files and an index of their refs and dimension
+    records (`lsst.daf.butler.Butler.retrieve_artifacts_zip`). A zip already
+    there with the same datasets is kept as it is: its bytes may be registered in
+    Rucio. Each zip appears complete or not at all.
 
     Returns
     -------
@@ -544,10 +569,8 @@ def write_zips(
     top.mkdir(parents=True, exist_ok=True)
     for stale in top.glob(".staging-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    ordered = sorted(refs, key=lambda ref: (ref.run, str(ref.dataId), ref.datasetType.name))
     records, written = [], set()
-    for number, start in enumerate(range(0, len(ordered), per_zip)):
-        group = ordered[start : start + per_zip]
+    for number, group in enumerate(itertools.batched(refs, per_zip)):
         record = FileRecord(f"{directory}/{number:05d}.zip", zipped=tuple(sorted(str(r.id) for r in group)))
         path = root / record.name
         if _zip_ids(path) != record.zipped:
@@ -562,7 +585,7 @@ def write_zips(
     return records, written
 
 
-def _expanded(butler: Butler, refs: list[DatasetRef]) -> list[DatasetRef]:
+def _expanded(butler: Butler, refs: Iterable[DatasetRef]) -> list[DatasetRef]:
     """Return refs with their dimension records, which a zip carries to its destination."""
     return [
         ref if ref.dataId.hasRecords() else ref.expanded(butler.registry.expandDataId(ref.dataId))
@@ -592,19 +615,22 @@ def ingest_zips(
         Called with a zip's record and path to bring it there first (the butler
         backend); Rucio delivered them already.
     """
-    ids = [dataset_id for record, _ in zips for dataset_id in record.zipped]
-    if not ids:
+    if not zips:
         return 0
+    new = 0
     with repo_write_lock(destination.repo), open_butler(destination.repo, writeable=True) as dest:
-        present = {str(ref.id) for ref in dest.get_many_datasets(ids)}
         for record, path in zips:
-            if not set(record.zipped) <= present:
+            # Asked zip by zip, so that only one zip's refs are held.
+            present = len(dest.get_many_datasets(record.zipped))
+            if present < len(record.zipped):
                 if fetch is not None:
                     fetch(record, path)
-                where = ResourcePath(path)
-                dest.ingest_zip(where, transfer=None, transfer_dimensions=True, skip_existing=True)
+                dest.ingest_zip(
+                    ResourcePath(path), transfer=None, transfer_dimensions=True, skip_existing=True
+                )
                 _LOG.info("Ingested %s into %s.", record.name, destination.name)
-    return len(ids) - len(present)
+                new += len(record.zipped) - present
+    return new
 
 
 def _dataset_ids(content: dict[str, Any]) -> list[str]:

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ("collection_exists", "ensure_in_chain", "open_butler", "repo_write_lock", "run_tool")
+__all__ = (
+    "collection_exists",
+    "ensure_in_chain",
+    "open_butler",
+    "repo_write_lock",
+    "run_tool",
+    "stream_datasets",
+)
 
 import contextlib
 import fcntl
@@ -13,7 +20,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from lsst.daf.butler import Butler, CollectionType, MissingCollectionError
+from lsst.daf.butler import Butler, CollectionType, DatasetRef, MissingCollectionError
 
 _LOG = logging.getLogger(__name__)
 
@@ -24,6 +31,31 @@ def open_butler(repo: str, writeable: bool = False) -> Butler:
         return Butler.from_config(repo, writeable=writeable)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"No Butler repository at {repo}: {err}") from None
+
+
+def stream_datasets(
+    butler: Butler, dataset_type: str, collections: list[str], with_records: bool
+) -> Iterator[DatasetRef]:
+    """Yield a dataset type's datasets (the first found in ``collections``) in data ID order.
+
+    The registry sends them a page at a time, so memory does not grow with their
+    number; the order is the same on every call, so a rerun cuts them the same way.
+
+    Parameters
+    ----------
+    butler : `lsst.daf.butler.Butler`
+        The repository; keep it for this query (it holds a cursor open while the caller iterates).
+    dataset_type : `str`
+        Dataset type name.
+    collections : `list` [`str`]
+        Collections to search, in order.
+    with_records : `bool`
+        Attach the data IDs' dimension records (which a Butler zip carries).
+    """
+    with butler.query() as query:
+        results = query.datasets(dataset_type, collections, find_first=True)
+        results = results.order_by(*butler.get_dataset_type(dataset_type).dimensions.required)
+        yield from results.with_dimension_records() if with_records else results
 
 
 def collection_exists(butler: Butler, name: str) -> bool:

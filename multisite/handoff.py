@@ -28,18 +28,21 @@ __all__ = (
     "send_handoff",
 )
 
+import itertools
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import pandas as pd
-from lsst.daf.butler import Butler
+from lsst.daf.butler import Butler, DatasetRef
+from lsst.resources import ResourcePath
 
 from .backends import ButlerBackend, HandoffPayload, TransferBackend
-from .butler_utils import ensure_in_chain, open_butler, repo_write_lock
+from .butler_utils import ensure_in_chain, open_butler, repo_write_lock, stream_datasets
 from .config import Campaign, Site
 from .errors import HandoffError
 from .events import EventLog
@@ -64,6 +67,9 @@ VISIT_ELEMENTS = (
     "visit_system_membership",
 )
 SKY_ELEMENTS = ("skymap", "tract", "patch")
+
+ARRIVAL_PAGE = 10_000
+"""Datasets looked up at once when a hand-off's arrival is checked."""
 
 
 def make_backend(campaign: Campaign) -> TransferBackend:
@@ -134,33 +140,40 @@ class _Outgoing:
 
 
 def _outgoing(campaign: Campaign, name: str, site: str, placement: pd.DataFrame) -> _Outgoing:
-    """Return what a hand-off for ``site`` moves: source, destination, source collections, payload."""
+    """Return what a hand-off for ``site`` moves: source, destination, source collections, payload.
+
+    The raws are listed; the processed datasets are a stream the send reads once.
+    """
     handoff = next(h for h in handoffs(campaign) if h.name == name)
     source, destination, collections = _endpoints(campaign, handoff, site)
     selection = SiteSelection.from_placement(campaign, placement, site)
     source_butler = open_butler(source.repo)
-    refs = [
-        ref
-        for dataset_type in PipelineFlow(campaign).handoff_types(handoff)
-        for ref in source_butler.query_datasets(
-            dataset_type, collections=collections, limit=None, explain=False, with_dimension_records=True
-        )
-        if selection.accepts(ref.dataId, owned=handoff.to_central)
-    ]
-    payload = HandoffPayload(refs)
+    types = PipelineFlow(campaign).handoff_types(handoff)
+
+    def selected(dataset_type: str, butler: Butler) -> Iterator[DatasetRef]:
+        # A zip carries its datasets' dimension records; a raws export finds its own.
+        found = stream_datasets(butler, dataset_type, collections, with_records=dataset_type != "raw")
+        return (ref for ref in found if selection.accepts(ref.dataId, owned=handoff.to_central))
+
+    payload = HandoffPayload(list(selected("raw", source_butler)) if "raw" in types else [])
+    extras = []
     if source.repo != destination.repo:
         if handoff.name == "raws":
             payload.records = _site_records(source_butler, campaign, selection)
             # The site's instance learns its share of the placement with its raws.
-            payload.refs.append(store_placement_share(campaign, source, site, placement))
+            extras.append(store_placement_share(campaign, source, site, placement))
         if handoff.to_central:
             # The sending instance's event log travels with its data, for the central status.
-            payload.refs.append(store_events_snapshot(campaign, source, handoff.name))
+            extras.append(store_events_snapshot(campaign, source, handoff.name))
+    # The stream's own Butler: it holds a cursor open while the backend zips with another.
+    products = (selected(t, open_butler(source.repo)) for t in types if t != "raw")
+    payload.products = itertools.chain(itertools.chain.from_iterable(products), extras)
     _LOG.info(
-        "Hand-off %s for %s: %d datasets %s -> %s.",
+        "Hand-off %s for %s: %d raws and the processed datasets of %d types, %s -> %s.",
         handoff.name,
         site,
-        len(payload.refs),
+        len(payload.raws),
+        len(types) - ("raw" in types),
         source.name,
         destination.name,
     )
@@ -168,13 +181,25 @@ def _outgoing(campaign: Campaign, name: str, site: str, placement: pd.DataFrame)
 
 
 def _arrived(campaign: Campaign, label: str, destination: Site, dataset_ids: list[str]) -> dict[str, Any]:
-    """Check every dataset of a hand-off is stored at the destination; chain its RUNs there."""
+    """Check every dataset of a hand-off is stored at the destination; chain its RUNs there.
+
+    The datasets are looked up a page at a time, so that a large hand-off's refs are never all held.
+    """
+    missing: list[str] = []
+    runs: set[str] = set()
+    counts: Counter[str] = Counter()
+    files: dict[str, ResourcePath] = {}
     with repo_write_lock(destination.repo), open_butler(destination.repo, writeable=True) as dest:
-        known = {str(ref.id): ref for ref in dest.get_many_datasets(dataset_ids)}
-        found = {dataset_id: known.get(dataset_id) for dataset_id in dataset_ids}
-        refs = [ref for ref in found.values() if ref is not None]
-        stored = dest.stored_many(refs)
-        missing = [i for i, ref in found.items() if ref is None or not stored[ref]]
+        for page in itertools.batched(dataset_ids, ARRIVAL_PAGE):
+            known = {str(ref.id): ref for ref in dest.get_many_datasets(page)}
+            stored = dest.stored_many(known.values())
+            missing += [i for i in page if i not in known or not stored[known[i]]]
+            runs.update(ref.run for ref in known.values())
+            counts.update(ref.datasetType.name for ref in known.values())
+            # A zip is the file of all its datasets: count it once.
+            files.update(
+                (u.primaryURI.ospath, u.primaryURI) for u in dest.get_many_uris(known.values()).values()
+            )
         if missing:
             raise HandoffError(
                 f"Hand-off {label}: {len(missing)} of {len(dataset_ids)} datasets are missing in "
@@ -182,15 +207,12 @@ def _arrived(campaign: Campaign, label: str, destination: Site, dataset_ids: lis
                 + "\n".join(f"    dataset {i}" for i in missing[:20])
                 + "\nRerun the rule; already delivered datasets are not moved again."
             )
-        runs = sorted({ref.run for ref in refs})
-        ensure_in_chain(dest, campaign.handoff_chain(destination.name), runs)
-        # A zip is the file of all its datasets: count it once.
-        files = {uris.primaryURI.ospath: uris.primaryURI for uris in dest.get_many_uris(refs).values()}
+        ensure_in_chain(dest, campaign.handoff_chain(destination.name), sorted(runs))
     return {
-        "datasets": dict(sorted(Counter(ref.datasetType.name for ref in refs).items())),
+        "datasets": dict(sorted(counts.items())),
         "bytes": sum(uri.size() for uri in files.values()),
         "destination_chain": campaign.handoff_chain(destination.name),
-        "runs": runs,
+        "runs": sorted(runs),
     }
 
 
@@ -248,7 +270,8 @@ def run_handoff(
     out = _outgoing(campaign, handoff_name, site, placement)
     same_repo = out.source.repo == out.destination.repo
     if same_repo:
-        details, dataset_ids = {}, [str(ref.id) for ref in out.payload.refs]
+        details = {}
+        dataset_ids = [str(ref.id) for ref in itertools.chain(out.payload.raws, out.payload.zipped())]
     else:
         details, dataset_ids = backend.deliver(out.source, out.destination, out.payload, out.label)
     return {

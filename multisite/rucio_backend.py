@@ -546,7 +546,7 @@ class RucioBackend(TransferBackend):
         the hand-off's container stays in the dataset it is in.
         """
         client, scope, container = self.client, self.settings.scope, names["handoff"]
-        records = self._files_of(butler, root, payload.files())
+        records = self._files_of(butler, root, payload.raws)
         # A zip registered already is kept as it is: Rucio holds its checksum.
         zip_records, _ = write_zips(butler, root, payload.zipped(), names["zips"], self.datasets_per_zip)
         zips = {record.name: record for record in zip_records}
@@ -572,7 +572,7 @@ class RucioBackend(TransferBackend):
         from .rubin_registration import RubinRegistrar
 
         registrar = RubinRegistrar(butler, rse, scope, root, self._pfn_base(rse), self._call)
-        by_id = {str(ref.id): ref for ref in payload.refs}
+        by_id = {str(ref.id): ref for ref in payload.raws}
         for dataset, members in parts.items():
             self._add_to_dataset(
                 registrar.rse,

@@ -17,6 +17,7 @@ import os
 import shutil
 import struct
 import subprocess
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -298,7 +299,7 @@ def test_a_crash_between_import_batches_loses_nothing_and_the_rerun_goes_on(tmp_
     central = Butler.from_config(campaign.central.repo)
     refs = central.query_datasets("raw", collections=campaign.raw_collection, limit=None)[:11]
     root = datastore_root(central)
-    export = write_export(central, root, HandoffPayload(refs), "handoff_exports/demo/batches/ral.yaml")
+    export = write_export(central, root, HandoffPayload.of(refs), "handoff_exports/demo/batches/ral.yaml")
     butler_class = type(central)  # the class whose import_ a repository's Butler runs
     real_import = butler_class.import_
     calls = []
@@ -346,11 +347,16 @@ def test_products_travel_in_zips_and_a_damaged_zip_is_refused_before_any_of_it_i
         ]
         truths = butler.query_all_datasets(campaign.truth_collection, limit=None)
         raws = butler.query_datasets("raw", collections=campaign.raw_collection, limit=2)
-    payload, label = HandoffPayload([*raws, *products, *truths]), "zips/ral"
+    payload, label = HandoffPayload.of([*raws, *products, *truths]), "zips/ral"
     backend = ButlerBackend(campaign.name, datasets_per_zip=2)
     root = Path(central.repo)
-    sent = backend.send(central, ral, payload, label)
+    # The processed datasets are read once, as a stream (a query's pages in a workflow), and counted.
+    streamed = HandoffPayload(raws, iter([*products, *truths]))
+    with pytest.raises(RuntimeError, match="not been zipped yet"):
+        streamed.counts()
+    sent = backend.send(central, ral, streamed, label)
     assert (sent["files"], sent["zips"]) == (2, 3)
+    assert streamed.counts() == dict(Counter(ref.datasetType.name for ref in [*raws, *products, *truths]))
     zips = [root / f"handoff_exports/demo/zips/ral/{i:05d}.zip" for i in range(3)]
     assert all(path.is_file() for path in zips)
     first = [path.read_bytes() for path in zips]
@@ -373,7 +379,7 @@ def test_products_travel_in_zips_and_a_damaged_zip_is_refused_before_any_of_it_i
     zips[1].unlink()
     backend.send(central, ral, payload, label)
     details, dataset_ids = backend.receive(central, ral, label)
-    assert sorted(dataset_ids) == sorted(str(ref.id) for ref in payload.refs)
+    assert sorted(dataset_ids) == sorted(str(ref.id) for ref in [*raws, *products, *truths])
     at_ral = Butler.from_config(ral.repo)
     assert len(at_ral.get_many_datasets(dataset_ids)) == 8 and details["verified_files"] == 5
     for ref in products:  # read from the zip, which keeps its source name in RAL's datastore

@@ -229,7 +229,7 @@ def test_3_corrupted_source_file_fails_clearly_and_ingests_nothing(setup):
     backend = make_backend(campaign)
     rucio.pause_daemons()
     try:
-        payload = HandoffPayload([*refs, *truths])
+        payload = HandoffPayload.of([*refs, *truths])
         thread, outcome = _deliver_in_thread(backend, central, ral, payload, "corrupt/ral")
         _wait_for_rule(campaign, "multisite.demo.corrupt.ral")
         # A raw and the zip go bad at the source after registration (same size, other bytes).
@@ -270,7 +270,7 @@ def test_4_server_outage_is_ridden_out_or_named_then_rerun_completes_without_dup
     rucio.pause_daemons()
     try:
         thread, outcome = _deliver_in_thread(
-            RucioBackend(campaign.name, short), central, lancs, HandoffPayload(refs), "outage/lancs"
+            RucioBackend(campaign.name, short), central, lancs, HandoffPayload.of(refs), "outage/lancs"
         )
         rule_id = _wait_for_rule(campaign, "multisite.demo.outage.lancs")
         rucio.stop_server()
@@ -285,7 +285,7 @@ def test_4_server_outage_is_ridden_out_or_named_then_rerun_completes_without_dup
         # The rerun starts while the server is still down, and rides the outage out.
         caplog.set_level(logging.WARNING, logger="multisite.rucio_backend")
         thread, outcome = _deliver_in_thread(
-            make_backend(campaign), central, lancs, HandoffPayload(refs), "outage/lancs"
+            make_backend(campaign), central, lancs, HandoffPayload.of(refs), "outage/lancs"
         )
         time.sleep(5)
         assert thread.is_alive(), outcome
@@ -437,7 +437,7 @@ def test_8_the_facility_ingests_what_arrives_and_the_rule_waits_for_it(setup):
     # No daemon: the files arrive and are verified, then the wait ends naming what is missing; the
     # workflow registered nothing itself.
     with pytest.raises(RucioHandoffError) as failure:
-        RucioBackend(campaign.name, facility).deliver(central, ral, HandoffPayload(refs), "facility/ral")
+        RucioBackend(campaign.name, facility).deliver(central, ral, HandoffPayload.of(refs), "facility/ral")
     message = str(failure.value)
     assert "ingest daemon (transfer.rucio.ingest: facility) has not registered" in message, message
     assert f"{len(refs)} of {len(refs)} datasets" in message and str(truths[0].id) in message
@@ -450,7 +450,7 @@ def test_8_the_facility_ingests_what_arrives_and_the_rule_waits_for_it(setup):
     daemon.start()
     try:
         details, _ = RucioBackend(campaign.name, dataclasses.replace(facility, timeout=120.0)).deliver(
-            central, ral, HandoffPayload(refs), "facility/ral"
+            central, ral, HandoffPayload.of(refs), "facility/ral"
         )
     finally:
         ingester.stop.set()
