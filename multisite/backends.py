@@ -5,12 +5,14 @@ records) from a source site's Butler to a destination site's, in a sending and a
 receiving half, the way Rubin moves Butler data between facilities: processed
 datasets in Butler zips (`write_zips`: each zip holds its datasets' files, refs and
 dimension records, so it is ingested anywhere as it is), raws as their own files
-with a Butler export file of their refs and of the extra dimension records the
-site needs. The sender writes both under the source datastore root
-(``<EXPORT_DIR>/<campaign>/<handoff>/<site>/NNNNN.zip`` and ``<site>.yaml``) with
+with a Butler export of their refs and of the extra dimension records the site
+needs, in parts of ``import_batch`` raws (`write_export`). The sender writes both
+under the source datastore root (``<EXPORT_DIR>/<campaign>/<handoff>/<site>/NNNNN.zip``,
+``<site>.yaml`` and ``<site>.NNNNN.yaml``) with
 the hand-off's manifest beside them (``<site>.manifest.json``: each file's and
-zip's size and adler32, recorded at the source, and the datasets in it;
-`multisite.integrity`); the receiver imports the export, ingests the zips
+zip's size and adler32, recorded at the source, the datasets in it, and the
+export's parts; `multisite.integrity`); the receiver imports the export part by
+part, ingests the zips
 (`ingest_zips`) and verifies every file at the destination against the manifest,
 which the destination keeps at the same place in its own datastore.
 `ButlerBackend` copies from repository to repository; ``multisite.rucio_backend``
@@ -37,6 +39,7 @@ __all__ = (
     "repair_outcome",
     "verify_received",
     "write_export",
+    "export_part_names",
     "write_zips",
 )
 
@@ -48,7 +51,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -159,16 +162,18 @@ class HandoffPayload:
 class TransferBackend(abc.ABC):
     """Moves hand-offs between sites' Butlers, in a sending and a receiving half, and repairs them.
 
-    ``label`` names a hand-off for one site, ``<handoff>/<site>``; its export file
+    ``label`` names a hand-off for one site, ``<handoff>/<site>``; its export's head
     is ``<EXPORT_DIR>/<campaign>/<handoff>/<site>.yaml`` under a datastore root, its
-    manifest ``<site>.manifest.json`` and its zips' directory ``<site>/`` beside it.
+    further parts ``<site>.NNNNN.yaml``, its manifest ``<site>.manifest.json`` and its
+    zips' directory ``<site>/`` beside it.
 
     Parameters
     ----------
     campaign : `str`
         Campaign name (part of the hand-off's file names).
     import_batch : `int`
-        Files per import transaction at the destination (`import_export`).
+        Raws per part of the export (`write_export`) and files per import
+        transaction at the destination (`import_export`).
     datasets_per_zip : `int`
         Most datasets in one Butler zip (`write_zips`).
     """
@@ -277,12 +282,14 @@ class ButlerBackend(TransferBackend):
         zips, written = write_zips(
             butler, root, payload.zipped(), self.zip_directory(label), self.datasets_per_zip
         )
-        # The manifest first: the export file is what tells a receiver the hand-off is sent.
-        manifest = self._write_manifest(butler, root, payload, zips, written, label)
-        export = write_export(butler, root, payload, self.export_name(label))
+        # The manifest first: the export's head is what tells a receiver the hand-off is sent.
+        exports = export_part_names(self.export_name(label), len(payload.raws), self.import_batch)
+        manifest = self._write_manifest(butler, root, payload, zips, written, exports, label)
+        parts = write_export(butler, root, payload, self.export_name(label), self.import_batch)
         return {
             "mode": self.mode,
-            "export": str(export),
+            "export": str(parts[0]),
+            "export_parts": len(parts),
             "manifest": str(root / self.manifest_name(label)),
             "files": len(manifest.files) - len(zips),
             "zips": len(zips),
@@ -295,6 +302,7 @@ class ButlerBackend(TransferBackend):
         payload: HandoffPayload,
         zips: list[FileRecord],
         written: set[str],
+        exports: list[str],
         label: str,
     ) -> Manifest:
         """Record the size and adler32 of the payload's files and zips at the source, once per content.
@@ -317,8 +325,11 @@ class ButlerBackend(TransferBackend):
             return old if unchanged and record.name not in written else record.measured(where)
 
         every = [*inside, *outside, *((record, root / record.name) for record in zips)]
-        manifest = Manifest(label, tuple(checked(record, where) for record, where in every))
-        if existing is None or set(manifest.files) != set(existing.files):
+        manifest = Manifest(label, tuple(checked(record, where) for record, where in every), tuple(exports))
+        if existing is None or (set(manifest.files), manifest.exports) != (
+            set(existing.files),
+            existing.exports,
+        ):
             manifest.write(path)
         return manifest
 
@@ -327,7 +338,6 @@ class ButlerBackend(TransferBackend):
 
     def receive(self, source: Site, destination: Site, label: str) -> tuple[dict[str, Any], list[str]]:
         root = datastore_root(open_butler(source.repo))
-        export = root / self.export_name(label)
         manifest = self._sent_manifest(root, source, label)
         with open_butler(destination.repo) as butler:
             dst_root = datastore_root(butler)
@@ -352,7 +362,8 @@ class ButlerBackend(TransferBackend):
                     "rule with --forcerun): the zip is written again from the source's datasets; then rerun.",
                 )
 
-        imported = import_export(destination, root, export, self.mode, self.import_batch)
+        exports = [root / name for name in manifest.exports]
+        imported = import_export(destination, root, exports, self.mode, self.import_batch)
         imported += ingest_zips(destination, zips, fetch)
         verified = verify_received(destination, manifest, f"Hand-off {label}")
         details = {"mode": self.mode, "transferred": imported, "verified_files": verified, "zips": len(zips)}
@@ -512,24 +523,54 @@ def delete_datastore_files(files: list[Path], root: Path) -> None:
                 break
 
 
-def write_export(butler: Butler, root: Path, payload: HandoffPayload, name: str) -> Path:
-    """Write the Butler export of the payload's files and extra records under ``root``.
+def export_part_names(head: str, raws: int, per_part: int) -> list[str]:
+    """Return the names of a hand-off's export parts: ``head``, then ``<head stem>.NNNNN.yaml``.
 
-    It holds the refs of the datasets that travel as files (with their dataset
-    types and RUNs) and the payload's extra dimension records; zipped datasets
-    carry their own. The file appears complete or not at all: it is what tells a
-    receiver the hand-off is sent.
+    The head holds the payload's extra records and its first ``per_part`` raws;
+    each further part the next ``per_part``, so that no process reads or writes
+    more than one part's refs at once.
     """
-    path = root / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.tmp.yaml")
-    with butler.export(filename=str(partial), format="yaml", transfer=None) as export:
-        export.saveDatasets(payload.raws)
-        for element, records in payload.records.items():
-            if records:
-                export.saveDimensionData(element, records)
-    os.replace(partial, path)
-    return path
+    stem = head.removesuffix(".yaml")
+    return [head, *(f"{stem}.{number:05d}.yaml" for number in range(1, -(-raws // per_part)))]
+
+
+def write_export(
+    butler: Butler, root: Path, payload: HandoffPayload, head: str, per_part: int, keep: Collection[str] = ()
+) -> list[Path]:
+    """Write the Butler export of the payload's raws and extra records, in parts, under ``root``.
+
+    Each part (`export_part_names`) is a Butler export of its raws' refs (with
+    their dataset types, RUNs and data IDs' records); the head also holds the
+    payload's extra dimension records. Zipped datasets carry their own. Each part
+    appears complete or not at all, the head last: it is what tells a receiver the
+    hand-off is sent.
+
+    Parameters
+    ----------
+    keep : `~collections.abc.Collection` [`str`]
+        Names of parts not to write again (registered in Rucio with their checksums).
+
+    Returns
+    -------
+    paths : `list` [`pathlib.Path`]
+        Every part, in import order.
+    """
+    names = export_part_names(head, len(payload.raws), per_part)
+    parts = list(itertools.batched(payload.raws, per_part)) or [()]
+    for number in [*range(1, len(names)), 0]:
+        path = root / names[number]
+        if names[number] in keep:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.tmp.yaml")
+        with butler.export(filename=str(partial), format="yaml", transfer=None) as export:
+            export.saveDatasets(parts[number])
+            extra = payload.records if number == 0 else {}
+            for element, records in extra.items():
+                if records:
+                    export.saveDimensionData(element, records)
+        os.replace(partial, path)
+    return [root / name for name in names]
 
 
 def _read_export(export: Path) -> dict[str, Any]:
@@ -670,36 +711,44 @@ def _import_batches(content: dict[str, Any], present: set[str], size: int) -> li
 
 
 def import_export(
-    destination: Site, directory: Path, export: Path, transfer: str | None, batch: int = IMPORT_BATCH
+    destination: Site, directory: Path, exports: list[Path], transfer: str | None, batch: int = IMPORT_BATCH
 ) -> int:
-    """Import an export whose paths are relative to ``directory``; return how many datasets were new.
+    """Import an export's parts, whose paths are relative to ``directory``; return how many datasets were new.
 
-    Datasets the destination's registry already has (a rerun, or an earlier
-    hand-off of the same datasets) are left out of the import, whether or not
-    their files are still right: the caller verifies the files, and a damaged or
-    deleted one is repaired in place (`TransferBackend.repair`), never imported twice.
-    The rest goes in batches of at most ``batch`` files, each its own transaction:
-    a crash loses at most the batch in flight, and a rerun goes on from there.
+    Each part is read alone, so memory holds one part's refs. Datasets the
+    destination's registry already has (a rerun, or an earlier hand-off of the
+    same datasets) are left out of the import, whether or not their files are
+    still right: the caller verifies the files, and a damaged or deleted one is
+    repaired in place (`TransferBackend.repair`), never imported twice. The rest
+    goes in batches of at most ``batch`` files, each its own transaction: a crash
+    loses at most the batch in flight, and a rerun goes on from there.
     """
-    content = _read_export(export)
-    ids = _dataset_ids(content)
+    new = 0
     with repo_write_lock(destination.repo), open_butler(destination.repo, writeable=True) as dest:
-        present = {str(ref.id) for ref in dest.get_many_datasets(ids)}
-        if len(present) == len(ids):
-            return 0
-        batches = _import_batches(content, present, batch)
-        # Written apart: the export may sit in another site's datastore.
-        with tempfile.TemporaryDirectory() as scratch:
-            for number, part in enumerate(batches, 1):
-                path = Path(scratch) / f"batch{number}.yaml"
-                with path.open("w") as stream:
-                    yaml.dump(part, stream)
-                dest.import_(directory=str(directory), filename=str(path), format="yaml", transfer=transfer)
-                _LOG.info(
-                    "Imported batch %d of %d into %s (%s).",
-                    number,
-                    len(batches),
-                    destination.name,
-                    export.name,
-                )
-    return len(ids) - len(present)
+        for part, export in enumerate(exports, 1):
+            content = _read_export(export)
+            ids = _dataset_ids(content)
+            present = {str(ref.id) for ref in dest.get_many_datasets(ids)}
+            if len(present) == len(ids):
+                continue
+            batches = _import_batches(content, present, batch)
+            # Written apart: the export may sit in another site's datastore.
+            with tempfile.TemporaryDirectory() as scratch:
+                for number, batch_content in enumerate(batches, 1):
+                    path = Path(scratch) / f"batch{number}.yaml"
+                    with path.open("w") as stream:
+                        yaml.dump(batch_content, stream)
+                    dest.import_(
+                        directory=str(directory), filename=str(path), format="yaml", transfer=transfer
+                    )
+                    _LOG.info(
+                        "Imported part %d of %d, batch %d of %d, into %s (%s).",
+                        part,
+                        len(exports),
+                        number,
+                        len(batches),
+                        destination.name,
+                        export.name,
+                    )
+            new += len(ids) - len(present)
+    return new

@@ -55,7 +55,7 @@ from .errors import DamagedFilesError, HandoffError
 
 _LOG = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = "multisite hand-off manifest 1"
+MANIFEST_FORMAT = "multisite hand-off manifest 2"
 """The ``format`` field of every manifest this version writes and reads."""
 
 
@@ -133,10 +133,13 @@ class Manifest:
         The hand-off, ``<handoff>/<site>``.
     files : `tuple` [`FileRecord`, ...]
         Its dataset files.
+    exports : `tuple` [`str`, ...]
+        The parts of its Butler export (Butler-relative paths), in import order.
     """
 
     label: str
     files: tuple[FileRecord, ...]
+    exports: tuple[str, ...] = ()
 
     def write(self, path: Path) -> Path:
         """Write the manifest as JSON, atomically, byte for byte the same for the same content.
@@ -148,6 +151,7 @@ class Manifest:
             "format": MANIFEST_FORMAT,
             "handoff": self.label,
             "files": [asdict(record) for record in sorted(self.files, key=lambda r: r.name)],
+            "exports": list(self.exports),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
@@ -172,7 +176,7 @@ class Manifest:
                 FileRecord(**{**record, "zipped": tuple(record.get("zipped", ()))})
                 for record in content["files"]
             )
-            return cls(content["handoff"], files)
+            return cls(content["handoff"], files, tuple(content["exports"]))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise HandoffError(f"{path} is not a readable hand-off manifest ({err})") from None
 

@@ -13,8 +13,9 @@ One hand-off (``label`` ``<handoff>/<site>``) is, on the sending side:
    registered where they are with Rubin's ``lsst-rucio-register``
    (`multisite.rubin_registration`: replicas at the source RSE, with size, adler32
    and the ``rubin_butler``/``rubin_sidecar`` metadata of the facilities' ingest
-   daemons), plus the hand-off's Butler export file (the raws' refs, with their
-   dataset types and RUN collections, and the dimension records the site needs) and
+   daemons), plus the hand-off's Butler export (the raws' refs, with their
+   dataset types and RUN collections, and the dimension records the site needs, in
+   parts of ``import_batch`` raws: `multisite.backends.write_export`) and
    its manifest (each file's and zip's datasets, size and adler32:
    `multisite.integrity`), in Rucio datasets of at
    most ``max_files_per_dataset`` files each (``multisite.<campaign>.<handoff>.<site>.<part>``,
@@ -31,7 +32,7 @@ and on the receiving side, once the container is closed:
    stops with an error naming the files and Rucio's reasons on STUCK or timeout;
 5. on OK, every file checked at the destination against Rucio's size and adler32
    (`multisite.integrity.check_files`, on every run: a rerun re-verifies), then the
-   export imported and the zips ingested into the destination Butler with
+   export imported part by part and the zips ingested into the destination Butler with
    ``transfer=None`` (the files are already in its datastore).
 
 A damaged or deleted file at the destination is repaired through Rucio
@@ -68,6 +69,7 @@ from .backends import (
     HandoffPayload,
     TransferBackend,
     datastore_root,
+    export_part_names,
     import_export,
     ingest_zips,
     repair_outcome,
@@ -444,9 +446,8 @@ class RucioBackend(TransferBackend):
             imported = 0
             self._wait_for_facility(destination, manifest.dataset_ids(), label)
         else:
-            imported = import_export(
-                destination, dst_root, dst_root / names["export"], None, self.import_batch
-            )
+            exports = [dst_root / name for name in manifest.exports]
+            imported = import_export(destination, dst_root, exports, None, self.import_batch)
             zips = [(record, dst_root / record.name) for record in manifest.files if record.zipped]
             imported += ingest_zips(destination, zips)
             _LOG.info("Rucio %s: %d datasets ingested into %s.", label, imported, destination.name)
@@ -550,7 +551,8 @@ class RucioBackend(TransferBackend):
         # A zip registered already is kept as it is: Rucio holds its checksum.
         zip_records, _ = write_zips(butler, root, payload.zipped(), names["zips"], self.datasets_per_zip)
         zips = {record.name: record for record in zip_records}
-        own = (names["manifest"], names["export"])
+        exports = export_part_names(names["export"], len(payload.raws), self.import_batch)
+        own = (names["manifest"], *exports)
         parts = self.parts(container, [*records, *zips, *own])
         self._ensure_did(client.add_container, names["campaign_container"])
         self._ensure_did(client.add_container, names["stage_container"])
@@ -599,9 +601,9 @@ class RucioBackend(TransferBackend):
                     replace(r, bytes=content[n]["bytes"], adler32=content[n]["adler32"])
                     for n, r in (records | zips).items()
                 ),
+                tuple(exports),
             ).write(root / names["manifest"])
-        if names["export"] not in content:
-            write_export(butler, root, payload, names["export"])
+        write_export(butler, root, payload, names["export"], self.import_batch, keep=set(content))
         for dataset, members in parts.items():
             if unregistered := [root / name for name in own if name in members and name not in content]:
                 registrar.register_files(dataset, unregistered)

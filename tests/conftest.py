@@ -158,19 +158,26 @@ def demo_through_faults(tmp_path_factory):
 
 
 def rucio_config(
-    directory: Path, rucio: LocalRucio, storage: Path, max_files_per_dataset: int = 10_000, **poll
+    directory: Path,
+    rucio: LocalRucio,
+    storage: Path,
+    max_files_per_dataset: int = 10_000,
+    import_batch: int = 10_000,
+    **poll,
 ) -> Path:
     """Demo campaign config with the rucio backend and the repositories at the RSEs' roots.
 
     The repositories' registries are PostgreSQL, as at the facilities: the test Rucio's
     cluster, one namespace per repository (named after ``directory`` and the site). A
-    small ``max_files_per_dataset`` splits the demo's hand-offs into several Rucio datasets.
+    small ``max_files_per_dataset`` splits the demo's hand-offs into several Rucio datasets,
+    a small ``import_batch`` their raws' Butler exports into several parts.
     """
     client_config = rucio.write_client_config(directory / "rucio.cfg", directory / "rucio-token")
     path = demo_config(
         directory,
         transfer={
             "backend": "rucio",
+            "import_batch": import_batch,
             "rucio": {
                 "scope": SCOPE,
                 "account": "root",

@@ -202,13 +202,13 @@ def test_demo_survives_kills_a_damaged_raw_and_a_full_disk(demo_through_faults):
 
 
 def test_a_receiver_killed_in_the_middle_of_its_import_reruns_to_completion_without_duplicates(tmp_path):
-    """Killed between two import batches of in2p3's raws; ``--rerun-incomplete`` imports only the rest."""
+    """Killed between two parts of in2p3's raws import; ``--rerun-incomplete`` imports only the rest."""
     config = demo_config(tmp_path, transfer={"backend": "butler", "mode": "copy", "import_batch": 1})
     campaign = load_campaign(config)
     target = str(campaign.layout.handoff_marker("raws", "in2p3").relative_to(tmp_path))
     log = campaign.layout.handoff_log("raws", "in2p3")
-    third_batch_in = lambda: log.exists() and "Imported batch 3 of" in log.read_text()  # noqa: E731
-    assert run_killed_when(tmp_path, third_batch_in, target)
+    third_part_in = lambda: log.exists() and "Imported part 3 of" in log.read_text()  # noqa: E731
+    assert run_killed_when(tmp_path, third_part_in, target)
     manifest = Path(campaign.central.repo) / "handoff_exports" / "demo" / "raws" / "in2p3.manifest.json"
     ids = Manifest.read(manifest).dataset_ids()
     at_in2p3 = Butler.from_config(campaign.sites["in2p3"].repo)

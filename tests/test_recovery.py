@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from lsst.daf.butler import Butler, Config, DatasetType
 
 from multisite.backends import ButlerBackend, HandoffPayload, datastore_root, import_export, write_export
@@ -291,7 +292,10 @@ def test_a_survey_killed_half_way_is_made_again_whole(tmp_path):
 
 
 def test_a_crash_between_import_batches_loses_nothing_and_the_rerun_goes_on(tmp_path, monkeypatch, caplog):
-    """Each batch of an import commits alone: a crash keeps the batches before it, a rerun adds the rest."""
+    """An export in parts, each imported alone, in batches that commit alone.
+
+    A crash keeps the batches before it, a rerun adds the rest.
+    """
     campaign = load_campaign(demo_config(tmp_path))
     for site in ("usdf", SITE):
         prepare_repo(campaign, site)
@@ -299,7 +303,11 @@ def test_a_crash_between_import_batches_loses_nothing_and_the_rerun_goes_on(tmp_
     central = Butler.from_config(campaign.central.repo)
     refs = central.query_datasets("raw", collections=campaign.raw_collection, limit=None)[:11]
     root = datastore_root(central)
-    export = write_export(central, root, HandoffPayload.of(refs), "handoff_exports/demo/batches/ral.yaml")
+    parts = write_export(central, root, HandoffPayload.of(refs), "handoff_exports/demo/batches/ral.yaml", 6)
+    assert [path.name for path in parts] == ["ral.yaml", "ral.00001.yaml"]
+    in_parts = [yaml.safe_load(path.read_text())["data"] for path in parts]
+    in_each = [sum(len(item["records"]) for item in data if item["type"] == "dataset") for data in in_parts]
+    assert in_each == [6, 5]
     butler_class = type(central)  # the class whose import_ a repository's Butler runs
     real_import = butler_class.import_
     calls = []
@@ -312,20 +320,22 @@ def test_a_crash_between_import_batches_loses_nothing_and_the_rerun_goes_on(tmp_
 
     monkeypatch.setattr(butler_class, "import_", crash_on_the_third)
     with pytest.raises(RuntimeError, match="killed"):
-        import_export(campaign.sites[SITE], root, export, "copy", batch=4)
+        import_export(campaign.sites[SITE], root, parts, "copy", batch=4)
     at_ral = Butler.from_config(campaign.sites[SITE].repo)
     kept = {ref.id for ref in at_ral.get_many_datasets([ref.id for ref in refs])}
-    assert len(kept) == 8 and all(at_ral.stored_many([ref for ref in refs if ref.id in kept]).values())
+    assert len(kept) == 6 and all(at_ral.stored_many([ref for ref in refs if ref.id in kept]).values())
 
     calls.clear()
+    caplog.clear()
     caplog.set_level("INFO", logger="multisite.backends")
-    assert import_export(campaign.sites[SITE], root, export, "copy", batch=4) == 3
-    assert len(calls) == 1 and "Imported batch 1 of 1 into ral" in caplog.text
+    assert import_export(campaign.sites[SITE], root, parts, "copy", batch=4) == 5
+    assert len(calls) == 2 and "Imported part 2 of 2, batch 2 of 2, into ral" in caplog.text
+    assert "Imported part 1 of 2" not in caplog.text  # the first part, all there, is not read again
     at_ral = Butler.from_config(campaign.sites[SITE].repo)
     found = at_ral.query_datasets("raw", collections=campaign.raw_collection, limit=None)
     assert sorted(ref.id for ref in found) == sorted(ref.id for ref in refs)
     assert all(at_ral.stored_many(found).values())
-    assert import_export(campaign.sites[SITE], root, export, "copy", batch=4) == 0
+    assert import_export(campaign.sites[SITE], root, parts, "copy", batch=4) == 0
 
 
 def test_products_travel_in_zips_and_a_damaged_zip_is_refused_before_any_of_it_is_ingested(tmp_path):

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from lsst.daf.butler import Butler, DatasetRef
 from lsst.daf.butler.datastores.file_datastore.retrieve_artifacts import ZipIndex
 from lsst.resources import ResourcePath
@@ -47,13 +48,16 @@ from .conftest import SCOPE, rucio_config
 from .rucio_harness.ingester import StandInIngester
 
 MAX_FILES = 8  # files per Rucio dataset: the demo's hand-offs take several
+IMPORT_BATCH = 7  # raws per part of a hand-off's Butler export: the raws hand-offs take several
 
 
 @pytest.fixture(scope="module")
 def setup(local_rucio, tmp_path_factory):
     rucio, storage = local_rucio
     directory = tmp_path_factory.mktemp("rucio-campaign")
-    campaign = load_campaign(rucio_config(directory, rucio, storage, max_files_per_dataset=MAX_FILES))
+    campaign = load_campaign(
+        rucio_config(directory, rucio, storage, max_files_per_dataset=MAX_FILES, import_batch=IMPORT_BATCH)
+    )
     for site in campaign.sites:
         prepare_repo(campaign, site)  # on PostgreSQL registries
     with Butler.from_config(campaign.central.repo, writeable=True) as butler:
@@ -97,19 +101,29 @@ def test_1_handoff_end_to_end(setup, caplog):
     assert rule["state"] == "OK" and rule["rse_expression"] == "IN2P3_BUTLER_DISK"
     assert rule["activity"] == "Data Consolidation" and rule["grouping"] == "DATASET"
     files = list(c.list_files(SCOPE, "multisite.demo.raws.in2p3"))
-    # every raw and the zip of the site's share of the placement, plus the Butler export file and the manifest
+    # every raw and the zip of the site's share of the placement, plus the parts of the Butler export
+    # of the raws (IMPORT_BATCH raws each) and the manifest
     n_raws = marker["datasets"]["raw"]
     assert marker["datasets"] == {"campaign_placement": 1, "raw": n_raws}
-    assert len(files) == n_raws + 3 == info["files"] == details["verified_files"]
+    exports = [
+        "handoff_exports/demo/raws/in2p3.yaml",
+        *(
+            f"handoff_exports/demo/raws/in2p3.{i:05d}.yaml"
+            for i in range(1, math.ceil(n_raws / IMPORT_BATCH))
+        ),
+    ]
+    assert len(exports) > 1
+    own = {*exports, "handoff_exports/demo/raws/in2p3.manifest.json"}
+    assert len(files) == n_raws + 1 + len(own) == info["files"] == details["verified_files"]
     names = {f["name"] for f in files}
-    assert {"handoff_exports/demo/raws/in2p3.yaml", "handoff_exports/demo/raws/in2p3.manifest.json"} <= names
+    assert own <= names
     assert all(len(f["adler32"]) == 8 and f["bytes"] > 0 for f in files)
     # The manifest, replicated with the files, records what Rucio registered, with each file's dataset.
     manifest = Manifest.read(
         Path(campaign.sites["in2p3"].repo) / "handoff_exports/demo/raws/in2p3.manifest.json"
     )
     registered = {f["name"]: (f["bytes"], f["adler32"]) for f in files}
-    own = {"handoff_exports/demo/raws/in2p3.yaml", "handoff_exports/demo/raws/in2p3.manifest.json"}
+    assert manifest.exports == tuple(exports)
     assert {r.name: (r.bytes, r.adler32) for r in manifest.files} == {
         name: value for name, value in registered.items() if name not in own
     }
@@ -131,8 +145,10 @@ def test_1_handoff_end_to_end(setup, caplog):
     (placement_ref,) = index.refs.to_refs(universe=central.dimensions)
     assert placement_ref == central.get_dataset(zipped.zipped[0])
     assert placement_ref.datasetType.name == "campaign_placement"
-    export_meta = c.get_metadata(SCOPE, "handoff_exports/demo/raws/in2p3.yaml", plugin="ALL")
-    assert export_meta["rubin_butler"] == "dim_file"
+    for export in exports:  # each part holds at most IMPORT_BATCH raws' refs
+        assert c.get_metadata(SCOPE, export, plugin="ALL")["rubin_butler"] == "dim_file"
+        data = yaml.safe_load((Path(campaign.central.repo) / export).read_text())["data"]
+        assert 0 < sum(len(item["records"]) for item in data if item["type"] == "dataset") <= IMPORT_BATCH
     # The container hierarchy: campaign > stage > hand-off > its datasets of at most MAX_FILES files,
     # every file in one of them, each closed (the hand-off was sent), the rule on the hand-off's container.
     assert [d["name"] for d in c.list_content(SCOPE, "multisite.demo")] == ["multisite.demo.raws"]
