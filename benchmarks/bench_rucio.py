@@ -213,10 +213,11 @@ def main() -> int:
     n_calls = sum(calls.values())
     n_files = received["details"]["rucio"]["files"]
     n_bytes = received["details"]["rucio"]["bytes"]
-    n_zips = sent["details"]["rucio"]["zips"]
+    n_zips, n_parts = sent["details"]["rucio"]["zips"], sent["details"]["rucio"]["export_parts"]
     print(
-        f"hand-off of {len(refs)} {args.kind} datasets: {n_files} files registered "
-        f"({n_zips} zips, {n_files - n_zips - 2} single files, the export and the manifest), {n_bytes} bytes"
+        f"hand-off of {len(refs)} {args.kind} datasets: {n_files} files registered ({n_zips} zips, "
+        f"{n_files - n_zips - n_parts - 1} single files, {n_parts} export parts and the manifest), "
+        f"{n_bytes} bytes"
     )
     print(
         f"  Rucio datasets        {sent['details']['rucio']['datasets']:8d}  "

@@ -8,7 +8,7 @@ dimension records, so it is ingested anywhere as it is), raws as their own files
 with a Butler export of their refs and of the extra dimension records the site
 needs, in parts of ``import_batch`` raws (`write_export`). The sender writes both
 under the source datastore root (``<EXPORT_DIR>/<campaign>/<handoff>/<site>/NNNNN.zip``,
-``<site>.yaml`` and ``<site>.NNNNN.yaml``) with
+``<site>.NNNNN.yaml`` and, last, ``<site>.yaml``) with
 the hand-off's manifest beside them (``<site>.manifest.json``: each file's and
 zip's size and adler32, recorded at the source, the datasets in it, and the
 export's parts; `multisite.integrity`); the receiver imports the export part by
@@ -163,8 +163,8 @@ class TransferBackend(abc.ABC):
     """Moves hand-offs between sites' Butlers, in a sending and a receiving half, and repairs them.
 
     ``label`` names a hand-off for one site, ``<handoff>/<site>``; its export's head
-    is ``<EXPORT_DIR>/<campaign>/<handoff>/<site>.yaml`` under a datastore root, its
-    further parts ``<site>.NNNNN.yaml``, its manifest ``<site>.manifest.json`` and its
+    (its last part) is ``<EXPORT_DIR>/<campaign>/<handoff>/<site>.yaml`` under a
+    datastore root, its other parts ``<site>.NNNNN.yaml``, its manifest ``<site>.manifest.json`` and its
     zips' directory ``<site>/`` beside it.
 
     Parameters
@@ -288,7 +288,7 @@ class ButlerBackend(TransferBackend):
         parts = write_export(butler, root, payload, self.export_name(label), self.import_batch)
         return {
             "mode": self.mode,
-            "export": str(parts[0]),
+            "export": str(parts[-1]),
             "export_parts": len(parts),
             "manifest": str(root / self.manifest_name(label)),
             "files": len(manifest.files) - len(zips),
@@ -524,14 +524,15 @@ def delete_datastore_files(files: list[Path], root: Path) -> None:
 
 
 def export_part_names(head: str, raws: int, per_part: int) -> list[str]:
-    """Return the names of a hand-off's export parts: ``head``, then ``<head stem>.NNNNN.yaml``.
+    """Return the names of a hand-off's export parts, in the order they are written and imported.
 
-    The head holds the payload's extra records and its first ``per_part`` raws;
-    each further part the next ``per_part``, so that no process reads or writes
+    ``<head stem>.NNNNN.yaml`` for each ``per_part`` raws but the last, then
+    ``head``, which holds the last raws and the payload's extra records (visits
+    refer to the exposures of every part), so that no process reads or writes
     more than one part's refs at once.
     """
     stem = head.removesuffix(".yaml")
-    return [head, *(f"{stem}.{number:05d}.yaml" for number in range(1, -(-raws // per_part)))]
+    return [*(f"{stem}.{number:05d}.yaml" for number in range(1, -(-raws // per_part))), head]
 
 
 def write_export(
@@ -540,10 +541,10 @@ def write_export(
     """Write the Butler export of the payload's raws and extra records, in parts, under ``root``.
 
     Each part (`export_part_names`) is a Butler export of its raws' refs (with
-    their dataset types, RUNs and data IDs' records); the head also holds the
-    payload's extra dimension records. Zipped datasets carry their own. Each part
-    appears complete or not at all, the head last: it is what tells a receiver the
-    hand-off is sent.
+    their dataset types, RUNs and data IDs' records); the head, written last,
+    also holds the payload's extra dimension records. Zipped datasets carry their
+    own. Each part appears complete or not at all; the head is what tells a
+    receiver the hand-off is sent.
 
     Parameters
     ----------
@@ -557,15 +558,15 @@ def write_export(
     """
     names = export_part_names(head, len(payload.raws), per_part)
     parts = list(itertools.batched(payload.raws, per_part)) or [()]
-    for number in [*range(1, len(names)), 0]:
-        path = root / names[number]
-        if names[number] in keep:
+    for name, raws in zip(names, parts, strict=True):
+        if name in keep:
             continue
+        path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.tmp.yaml")
         with butler.export(filename=str(partial), format="yaml", transfer=None) as export:
-            export.saveDatasets(parts[number])
-            extra = payload.records if number == 0 else {}
+            export.saveDatasets(raws)
+            extra = payload.records if name == head else {}
             for element, records in extra.items():
                 if records:
                     export.saveDimensionData(element, records)

@@ -410,6 +410,7 @@ class RucioBackend(TransferBackend):
                 "source_rse": src_rse,
                 "files": len(registered["files"]),
                 "zips": registered["zips"],
+                "export_parts": registered["export_parts"],
                 "bytes": registered["bytes"],
                 "files_registered_now": registered["added"],
             },
@@ -627,7 +628,14 @@ class RucioBackend(TransferBackend):
             container,
             added,
         )
-        return {"files": files, "zips": len(zips), "bytes": total, "added": added, "datasets": list(parts)}
+        return {
+            "files": files,
+            "zips": len(zips),
+            "export_parts": len(exports),
+            "bytes": total,
+            "added": added,
+            "datasets": list(parts),
+        }
 
     def _content(self, dataset: str) -> dict[str, dict]:
         """Files of a Rucio dataset or container (its datasets'), with Rucio's size and adler32, by name."""

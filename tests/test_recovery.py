@@ -304,7 +304,7 @@ def test_a_crash_between_import_batches_loses_nothing_and_the_rerun_goes_on(tmp_
     refs = central.query_datasets("raw", collections=campaign.raw_collection, limit=None)[:11]
     root = datastore_root(central)
     parts = write_export(central, root, HandoffPayload.of(refs), "handoff_exports/demo/batches/ral.yaml", 6)
-    assert [path.name for path in parts] == ["ral.yaml", "ral.00001.yaml"]
+    assert [path.name for path in parts] == ["ral.00001.yaml", "ral.yaml"]  # the head last
     in_parts = [yaml.safe_load(path.read_text())["data"] for path in parts]
     in_each = [sum(len(item["records"]) for item in data if item["type"] == "dataset") for data in in_parts]
     assert in_each == [6, 5]

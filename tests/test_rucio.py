@@ -105,12 +105,12 @@ def test_1_handoff_end_to_end(setup, caplog):
     # of the raws (IMPORT_BATCH raws each) and the manifest
     n_raws = marker["datasets"]["raw"]
     assert marker["datasets"] == {"campaign_placement": 1, "raw": n_raws}
-    exports = [
-        "handoff_exports/demo/raws/in2p3.yaml",
+    exports = [  # the head, with the extra records, last
         *(
             f"handoff_exports/demo/raws/in2p3.{i:05d}.yaml"
             for i in range(1, math.ceil(n_raws / IMPORT_BATCH))
         ),
+        "handoff_exports/demo/raws/in2p3.yaml",
     ]
     assert len(exports) > 1
     own = {*exports, "handoff_exports/demo/raws/in2p3.manifest.json"}
