@@ -32,6 +32,7 @@ __all__ = (
     "TransferBackend",
     "datastore_root",
     "delete_datastore_files",
+    "export_part_names",
     "handoff_file_name",
     "import_export",
     "ingest_zips",
@@ -39,7 +40,6 @@ __all__ = (
     "repair_outcome",
     "verify_received",
     "write_export",
-    "export_part_names",
     "write_zips",
 )
 
@@ -164,8 +164,8 @@ class TransferBackend(abc.ABC):
 
     ``label`` names a hand-off for one site, ``<handoff>/<site>``; its export's head
     (its last part) is ``<EXPORT_DIR>/<campaign>/<handoff>/<site>.yaml`` under a
-    datastore root, its other parts ``<site>.NNNNN.yaml``, its manifest ``<site>.manifest.json`` and its
-    zips' directory ``<site>/`` beside it.
+    datastore root, its other parts ``<site>.NNNNN.yaml``, its manifest
+    ``<site>.manifest.json`` and its zips' directory ``<site>/`` beside it.
 
     Parameters
     ----------

@@ -166,7 +166,8 @@ def _outgoing(campaign: Campaign, name: str, site: str, placement: pd.DataFrame)
             # The sending instance's event log travels with its data, for the central status.
             extras.append(store_events_snapshot(campaign, source, handoff.name))
     # The stream's own Butler: it holds a cursor open while the backend zips with another.
-    products = (selected(t, open_butler(source.repo)) for t in types if t != "raw")
+    streaming = open_butler(source.repo)
+    products = (selected(t, streaming) for t in types if t != "raw")
     payload.products = itertools.chain(itertools.chain.from_iterable(products), extras)
     _LOG.info(
         "Hand-off %s for %s: %d raws and the processed datasets of %d types, %s -> %s.",
