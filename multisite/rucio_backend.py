@@ -395,6 +395,8 @@ class RucioBackend(TransferBackend):
         source_butler = open_butler(source.repo)
         src_root = self._check_rse(source, source_butler)
         src_rse = self._rse(source)
+        if self.published(source, destination, label):
+            self._check_export_parts(src_root, names, len(payload.raws), label)
         registered = self._register(source_butler, src_root, src_rse, payload, names, label)
         for name in [*registered["datasets"], names["handoff"]]:  # the container last: then it is sent
             if self._call(f"read {scope}:{name}", self.client.get_did, scope, name).get("open", True):
@@ -416,6 +418,21 @@ class RucioBackend(TransferBackend):
             },
             "timings_s": {"register": round(time.monotonic() - started, 3)},
         }
+
+    def _check_export_parts(self, root: Path, names: dict[str, str], raws: int, label: str) -> None:
+        """Refuse to send a sent hand-off again with its raws' export cut in other parts.
+
+        Its files are registered, and its datasets and container closed: they cannot change.
+        """
+        sent = Manifest.read(root / names["manifest"]).exports
+        now = export_part_names(names["export"], raws, self.import_batch)
+        if list(sent) != now:
+            raise RucioHandoffError(
+                f"Rucio {label}: it was sent with its raws' Butler export in {len(sent)} part(s), and "
+                f"transfer.import_batch ({self.import_batch}) now cuts it in {len(now)}; the files of a sent "
+                "hand-off are registered and cannot change. Set transfer.import_batch back to the value it "
+                "was sent with, then rerun: nothing was changed."
+            )
 
     def published(self, source: Site, destination: Site, label: str) -> bool:
         """Whether the hand-off's Rucio container exists and is closed (its sender is done)."""

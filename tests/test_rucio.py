@@ -190,6 +190,13 @@ def test_2_rerun_adds_nothing(setup):
     assert scope_state(campaign) == before
     dest = Butler.from_config(campaign.sites["in2p3"].repo)
     assert len(dest.query_datasets("raw", collections=campaign.raw_collection, limit=None)) == n_before
+    # Sent again with its export cut otherwise (transfer.import_batch changed): refused, nothing changed.
+    other = RucioBackend(campaign.name, campaign.rucio, import_batch=IMPORT_BATCH * 100)
+    with pytest.raises(
+        RucioHandoffError, match="Set transfer.import_batch back to the value it was sent with"
+    ):
+        run_handoff(campaign, "raws", "in2p3", placement, backend=other)
+    assert scope_state(campaign) == before
 
 
 def nothing_of(repo: str, refs) -> bool:
@@ -286,7 +293,11 @@ def test_4_server_outage_is_ridden_out_or_named_then_rerun_completes_without_dup
     rucio.pause_daemons()
     try:
         thread, outcome = _deliver_in_thread(
-            RucioBackend(campaign.name, short), central, lancs, HandoffPayload.of(refs), "outage/lancs"
+            RucioBackend(campaign.name, short, import_batch=campaign.import_batch),
+            central,
+            lancs,
+            HandoffPayload.of(refs),
+            "outage/lancs",
         )
         rule_id = _wait_for_rule(campaign, "multisite.demo.outage.lancs")
         rucio.stop_server()
