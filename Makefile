@@ -91,8 +91,11 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_demo.py
 
+# Each kind at two sizes: memory must not grow with the hand-off (raws in export parts of 1,000).
 bench-rucio: setup system-deps rucio-setup
-	$(BIN)/python benchmarks/bench_rucio.py --kind raw --datasets 10000
+	$(BIN)/python benchmarks/bench_rucio.py --kind raw --datasets 2000 --import-batch 1000
+	$(BIN)/python benchmarks/bench_rucio.py --kind raw --datasets 10000 --import-batch 1000
+	$(BIN)/python benchmarks/bench_rucio.py --kind product --datasets 10000
 	$(BIN)/python benchmarks/bench_rucio.py --kind product --datasets 100000
 
 bench-planner: setup

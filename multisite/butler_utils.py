@@ -44,7 +44,8 @@ def stream_datasets(
     Parameters
     ----------
     butler : `lsst.daf.butler.Butler`
-        The repository; keep it for this query (it holds a cursor open while the caller iterates).
+        The repository; other work goes through another Butler while the caller
+        iterates (the query holds a cursor open until its last page).
     dataset_type : `str`
         Dataset type name.
     collections : `list` [`str`]
