@@ -27,6 +27,8 @@ wildcard_constraints:
     stage="|".join(stage.name for stage in campaign.stages),
     handoff="|".join(TARGETS.handoffs),
     chunk="[A-Za-z0-9_-]+",
+    # A chunk's name, or <first>..<last> of several chunks.
+    piece="[A-Za-z0-9_-]+(?:\.\.[A-Za-z0-9_-]+)?",
 
 
 def sending_inputs(wildcards):

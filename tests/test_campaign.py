@@ -110,10 +110,10 @@ def test_2_failed_quantum_fails_its_site_only(campaign_dir, campaign, webhook):
     done = markers(campaign_dir)
     for site, unit in [("usdf", "t0p0"), ("ral", "t0p2")]:
         assert (done / "stage" / site / "step3" / f"{unit}.json").exists()
-        assert (done / "handoff" / "final" / f"{site}.json").exists()
+        assert (done / "handoff" / "final" / site / "all.json").exists()
     assert (done / "stage" / "in2p3" / "step3" / "t0p1.json").exists()  # the site's other chunk
     assert not (done / "stage" / "in2p3" / "step3" / "t0p4.json").exists()
-    assert not (done / "handoff" / "final" / "in2p3.json").exists()
+    assert not (done / "handoff" / "final" / "in2p3" / "all.json").exists()
     assert not (done / "qa" / "qa.json").exists()
     # The BPS YAML an operator would submit by hand is there, for every site and stage.
     submit = (campaign_dir / "work" / "bps" / "in2p3" / "step3" / "t0p4.yaml").read_text()
@@ -129,10 +129,10 @@ def test_2_failed_quantum_fails_its_site_only(campaign_dir, campaign, webhook):
         failed.state == "failed" and "1 of 1 quanta failed" in failed.detail and failed.log.endswith(".log")
     )
     assert cells[("step3", "t0p0", "usdf")].state == cells[("step3", "t0p1", "in2p3")].state == "done"
-    waiting = cells[(Layout.handoff_step("final", "in2p3"), "final", "in2p3")]
+    waiting = cells[(Layout.handoff_step("final", "in2p3", "all"), "final/in2p3/all", "in2p3")]
     assert waiting.state == "waiting" and waiting.detail == "from in2p3: waiting for step3 at in2p3"
     text = format_status(list(cells.values()), campaign)
-    assert "FAILED: step3 t0p4 at in2p3" in text and "WAITING: handoff final in2p3" in text
+    assert "FAILED: step3 t0p4 at in2p3" in text and "WAITING: handoff final in2p3 all" in text
     dom = browser_dom(campaign_dir / "work" / "report.html")  # written by the workflow's onerror
     assert re.search(r"<td>in2p3</td><td>t0p4</td>.*?>failed</td>", dom, re.S)
     assert "failed: step3 t0p4 at in2p3" in dom and "waiting: handoff final in2p3" in dom
@@ -255,7 +255,7 @@ def test_5_reruns_duplicate_nothing(campaign_dir, campaign):
 
     # A hand-off run again moves nothing twice.
     placement = read_placement(markers(campaign_dir) / "placement" / "raws.tsv")
-    again = run_handoff(campaign, "fanin_step2", "in2p3", placement)
+    again = run_handoff(campaign, "fanin_step2", "in2p3", "all", placement)
     usdf = Butler.from_config(campaign.central.repo)
     stars = usdf.query_datasets("single_visit_star", collections=again["runs"], find_first=False)
     assert len(stars) == len({ref.dataId for ref in stars}) == again["datasets"]["single_visit_star"]

@@ -357,7 +357,7 @@ def test_products_travel_in_zips_and_a_damaged_zip_is_refused_before_any_of_it_i
         ]
         truths = butler.query_all_datasets(campaign.truth_collection, limit=None)
         raws = butler.query_datasets("raw", collections=campaign.raw_collection, limit=2)
-    payload, label = HandoffPayload.of([*raws, *products, *truths]), "zips/ral"
+    payload, label = HandoffPayload.of([*raws, *products, *truths]), "zips/ral/all"
     backend = ButlerBackend(campaign.name, datasets_per_zip=2)
     root = Path(central.repo)
     # The processed datasets are read once, as a stream (a query's pages in a workflow), and counted.

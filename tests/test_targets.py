@@ -59,9 +59,9 @@ def test_a_site_instance_receives_what_others_send_after_its_own_work(demo):
     assert in2p3.handoff_inputs("fanout_step3", "in2p3")["own_work"] == [
         LAYOUT.stage_marker("in2p3", "step1")
     ]
-    assert in2p3.plan_inputs() == {"raws": LAYOUT.handoff_marker("raws", "in2p3")}
+    assert in2p3.plan_inputs() == {"raws": LAYOUT.handoff_marker("raws", "in2p3", "c0000")}
     share = names(in2p3.campaign_targets())
-    assert share == {"sent/fanin_step2/in2p3.json", "sent/final/in2p3.json"}
+    assert share == {"sent/fanin_step2/in2p3/all.json", "sent/final/in2p3/all.json"}
     assert {p.parent.name for p in in2p3.submit_yamls()} == {"step1", "step3"}
     assert {p.parent.parent.name for p in in2p3.submit_yamls()} == {"in2p3"}
 
@@ -72,16 +72,16 @@ def test_the_central_instance_waits_for_fanins_after_its_own_step1(demo):
     assert usdf.sends("fanout_step3", "lancs") and not usdf.sends("final", "lancs")
     assert names(usdf.campaign_targets()) >= {
         "qa/qa.json",
-        "sent/raws/in2p3.json",
-        "sent/raws/ral.json",
-        "sent/raws/lancs.json",
-        "sent/fanout_step3/in2p3.json",
+        "sent/raws/in2p3/c0000.json",
+        "sent/raws/ral/c0000.json",
+        "sent/raws/lancs/c0000.json",
+        "sent/fanout_step3/in2p3/all.json",
     }
     # The central stage waits for every site's fan-in; a site stage for its own hand-offs.
     step2 = usdf.chunk_inputs("usdf", "step2", "global")
-    assert step2["handoffs"] == [LAYOUT.handoff_marker("fanin_step2", s) for s in usdf.processing]
+    assert step2["handoffs"] == [LAYOUT.handoff_marker("fanin_step2", s, "all") for s in usdf.processing]
     step3 = usdf.chunk_inputs("ral", "step3", "t0p2")
-    assert step3["handoffs"] == [LAYOUT.handoff_marker("fanout_step3", "ral")]
+    assert step3["handoffs"] == [LAYOUT.handoff_marker("fanout_step3", "ral", "all")]
     assert step3["earlier"] == [LAYOUT.stage_marker("ral", "step1")]
     assert usdf.stage_marker("ral", "step2") == LAYOUT.stage_marker("usdf", "step2")
 
@@ -89,11 +89,11 @@ def test_the_central_instance_waits_for_fanins_after_its_own_step1(demo):
 def test_step_ids_follow_the_rules_path_patterns():
     """The event log's step names are the rule and its wildcards in path order: built once, here."""
     patterns = {
-        "handoff": (LAYOUT.handoff_marker("{handoff}", "{site}"), Layout.handoff_step),
-        "send_handoff": (LAYOUT.sent_marker("{handoff}", "{site}"), Layout.send_step),
+        "handoff": (LAYOUT.handoff_marker("{handoff}", "{site}", "{piece}"), Layout.handoff_step),
+        "send_handoff": (LAYOUT.sent_marker("{handoff}", "{site}", "{piece}"), Layout.send_step),
         "run_stage": (LAYOUT.chunk_marker("{site}", "{stage}", "{chunk}"), Layout.chunk_step),
     }
-    values = {"handoff": "fanin_step2", "site": "ral", "stage": "step1", "chunk": "c0000"}
+    values = {"handoff": "fanin_step2", "site": "ral", "piece": "all", "stage": "step1", "chunk": "c0000"}
     for rule, (pattern, helper) in patterns.items():
         order = re.findall(r"{(\w+)}", str(pattern))
         wildcards = {name: values[name] for name in order}
