@@ -249,7 +249,7 @@ def test_3_corrupted_source_file_fails_clearly_and_ingests_nothing(setup):
     truths = butler.query_all_datasets(campaign.truth_collection, limit=None)  # processed: in a zip
     paths = [
         Path(butler.getURI(refs[0]).ospath),
-        Path(central.repo) / "handoff_exports/demo/corrupt/ral/00000.zip",
+        Path(central.repo) / "handoff_exports/demo/corrupt/ral/all/00000.zip",
     ]
     backend = make_backend(campaign)
     rucio.pause_daemons()
@@ -497,6 +497,6 @@ def test_8_the_facility_ingests_what_arrives_and_the_rule_waits_for_it(setup):
         assert (dest.get(ref).pixels == butler.get(ref).pixels).all()
     for ref in truths:  # ingested by the daemon from the zip, where Rucio put it
         assert dest.get_dataset(ref.id) == ref
-        assert "handoff_exports/demo/facility/ral/" in str(dest.getURI(ref))
+        assert "handoff_exports/demo/facility/ral/all/" in str(dest.getURI(ref))
         got, sent = dest.get(ref), butler.get(ref)
         assert (got.as_array() == sent.as_array()).all() if hasattr(got, "as_array") else got == sent
