@@ -69,6 +69,11 @@ class Handoff:
         return self.direction == TO_CENTRAL
 
     @property
+    def is_fanout(self) -> bool:
+        """Whether this hand-off brings a central stage's products to the sites."""
+        return not self.to_central and bool(self.producers)
+
+    @property
     def cut_stage(self) -> str:
         """The stage whose chunks this hand-off is cut along: the one it comes from, or feeds."""
         return self.producers[-1] if self.to_central else self.consumers[0]
@@ -254,9 +259,12 @@ def workflow_pieces(
 ) -> list[HandoffPiece]:
     """Return the pieces the workflow moves: of one hand-off for one site, or of every one.
 
-    ``raws`` is cut along the chunks of the first site stage, ``transfer.chunks_per_handoff``
-    chunks a piece, so a chunk starts once its own raws are there; the other hand-offs
-    move each site's share in one piece.
+    ``transfer.chunks_per_handoff`` chunks a piece: ``raws`` along the chunks of the
+    first site stage, so a chunk starts once its own raws are there; fan-ins and
+    ``final`` along the chunks of the stage they come from, so a piece leaves as soon
+    as its chunks are done. A fan-out moves each site's share in one piece: a chunk
+    needs every visit its units overlap, which the placement's one unit per raw does
+    not say.
     """
     every = handoffs(campaign) if handoff is None else [handoff]
     sites = [s.name for s in campaign.processing_sites] if site is None else [site]
@@ -264,5 +272,5 @@ def workflow_pieces(
         piece
         for h in every
         for s in sites
-        for piece in cut_pieces(campaign, h, s, campaign.chunks_per_handoff if h.name == "raws" else None)
+        for piece in cut_pieces(campaign, h, s, None if h.is_fanout else campaign.chunks_per_handoff)
     ]

@@ -46,7 +46,7 @@ from .butler_utils import ensure_in_chain, open_butler, repo_write_lock, stream_
 from .config import Campaign, Site
 from .errors import HandoffError
 from .events import EventLog
-from .flow import Handoff, HandoffPiece, workflow_pieces
+from .flow import HandoffPiece, workflow_pieces
 from .layout import Layout
 from .markers import provenance
 from .metadata import store_events_snapshot, store_placement_share
@@ -133,13 +133,17 @@ def _piece(campaign: Campaign, handoff_name: str, site: str, piece_name: str) ->
     return pieces[piece_name]
 
 
-def _endpoints(campaign: Campaign, handoff: Handoff, site: str) -> tuple[Site, Site, list[str]]:
-    """Return the source site, destination site and source collections of a hand-off for ``site``."""
-    sender, receiver = handoff.ends(campaign, site)
+def _endpoints(campaign: Campaign, piece: HandoffPiece) -> tuple[Site, Site, list[str]]:
+    """Return the source site, destination site and source collections of a hand-off piece."""
+    handoff = piece.handoff
+    sender, receiver = handoff.ends(campaign, piece.site)
     if handoff.name == "raws":
         collections = [campaign.raw_collection]
     else:
         collections = [campaign.stage_chain(sender, stage) for stage in reversed(handoff.producers)]
+        if handoff.to_central:
+            # The piece's own chunks of the stage it comes from, which the site may still run.
+            collections[:1] = [campaign.stage_chain(sender, handoff.cut_stage, c) for c in piece.chunks]
     return campaign.sites[sender], campaign.sites[receiver], collections
 
 
@@ -160,7 +164,7 @@ def _outgoing(campaign: Campaign, piece: HandoffPiece, placement: pd.DataFrame) 
     The raws are listed; the processed datasets are a stream the send reads once.
     """
     handoff, site = piece.handoff, piece.site
-    source, destination, collections = _endpoints(campaign, handoff, site)
+    source, destination, collections = _endpoints(campaign, piece)
     selection = SiteSelection.from_placement(campaign, placement, site, piece.units)
     source_butler = open_butler(source.repo)
     types = PipelineFlow(campaign).handoff_types(handoff)
@@ -180,7 +184,7 @@ def _outgoing(campaign: Campaign, piece: HandoffPiece, placement: pd.DataFrame) 
                 extras.append(store_placement_share(campaign, source, site, placement))
         if handoff.to_central:
             # The sending instance's event log travels with its data, for the central status.
-            extras.append(store_events_snapshot(campaign, source, handoff.name))
+            extras.append(store_events_snapshot(campaign, source, f"{handoff.name}/{piece.name}"))
     # The stream's own Butler: it holds a cursor open while the backend zips with another.
     streaming = open_butler(source.repo)
     products = (selected(t, streaming) for t in types if t != "raw")
@@ -349,7 +353,7 @@ def receive_handoff(
     started = datetime.now(UTC)
     wanted = _piece(campaign, handoff_name, site, piece)
     backend = backend or make_backend(campaign)
-    source, destination, _ = _endpoints(campaign, wanted.handoff, site)
+    source, destination, _ = _endpoints(campaign, wanted)
     label = wanted.label
     if not backend.published(source, destination, label):
         _wait_until_published(campaign, backend, source, destination, label, started)

@@ -34,7 +34,7 @@ from lsst.daf.butler import Butler, DataCoordinate, DimensionRecord
 
 from .backends import MANIFEST_SUFFIX, datastore_root, handoff_file_name
 from .butler_utils import open_butler
-from .config import Campaign
+from .config import Campaign, Unit
 from .errors import HandoffError
 from .flow import handoffs, workflow_pieces
 from .integrity import Manifest, check_files, damaged_files, held_files, repair_command
@@ -103,12 +103,24 @@ def compute_placement(butler: Butler, campaign: Campaign) -> pd.DataFrame:
     return placement
 
 
+def _first_unit_of_tracts(units: Iterable[Unit]) -> dict[int, str]:
+    """Return, for each tract of a site's units, the first of them (in order) that covers it."""
+    first: dict[int, str] = {}
+    for unit in units:
+        for tract, _ in unit.cells:
+            first.setdefault(tract, unit.name)
+    return first
+
+
 @dataclass(frozen=True)
 class SiteSelection:
     """The data IDs that belong to one site, for choosing what a hand-off moves.
 
     A data ID is *needed* by a site when the site processes it, and *owned* when
-    the site is the one that reports it to the central site.
+    the site is the one that reports it to the central site. Made for some of the
+    site's units (a hand-off piece's), it holds what belongs to those: a raw
+    belongs to the unit of its placement row, a visit to that of its first
+    detector, a tract-level dataset to the first of the site's units in the tract.
     """
 
     site: str
@@ -119,13 +131,15 @@ class SiteSelection:
     visit_detectors_owned: frozenset[tuple[int, int]]
     visits_needed: frozenset[int]
     visits_owned: frozenset[int]
+    tracts_owned: frozenset[int]
 
     @classmethod
     def from_placement(
         cls, campaign: Campaign, placement: pd.DataFrame, site: str, units: Iterable[str] | None = None
     ) -> SiteSelection:
         """Return the data IDs of a site's units: all of them, or ``units`` (a hand-off piece's)."""
-        names = {u.name for u in campaign.units_of(site)} if units is None else set(units)
+        site_units = campaign.units_of(site)
+        names = {u.name for u in site_units} if units is None else set(units)
         mine = placement[(placement["site"] == site) & placement["unit"].isin(names)]
         owned = mine[mine["owner"] == site]
 
@@ -138,13 +152,16 @@ class SiteSelection:
         visits_owned = frozenset(owned.merge(first_detector[["visit", "detector"]])["visit"].astype(int))
         return cls(
             site=site,
-            units=frozenset(cell for u in campaign.units_of(site) if u.name in names for cell in u.cells),
+            units=frozenset(cell for u in site_units if u.name in names for cell in u.cells),
             raws_needed=pairs(mine, "exposure"),
             raws_owned=pairs(owned, "exposure"),
             visit_detectors_needed=pairs(mine, "visit"),
             visit_detectors_owned=pairs(owned, "visit"),
             visits_needed=frozenset(mine["visit"].astype(int)),
             visits_owned=visits_owned,
+            tracts_owned=frozenset(
+                tract for tract, unit in _first_unit_of_tracts(site_units).items() if unit in names
+            ),
         )
 
     def accepts(self, data_id: DataCoordinate, owned: bool) -> bool:
@@ -165,6 +182,8 @@ class SiteSelection:
                 None,
             ) in self.units
         if "tract" in keys:
+            if owned:
+                return data_id["tract"] in self.tracts_owned
             return any(tract == data_id["tract"] for tract, _ in self.units)
         if "exposure" in keys and "detector" in keys:
             raws = self.raws_owned if owned else self.raws_needed

@@ -24,6 +24,7 @@ from .lock import Owner, stale_heartbeat
 from .markers import read_marker
 from .metadata import carried_events
 from .states import LIVE_EVENT_KINDS, STATE_OF_EVENT, EventKind, StepState
+from .targets import Targets
 
 _LOG = logging.getLogger(__name__)
 
@@ -180,11 +181,9 @@ def _step(piece: HandoffPiece) -> str:
 
 def _handoff_waiting(campaign: Campaign, piece: HandoffPiece, source: str) -> Cell:
     """Return the state of a hand-off piece not yet started: waiting for its producing stages, or not."""
-    site, pending = piece.site, []
-    for name in piece.handoff.producers:
-        runner = campaign.central.name if campaign.stage(name).is_central else site
-        if not campaign.layout.stage_marker(runner, name).exists():
-            pending.append(f"{name} at {runner}")
+    site = piece.site
+    producers = Targets(campaign, campaign.layout).producers(piece)
+    pending = [what for what, marker in producers.items() if not marker.exists()]
     if pending:
         return Cell(
             site, "", "", StepState.WAITING, detail=f"from {source}: waiting for {', '.join(pending)}"

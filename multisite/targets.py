@@ -96,16 +96,41 @@ class Targets:
         return self.layout.repo_marker(self.campaign.central.name)
 
     # ------------------------------------------------------------------ rule inputs
-    def sending_inputs(self, handoff: str, site: str) -> dict[str, Path | list[Path]]:
-        """Return what sending a hand-off waits for: the placement, the source repo, the producing stages."""
+    def piece(self, handoff: str, site: str, name: str) -> HandoffPiece:
+        """Return a hand-off's piece for a processing site, by name."""
+        (found,) = [p for p in self.pieces[(handoff, site)] if p.name == name]
+        return found
+
+    def producers(self, piece: HandoffPiece) -> dict[str, Path]:
+        """Return what a hand-off piece's data comes from (``<stage> [<chunk>] at <site>``), and its marker.
+
+        A piece to the central site comes from its own chunks of the stage it is cut
+        along, and the site's earlier producing stages; a fan-out from the central stages.
+        """
+        flow = piece.handoff
+        sender, _ = flow.ends(self.campaign, piece.site)
+        earlier = flow.producers[:-1] if flow.to_central else flow.producers
+        found = {}
+        for stage in earlier:
+            runner = self.campaign.central.name if self.campaign.stage(stage).is_central else sender
+            found[f"{stage} at {runner}"] = self.stage_marker(sender, stage)
+        if flow.to_central:
+            for chunk in piece.chunks:
+                found[f"{flow.cut_stage} {chunk} at {sender}"] = self.layout.chunk_marker(
+                    sender, flow.cut_stage, chunk
+                )
+        return found
+
+    def sending_inputs(self, handoff: str, site: str, piece: str) -> dict[str, Path | list[Path]]:
+        """Return what sending a hand-off piece waits for: the placement, the source repo, its producers."""
         sender, _ = self.handoffs[handoff].ends(self.campaign, site)
         return {
             "placement": self.layout.placement_table,
             "source_repo": self.layout.repo_marker(sender),
-            "producers": [self.stage_marker(sender, stage) for stage in self.handoffs[handoff].producers],
+            "producers": list(self.producers(self.piece(handoff, site, piece)).values()),
         }
 
-    def handoff_inputs(self, handoff: str, site: str) -> dict[str, Path | list[Path]]:
+    def handoff_inputs(self, handoff: str, site: str, piece: str) -> dict[str, Path | list[Path]]:
         """Return what receiving a hand-off's piece waits for: its destination repository, what sending needs.
 
         One that another site's instance sends is awaited through the transfer backend,
@@ -115,7 +140,7 @@ class Targets:
         _, receiver = flow.ends(self.campaign, site)
         inputs: dict[str, Path | list[Path]] = {"destination_repo": self.layout.repo_marker(receiver)}
         if self.sends(handoff, site):
-            return inputs | self.sending_inputs(handoff, site)
+            return inputs | self.sending_inputs(handoff, site, piece)
         if flow.to_central:
             before = list(flow.producers)
         else:

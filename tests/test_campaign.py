@@ -108,12 +108,14 @@ def test_2_failed_quantum_fails_its_site_only(campaign_dir, campaign, webhook):
         r"makeCoadd \{skymap: 'demo', tract: 0, patch: 4\} -- log: file://\S+makeCoadd_log", error
     )
     done = markers(campaign_dir)
-    for site, unit in [("usdf", "t0p0"), ("ral", "t0p2")]:
+    for site, unit in [("usdf", "t0p0"), ("ral", "t0p2"), ("ral", "t0p5")]:
         assert (done / "stage" / site / "step3" / f"{unit}.json").exists()
-        assert (done / "handoff" / "final" / site / "all.json").exists()
+        assert (done / "handoff" / "final" / site / f"{unit}.json").exists()
     assert (done / "stage" / "in2p3" / "step3" / "t0p1.json").exists()  # the site's other chunk
     assert not (done / "stage" / "in2p3" / "step3" / "t0p4.json").exists()
-    assert not (done / "handoff" / "final" / "in2p3" / "all.json").exists()
+    # The products of in2p3's chunk that succeeded left on their own; the failed chunk's wait.
+    assert (done / "handoff" / "final" / "in2p3" / "t0p1.json").exists()
+    assert not (done / "handoff" / "final" / "in2p3" / "t0p4.json").exists()
     assert not (done / "qa" / "qa.json").exists()
     # The BPS YAML an operator would submit by hand is there, for every site and stage.
     submit = (campaign_dir / "work" / "bps" / "in2p3" / "step3" / "t0p4.yaml").read_text()
@@ -129,10 +131,10 @@ def test_2_failed_quantum_fails_its_site_only(campaign_dir, campaign, webhook):
         failed.state == "failed" and "1 of 1 quanta failed" in failed.detail and failed.log.endswith(".log")
     )
     assert cells[("step3", "t0p0", "usdf")].state == cells[("step3", "t0p1", "in2p3")].state == "done"
-    waiting = cells[(Layout.handoff_step("final", "in2p3", "all"), "final/in2p3/all", "in2p3")]
-    assert waiting.state == "waiting" and waiting.detail == "from in2p3: waiting for step3 at in2p3"
+    waiting = cells[(Layout.handoff_step("final", "in2p3", "t0p4"), "final/in2p3/t0p4", "in2p3")]
+    assert waiting.state == "waiting" and waiting.detail == "from in2p3: waiting for step3 t0p4 at in2p3"
     text = format_status(list(cells.values()), campaign)
-    assert "FAILED: step3 t0p4 at in2p3" in text and "WAITING: handoff final in2p3 all" in text
+    assert "FAILED: step3 t0p4 at in2p3" in text and "WAITING: handoff final in2p3 t0p4" in text
     dom = browser_dom(campaign_dir / "work" / "report.html")  # written by the workflow's onerror
     assert re.search(r"<td>in2p3</td><td>t0p4</td>.*?>failed</td>", dom, re.S)
     assert "failed: step3 t0p4 at in2p3" in dom and "waiting: handoff final in2p3" in dom
@@ -198,7 +200,8 @@ def test_4_results_equal_the_single_site_reference(campaign_dir, campaign, capsy
     config = str(campaign_dir / "config.yaml")
     assert main(["summary", config]) == 0
     summary = capsys.readouterr().out
-    assert "step3    in2p3    2/2 chunks done" in summary and "final          ral      5 datasets" in summary
+    assert "step3    in2p3    2/2 chunks done" in summary
+    assert "final          ral      t0p2       3 datasets" in summary
     assert main(["status", config, "--site", "ral"]) == 0
     status = capsys.readouterr().out
     assert "ral      t0p5       done        done        done" in status and "t0p1" not in status

@@ -58,16 +58,19 @@ def test_stage_chunks(campaign_dir):
     }
 
 
-def test_raws_are_cut_along_the_first_site_stage_and_the_rest_moves_per_site(campaign_dir):
+def test_handoffs_are_cut_along_chunks_and_fanouts_move_per_site(campaign_dir):
     campaign = load_campaign(campaign_dir / "config.yaml")
     step1 = campaign.stage("step1")
     per_unit = replace(campaign, stages=(replace(step1, units_per_chunk=1), *campaign.stages[1:]))
-    assert [(p.name, p.chunks, p.units) for p in workflow_pieces(per_unit, site="in2p3")] == [
-        ("t0p1", ("t0p1",), ("t0p1",)),
-        ("t0p4", ("t0p4",), ("t0p4",)),
-        ("all", ("t0p1", "t0p4"), ("t0p1", "t0p4")),  # fanin_step2: per site
-        ("all", ("t0p1", "t0p4"), ("t0p1", "t0p4")),  # fanout_step3
-        ("all", ("t0p1", "t0p4"), ("t0p1", "t0p4")),  # final
+    pieces = [(p.handoff.name, p.name, p.chunks, p.units) for p in workflow_pieces(per_unit, site="in2p3")]
+    assert pieces == [
+        ("raws", "t0p1", ("t0p1",), ("t0p1",)),  # the chunks of step1, which it feeds
+        ("raws", "t0p4", ("t0p4",), ("t0p4",)),
+        ("fanin_step2", "t0p1", ("t0p1",), ("t0p1",)),  # the chunks of step1, which it comes from
+        ("fanin_step2", "t0p4", ("t0p4",), ("t0p4",)),
+        ("fanout_step3", "all", ("t0p1", "t0p4"), ("t0p1", "t0p4")),  # per site
+        ("final", "t0p1", ("t0p1",), ("t0p1",)),  # the chunks of step3
+        ("final", "t0p4", ("t0p4",), ("t0p4",)),
     ]
     raws = handoffs(campaign)[0]
     assert [p.label for p in workflow_pieces(per_unit, raws, "ral")] == ["raws/ral/t0p2", "raws/ral/t0p5"]

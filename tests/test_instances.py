@@ -261,10 +261,10 @@ def test_four_instances_ride_out_a_rucio_outage_during_a_fanin_and_end_like_one_
         _final_outputs(demo_through_faults.work).reset_index(drop=True),
     )
     # USDF's fan-in said it waited for the server, and went on when it came back.
-    log = (usdf / "logs" / "handoff" / "fanin_step2" / sender / "all.log").read_text()
+    log = (usdf / "logs" / "handoff" / "fanin_step2" / sender / "c0000.log").read_text()
     assert re.search(r"Rucio unreachable for \d+ s", log) and "Rucio reachable again" in log, log[-4000:]
     rules = rules_by_handoff(client, scope)
-    assert rule_id in rules[f"multisite.demo.fanin_step2.{sender}.all"]
+    assert rule_id in rules[f"multisite.demo.fanin_step2.{sender}.c0000"]
     assert all(len(ids) == 1 for ids in rules.values()), rules
     # Every hand-off's files in closed datasets of at most MAX_FILES files, the raws' in several.
     parts = {
@@ -277,8 +277,8 @@ def test_four_instances_ride_out_a_rucio_outage_during_a_fanin_and_end_like_one_
     # A forced rerun of the finished fan-in, both halves, sends what it sent before (its event
     # snapshot included): Rucio's dataset matches, nothing is registered, ruled or imported again.
     dids = sorted(client.list_dids(scope, {"name": "*"}, did_type="all"))
-    sent = configs[sender].parent / "work" / "markers" / "sent" / "fanin_step2" / sender / "all.json"
-    received = usdf / "markers" / "handoff" / "fanin_step2" / sender / "all.json"
+    sent = configs[sender].parent / "work" / "markers" / "sent" / "fanin_step2" / sender / "c0000.json"
+    received = usdf / "markers" / "handoff" / "fanin_step2" / sender / "c0000.json"
     assert force(sender, configs[sender], sent) == ["send_handoff"]
     assert force("usdf", configs["usdf"], received) == ["handoff"]
     assert read_marker(sent)["backend_details"]["rucio"]["files_registered_now"] == 0
@@ -309,13 +309,13 @@ def test_killed_instance_is_waited_for_and_restarted_without_redoing_anything(lo
         # The others wait and say what for, from whom and since when: USDF for RAL's fan-in,
         # the other sites for USDF's fan-out (which needs RAL's fan-in).
         waits = {
-            "usdf": ("fanin_step2", "ral", "ral"),
-            "in2p3": ("fanout_step3", "in2p3", "usdf"),
-            "lancs": ("fanout_step3", "lancs", "usdf"),
+            "usdf": ("fanin_step2", "ral", "c0000", "ral"),
+            "in2p3": ("fanout_step3", "in2p3", "all", "usdf"),
+            "lancs": ("fanout_step3", "lancs", "all", "usdf"),
         }
-        for site, (handoff, at, sender) in waits.items():
+        for site, (handoff, at, piece, sender) in waits.items():
             said = re.compile(
-                rf"WAITING: handoff {handoff} {at} all at {at} since \S+: "
+                rf"WAITING: handoff {handoff} {at} {piece} at {at} since \S+: "
                 rf"waiting for {handoff} from {sender} since "
             )
             wait_for(

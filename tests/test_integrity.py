@@ -135,7 +135,10 @@ def test_each_site_repairs_what_it_receives_from_another_repository(campaign_dir
     assert received == ["raws/ral/c0000", "fanout_step3/ral/all"]
     central = [label for label, _, _ in received_handoffs(campaign, "usdf")]
     # USDF processes units too, in its own repository: nothing of its own to repair.
-    assert central == [f"{h}/{s}/all" for h in ("fanin_step2", "final") for s in ("in2p3", "ral", "lancs")]
+    assert central == [
+        *(f"fanin_step2/{s}/c0000" for s in ("in2p3", "ral", "lancs")),
+        *("final/in2p3/t0p1", "final/in2p3/t0p4", "final/ral/t0p2", "final/ral/t0p5", "final/lancs/t0p3"),
+    ]
 
 
 def test_repair_command_refuses_an_unknown_site(campaign_dir, capsys):
@@ -237,7 +240,7 @@ def test_2_verify_inputs_names_each_damaged_file_and_the_repair(campaign, damage
     result = snakemake(campaign, INPUTS, "--forcerun", "verify_inputs", check=False)
     assert result.returncode != 0
     output = result.stdout + result.stderr
-    assert "ral: inputs: 5 file(s) at ral are missing or differ" in output, output[-3000:]
+    assert "ral: inputs of raws piece c0000: 5 file(s) at ral are missing or differ" in output, output[-3000:]
     assert_names_each(output, damaged)
 
 

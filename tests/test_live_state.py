@@ -140,7 +140,8 @@ def test_killed_instance_shows_dead_with_how_to_resume_and_resumes(tmp_path, cap
         rf"^  DEAD \(last seen (\S+)\): {step} at in2p3 since {re.escape(waiting['time'])}: "
         rf"its process {waiting['pid']} on {re.escape(HOST)} is gone; "
         rf"resume its instance in {re.escape(str(tmp_path))} with "
-        r"`snakemake --profile in2p3 --unlock`, then `snakemake --profile in2p3` .* \(log: \S+in2p3.log\)$",
+        r"`snakemake --profile in2p3 --unlock`, then `snakemake --profile in2p3` .* "
+        r"\(log: \S+in2p3/c0000.log\)$",
         re.M,
     )
     assert dead.search(status), status
