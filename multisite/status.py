@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .config import Campaign
 from .events import Event, read_events
-from .flow import CENTRAL_CHUNK, HandoffPiece, stage_chunks, stage_dependencies, workflow_pieces
+from .flow import CENTRAL_CHUNK, HandoffPiece, stage_chunks, stage_dependencies
 from .layout import Layout
 from .lock import Owner, stale_heartbeat
 from .markers import read_marker
@@ -135,8 +135,9 @@ def campaign_status(
     layout = campaign.layout
     done_at: dict[str, str] = {}
     cells: list[Cell] = []
-    pieces = workflow_pieces(campaign)
-    for piece in pieces:
+    targets = Targets(campaign, layout)
+    pieces = targets.pieces
+    for piece in (piece for of_site in pieces.values() for piece in of_site):
         handoff, far_end = piece.handoff, piece.site
         step = _step(piece)
         marker = layout.piece_marker(piece)
@@ -146,7 +147,7 @@ def campaign_status(
         cell = _state(layout, known, step, far_end, latest)
         source = far_end if handoff.to_central else campaign.central.name
         if cell is None:
-            cell = _handoff_waiting(campaign, piece, source)
+            cell = _handoff_waiting(targets, piece, source)
         cells.append(replace(cell, site=far_end, unit=piece.label, step=step))
         if cell.state == StepState.DONE:
             done_at[step] = cell.since
@@ -158,13 +159,14 @@ def campaign_status(
                 marker = layout.chunk_marker(runner.name, stage.name, chunk)
                 cell = _state(layout, marker, step, runner.name, latest)
                 if cell is None:
+                    sites = [s.name for s in campaign.processing_sites] if stage.is_central else [runner.name]
                     awaited = [
                         p
-                        for p in pieces
-                        if p.handoff in incoming
-                        and (stage.is_central or p.site == runner.name)
+                        for h in incoming
+                        for s in sites
+                        for p in pieces[(h.name, s)]
                         # A chunk of the stage a hand-off is cut along waits for its own piece.
-                        and (p.handoff.cut_stage != stage.name or chunk in p.chunks)
+                        if h.cut_stage != stage.name or chunk in p.chunks
                     ]
                     cell = _waiting(campaign, runner.name, awaited, done_at)
                 for unit in [CENTRAL_CHUNK] if stage.is_central else units:
@@ -179,11 +181,10 @@ def _step(piece: HandoffPiece) -> str:
     return Layout.handoff_step(piece.handoff.name, piece.site, piece.name)
 
 
-def _handoff_waiting(campaign: Campaign, piece: HandoffPiece, source: str) -> Cell:
+def _handoff_waiting(targets: Targets, piece: HandoffPiece, source: str) -> Cell:
     """Return the state of a hand-off piece not yet started: waiting for its producing stages, or not."""
     site = piece.site
-    producers = Targets(campaign, campaign.layout).producers(piece)
-    pending = [what for what, marker in producers.items() if not marker.exists()]
+    pending = [what for what, marker in targets.producers(piece).items() if not marker.exists()]
     if pending:
         return Cell(
             site, "", "", StepState.WAITING, detail=f"from {source}: waiting for {', '.join(pending)}"

@@ -222,11 +222,24 @@ class Targets:
             if not self.layout.piece_marker(piece).exists()
         ]
 
+    def stage_markers(self) -> list[Path]:
+        """Return the marker of every stage this instance runs, at each of its sites.
+
+        Hand-offs wait for chunks, so nothing else asks for the last site stages to be
+        gathered into their stage collections.
+        """
+        return [
+            self.stage_marker(site.name, stage.name)
+            for stage in self.campaign.stages
+            for site in self.campaign.stage_sites(stage)
+            if self.campaign.runs_here(site.name)
+        ]
+
     def campaign_targets(self) -> list[Path]:
         """Return the instance's share of the campaign.
 
         The QA at the central site (which needs the whole campaign), the hand-offs it
-        sends to other instances, and its BPS YAMLs.
+        sends to other instances, its stages and its BPS YAMLs.
         """
         qa = [self.layout.qa_marker] if self.campaign.runs_here(self.campaign.central.name) else []
-        return [*qa, *self.sent_markers(), *self.submit_yamls()]
+        return [*qa, *self.sent_markers(), *self.stage_markers(), *self.submit_yamls()]

@@ -68,6 +68,8 @@ def test_a_site_instance_receives_what_others_send_after_its_own_work(demo):
         "sent/fanin_step2/in2p3/c0000.json",
         "sent/final/in2p3/t0p1.json",
         "sent/final/in2p3/t0p4.json",
+        "stage/in2p3/step1.json",
+        "stage/in2p3/step3.json",
     }
     assert {p.parent.name for p in in2p3.submit_yamls()} == {"step1", "step3"}
     assert {p.parent.parent.name for p in in2p3.submit_yamls()} == {"in2p3"}
