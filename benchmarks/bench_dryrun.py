@@ -5,7 +5,9 @@ four sites with USDF 0.35, IN2P3 0.40, LANCS 0.10, RAL 0.15) with the planner,
 writes the units table (one unit per tract, in each site's contiguous order) and a
 campaign config with drp_pipe's stages, each split into chunks of at most 100,000
 estimated quanta, then times Snakemake's dry run of the whole campaign and counts
-its jobs. ``--scale`` runs 1/10 and 1/100 of the size, for the growth.
+its jobs and its hand-off pieces by kind (``multisite.flow.workflow_pieces``, checked
+against the dry run's ``handoff`` jobs). ``--scale`` runs 1/10 and 1/100 of the size,
+for the growth.
 
 Run: ``make bench-dryrun`` (or ``.venv/bin/python benchmarks/bench_dryrun.py --scale 1 0.1 0.01``).
 """
@@ -13,6 +15,7 @@ Run: ``make bench-dryrun`` (or ``.venv/bin/python benchmarks/bench_dryrun.py --s
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import re
 import subprocess
@@ -23,7 +26,9 @@ from pathlib import Path
 
 import yaml
 
+from multisite.config import load_campaign
 from multisite.demo.synthetic import scaled_dr1_inventory
+from multisite.flow import workflow_pieces
 from multisite.planner import make_plan
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,8 +89,8 @@ def write_campaign(directory: Path, scale: float) -> tuple[Path, int]:
     return path, plan.units.n_units
 
 
-def dry_run(directory: Path, config: Path) -> tuple[float, int]:
-    """Time ``snakemake -n`` of the whole campaign; return seconds and job count."""
+def dry_run(directory: Path, config: Path) -> tuple[float, dict[str, int]]:
+    """Time ``snakemake -n`` of the whole campaign; return seconds and job count by rule (and total)."""
     command = [
         str(BIN / "snakemake"),
         "-n",
@@ -104,8 +109,14 @@ def dry_run(directory: Path, config: Path) -> tuple[float, int]:
     start = time.perf_counter()
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     seconds = time.perf_counter() - start
-    total = re.search(r"^total\s+(\d+)$", result.stdout + result.stderr, re.MULTILINE)
-    return seconds, int(total.group(1)) if total else -1
+    counts = re.findall(r"^(\w+)\s+(\d+)$", result.stdout + result.stderr, re.MULTILINE)
+    return seconds, {rule: int(count) for rule, count in counts}
+
+
+def pieces_by_kind(config: Path) -> dict[str, int]:
+    """Return the campaign's hand-off pieces by kind (raws, fanin, fanout, final)."""
+    pieces = workflow_pieces(load_campaign(config))
+    return dict(collections.Counter(piece.handoff.name.split("_")[0] for piece in pieces))
 
 
 def main() -> None:
@@ -113,13 +124,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, nargs="+", default=[1.0, 0.1, 0.01])
     args = parser.parse_args()
-    print(f"{'scale':>6s} {'units':>7s} {'jobs':>7s} {'snakemake -n (s)':>17s}")
+    print(f"{'scale':>6s} {'units':>7s} {'jobs':>7s} {'snakemake -n (s)':>17s}  hand-off pieces by kind")
     for scale in args.scale:
         with tempfile.TemporaryDirectory(prefix="bench-dryrun-") as tmp:
             directory = Path(tmp)
             config, n_units = write_campaign(directory, scale)
             seconds, jobs = dry_run(directory, config)
-        print(f"{scale:6g} {n_units:7d} {jobs:7d} {seconds:17.1f}")
+            kinds = pieces_by_kind(config)
+        if sum(kinds.values()) != jobs.get("handoff"):
+            raise SystemExit(f"the dry run plans {jobs.get('handoff')} hand-off jobs, the flow {kinds}")
+        pieces = ", ".join(f"{kind} {count}" for kind, count in kinds.items())
+        print(f"{scale:6g} {n_units:7d} {jobs['total']:7d} {seconds:17.1f}  {pieces}")
 
 
 if __name__ == "__main__":

@@ -147,9 +147,9 @@ def run_half(half: str, settings: dict, args: argparse.Namespace, src_repo: Path
         name, butler = dataset_type_name(args), Butler.from_config(str(src_repo))
         found = stream_datasets(butler, name, ["bench/run"], with_records=name != "raw")
         payload = HandoffPayload(list(found)) if name == "raw" else HandoffPayload([], found)
-        details = backend.send(source, destination, payload, "bench/in2p3")
+        details = backend.send(source, destination, payload, "bench/in2p3/all")
     else:
-        details, _ = backend.receive(source, destination, "bench/in2p3")
+        details, _ = backend.receive(source, destination, "bench/in2p3/all")
     return {
         "details": details,
         "seconds": time.monotonic() - started,

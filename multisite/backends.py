@@ -7,7 +7,7 @@ datasets in Butler zips (`write_zips`: each zip holds its datasets' files, refs 
 dimension records, so it is ingested anywhere as it is), raws as their own files
 with a Butler export of their refs and of the extra dimension records the site
 needs, in parts of ``import_batch`` raws (`write_export`). The sender writes both
-under the source datastore root (``<EXPORT_DIR>/<campaign>/<handoff>/<site>/NNNNN.zip``,
+under the source datastore root (``<EXPORT_DIR>/<campaign>/<handoff>/<site>/<piece>/NNNNN.zip``,
 ``<site>.NNNNN.yaml`` and, last, ``<site>.yaml``) with
 the hand-off's manifest beside them (``<site>.manifest.json``: each file's and
 zip's size and adler32, recorded at the source, the datasets in it, and the
@@ -98,13 +98,12 @@ def handoff_file_name(campaign: str, label: str, suffix: str) -> str:
     campaign : `str`
         Campaign name.
     label : `str`
-        The hand-off, ``<handoff>/<site>``.
+        The hand-off piece, ``<handoff>/<site>/<piece>``.
     suffix : `str`
         ``.yaml`` for the export file, `MANIFEST_SUFFIX` for the manifest, ``""``
         for the directory of its zips.
     """
-    handoff, site = label.split("/", 1)
-    return f"{EXPORT_DIR}/{campaign}/{handoff}/{site}{suffix}"
+    return f"{EXPORT_DIR}/{campaign}/{label}{suffix}"
 
 
 @dataclass
@@ -162,10 +161,10 @@ class HandoffPayload:
 class TransferBackend(abc.ABC):
     """Moves hand-offs between sites' Butlers, in a sending and a receiving half, and repairs them.
 
-    ``label`` names a hand-off for one site, ``<handoff>/<site>``; its export's head
-    (its last part) is ``<EXPORT_DIR>/<campaign>/<handoff>/<site>.yaml`` under a
-    datastore root, its other parts ``<site>.NNNNN.yaml``, its manifest
-    ``<site>.manifest.json`` and its zips' directory ``<site>/`` beside it.
+    ``label`` names a hand-off piece for one site, ``<handoff>/<site>/<piece>``; its export's head
+    (its last part) is ``<EXPORT_DIR>/<campaign>/<handoff>/<site>/<piece>.yaml`` under a
+    datastore root, its other parts ``<piece>.NNNNN.yaml``, its manifest
+    ``<piece>.manifest.json`` and its zips' directory ``<piece>/`` beside it.
 
     Parameters
     ----------

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from .config import Campaign, load_campaign
 from .errors import CampaignConfigError, InventoryError, PlacementError, PlanInputError
 from .eta import estimate_completion, format_completion
-from .flow import handoffs, stage_chunks
+from .flow import stage_chunks, workflow_pieces
 from .markers import read_marker
 from .report import render_report
 from .status import campaign_events, campaign_status, format_status
@@ -39,15 +39,14 @@ def _summary(config: str) -> int:
                 seconds = sum(marker["duration_s"] for marker in done)
                 line += f"  ({quanta} quanta in their last runs, {seconds:.0f} s)"
             print(line)
-    for handoff in handoffs(campaign):
-        for site in campaign.processing_sites:
-            path = layout.handoff_marker(handoff.name, site.name)
-            if path.exists():
-                marker = read_marker(path)
-                moved = sum(marker["datasets"].values())
-                print(f"  {handoff.name:14s} {site.name:8s} {moved} datasets ({marker['backend']})")
-            else:
-                print(f"  {handoff.name:14s} {site.name:8s} not done")
+    for piece in workflow_pieces(campaign):
+        path = layout.piece_marker(piece)
+        where = f"  {piece.handoff.name:14s} {piece.site:8s} {piece.name:10s}"
+        if path.exists():
+            marker = read_marker(path)
+            print(f"{where} {sum(marker['datasets'].values())} datasets ({marker['backend']})")
+        else:
+            print(f"{where} not done")
     qa = layout.qa_marker
     print(f"  QA: {read_marker(qa)['summary']}" if qa.exists() else "  QA: not done")
     return 0
@@ -225,7 +224,7 @@ def _repair(campaign: Campaign, site: str) -> int:
         print(f"repair {site}: {err}", file=sys.stderr)
         return 1
     for outcome in outcomes:
-        line = f"  {outcome['handoff']:20s} from {outcome['source']:8s} {outcome['state']}"
+        line = f"  {outcome['handoff']:24s} from {outcome['source']:8s} {outcome['state']}"
         if outcome["files"]:
             line += f": {outcome['files']} files checked"
         if outcome["repaired"]:

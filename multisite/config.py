@@ -173,6 +173,8 @@ class Campaign:
     """Files per import transaction at a hand-off's destination (``transfer.import_batch``)."""
     datasets_per_zip: int = 1_000
     """Most datasets in one Butler zip of processed datasets (``transfer.datasets_per_zip``)."""
+    chunks_per_handoff: int = 1
+    """Chunks whose data one hand-off piece moves (``transfer.chunks_per_handoff``; fan-outs: per site)."""
     preflight: Mapping[str, Any] = field(default_factory=dict)
     """Checks before each chunk is submitted (``space_margin``, ``space_reserve_gb``; see `multisite.bps`)."""
     heartbeat_s: float = 30.0
@@ -612,6 +614,7 @@ def load_campaign(config: Mapping[str, Any] | str | Path, base: str | Path = "."
         wait_interval=float(transfer.get("wait", {}).get("interval_s", Campaign.wait_interval)),
         import_batch=int(transfer.get("import_batch", Campaign.import_batch)),
         datasets_per_zip=int(transfer.get("datasets_per_zip", Campaign.datasets_per_zip)),
+        chunks_per_handoff=int(transfer.get("chunks_per_handoff", Campaign.chunks_per_handoff)),
         preflight=data.get("preflight", {}),
         heartbeat_s=float(data.get("status", {}).get("heartbeat_s", Campaign.heartbeat_s)),
         forecast=data.get("forecast", {}),

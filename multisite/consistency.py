@@ -47,7 +47,7 @@ from .bps import chunk_refs
 from .butler_utils import collection_exists, open_butler, repo_write_lock
 from .config import Campaign
 from .errors import HandoffError
-from .flow import handoffs, stage_chunks
+from .flow import stage_chunks, workflow_pieces
 from .integrity import Manifest
 from .markers import read_marker
 
@@ -303,15 +303,14 @@ def check_campaign(campaign: Campaign, site: str | None = None) -> CheckReport:
         for runner in campaign.stage_sites(stage):
             if runner.name in sites:
                 report.findings += _check_stage(campaign, repos, report, stage.name, runner.name)
-    for handoff in handoffs(campaign):
-        for processing in campaign.processing_sites:
-            path = campaign.layout.handoff_marker(handoff.name, processing.name)
-            if processing.name not in sites or not path.exists():
-                continue
-            report.checked["hand-off"] += 1
-            what = f"hand-off {handoff.name} for {processing.name}"
-            if problems := _handoff_problems(campaign, repos, read_marker(path)):
-                report.findings.append(Finding(processing.name, what, "; ".join(problems), path, force=True))
+    for piece in workflow_pieces(campaign):
+        path = campaign.layout.piece_marker(piece)
+        if piece.site not in sites or not path.exists():
+            continue
+        report.checked["hand-off"] += 1
+        what = f"hand-off {piece.label}"
+        if problems := _handoff_problems(campaign, repos, read_marker(path)):
+            report.findings.append(Finding(piece.site, what, "; ".join(problems), path, force=True))
     for name, error in repos.unreadable.items():
         problem = f"cannot be opened ({error}); the markers that need it are not checked"
         target = campaign.layout.repo_marker(name)

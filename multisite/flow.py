@@ -15,7 +15,18 @@ Hand-offs, named as in marker paths:
 
 from __future__ import annotations
 
-__all__ = ("CENTRAL_CHUNK", "Handoff", "chunk_units", "handoffs", "stage_chunks", "stage_dependencies")
+__all__ = (
+    "CENTRAL_CHUNK",
+    "WHOLE_SITE",
+    "Handoff",
+    "HandoffPiece",
+    "chunk_units",
+    "cut_pieces",
+    "handoffs",
+    "stage_chunks",
+    "stage_dependencies",
+    "workflow_pieces",
+)
 
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +35,9 @@ from .config import Campaign, Stage
 
 CENTRAL_CHUNK = "global"
 """The one chunk of a central stage: all units at once."""
+
+WHOLE_SITE = "all"
+"""The one piece of a hand-off that moves a site's share at once."""
 
 TO_SITES = "to_sites"
 TO_CENTRAL = "to_central"
@@ -54,10 +68,51 @@ class Handoff:
     def to_central(self) -> bool:
         return self.direction == TO_CENTRAL
 
+    @property
+    def is_fanout(self) -> bool:
+        """Whether this hand-off brings a central stage's products to the sites."""
+        return not self.to_central and bool(self.producers)
+
+    @property
+    def cut_stage(self) -> str:
+        """The stage whose chunks this hand-off is cut along: the one it comes from, or feeds."""
+        return self.producers[-1] if self.to_central else self.consumers[0]
+
     def ends(self, campaign: Campaign, site: str) -> tuple[str, str]:
         """Return the sending and the receiving site of this hand-off for processing site ``site``."""
         central = campaign.central.name
         return (site, central) if self.to_central else (central, site)
+
+
+@dataclass(frozen=True)
+class HandoffPiece:
+    """One piece of a hand-off for one processing site: the data of some chunks of its cut stage.
+
+    Attributes
+    ----------
+    handoff : `Handoff`
+        The hand-off.
+    site : `str`
+        The processing site at the far end from the central site.
+    name : `str`
+        The piece's name: its chunk's, ``<first>..<last>`` of several chunks, or
+        `WHOLE_SITE` for the site's whole share.
+    chunks : `tuple` [`str`, ...]
+        The chunks of the cut stage at ``site`` whose data it moves.
+    units : `tuple` [`str`, ...]
+        Their units, in order.
+    """
+
+    handoff: Handoff
+    site: str
+    name: str
+    chunks: tuple[str, ...]
+    units: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        """``<handoff>/<site>/<piece>``: the piece's name in file names, Rucio names and messages."""
+        return f"{self.handoff.name}/{self.site}/{self.name}"
 
 
 def handoffs(campaign: Campaign) -> list[Handoff]:
@@ -159,3 +214,63 @@ def chunk_units(
     if per_chunk == 1:
         return {group[0]: group for group in groups}
     return {f"c{index:04d}": group for index, group in enumerate(groups)}
+
+
+def cut_pieces(
+    campaign: Campaign, handoff: Handoff, site: str, chunks_per_piece: int | None
+) -> list[HandoffPiece]:
+    """Cut a hand-off for a site along the chunks of its cut stage there.
+
+    Parameters
+    ----------
+    campaign : `Campaign`
+        The campaign.
+    handoff : `Handoff`
+        The hand-off.
+    site : `str`
+        The processing site.
+    chunks_per_piece : `int` or `None`
+        Consecutive chunks in one piece; `None` for one piece of the site's whole share.
+
+    Returns
+    -------
+    pieces : `list` [`HandoffPiece`]
+        In chunk order; together they hold every unit of the site once.
+    """
+    chunks = stage_chunks(campaign, site, campaign.stage(handoff.cut_stage))
+    names = list(chunks)
+    if chunks_per_piece is None:
+        groups = [tuple(names)]
+    else:
+        groups = [tuple(names[i : i + chunks_per_piece]) for i in range(0, len(names), chunks_per_piece)]
+    pieces = []
+    for group in groups:
+        if chunks_per_piece is None:
+            name = WHOLE_SITE
+        else:
+            name = group[0] if len(group) == 1 else f"{group[0]}..{group[-1]}"
+        units = tuple(unit for chunk in group for unit in chunks[chunk])
+        pieces.append(HandoffPiece(handoff, site, name, group, units))
+    return pieces
+
+
+def workflow_pieces(
+    campaign: Campaign, handoff: Handoff | None = None, site: str | None = None
+) -> list[HandoffPiece]:
+    """Return the pieces the workflow moves: of one hand-off for one site, or of every one.
+
+    ``transfer.chunks_per_handoff`` chunks a piece: ``raws`` along the chunks of the
+    first site stage, so a chunk starts once its own raws are there; fan-ins and
+    ``final`` along the chunks of the stage they come from, so a piece leaves as soon
+    as its chunks are done. A fan-out moves each site's share in one piece: a chunk
+    needs every visit its units overlap, which the placement's one unit per raw does
+    not say.
+    """
+    every = handoffs(campaign) if handoff is None else [handoff]
+    sites = [s.name for s in campaign.processing_sites] if site is None else [site]
+    return [
+        piece
+        for h in every
+        for s in sites
+        for piece in cut_pieces(campaign, h, s, None if h.is_fanout else campaign.chunks_per_handoff)
+    ]

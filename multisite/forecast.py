@@ -89,7 +89,7 @@ import simpy
 
 from .config import Campaign, Stage
 from .figures import figure_svg
-from .flow import Handoff, handoffs, stage_chunks, stage_dependencies
+from .flow import Handoff, cut_pieces, handoffs, stage_chunks, stage_dependencies
 from .planner import DR1_CORE_HOURS_PER_RAW
 
 if TYPE_CHECKING:
@@ -494,24 +494,6 @@ def _handoff_kind(handoff: Handoff) -> str:
     return handoff.name.split("_", 1)[0]
 
 
-def _cut_stage(handoff: Handoff) -> str:
-    """Return the stage whose chunks a hand-off is cut along: the one it comes from, or feeds."""
-    return handoff.producers[-1] if handoff.to_central else handoff.consumers[0]
-
-
-def _groups(names: Sequence[str], size: int | None) -> list[tuple[str, ...]]:
-    """Consecutive groups of ``size`` chunk names (one group of all when ``size`` is `None`)."""
-    if size is None or size >= len(names):
-        return [tuple(names)]
-    return [tuple(names[i : i + size]) for i in range(0, len(names), size)]
-
-
-def _piece_name(group: Sequence[str], per_site: bool) -> str:
-    if per_site:
-        return "all"
-    return group[0] if len(group) == 1 else f"{group[0]}..{group[-1]}"
-
-
 class _Simulation:
     """The campaign's chunks and hand-off pieces as SimPy processes on sites and links."""
 
@@ -520,7 +502,6 @@ class _Simulation:
         self.central = campaign.central.name
         self.processing = [site.name for site in campaign.processing_sites]
         self.group_size = group_size
-        self.per_site = group_size is None
         self.env = simpy.Environment()
         settings = campaign.forecast
         self.overhead = float(settings.get("handoff_overhead_s", DEFAULT_OVERHEAD_S)) / 3600.0
@@ -590,39 +571,37 @@ class _Simulation:
 
     def _add_handoff(self, handoff: Handoff) -> None:
         kind = _handoff_kind(handoff)
-        cut = self.campaign.stage(_cut_stage(handoff))
         stages = [self.campaign.stage(name) for name in handoff.producers]
         # Each quantum of the last producing stage writes at least one file that moves.
         quanta_per_unit = stages[-1].quanta_per_unit if stages else 0
         for site in self.processing:
-            chunks = stage_chunks(self.campaign, site, cut)
             sender, receiver = handoff.ends(self.campaign, site)
             moved = sender != receiver
             pieces = []
-            for group in _groups(list(chunks), self.group_size):
-                units = [unit for chunk in group for unit in chunks[chunk]]
-                raw_bytes = sum(self.bytes[unit] for unit in units)
+            for piece in cut_pieces(self.campaign, handoff, site, self.group_size):
+                raw_bytes = sum(self.bytes[unit] for unit in piece.units)
                 if kind == "raws":
-                    files, size, needs = sum(self.raws[unit] for unit in units), raw_bytes, []
+                    files, size, needs = sum(self.raws[unit] for unit in piece.units), raw_bytes, []
                 else:
-                    files = quanta_per_unit * len(units)
+                    files = quanta_per_unit * len(piece.units)
                     size = self.product_fraction[kind] * raw_bytes
                     if handoff.to_central:
-                        needs = [self.chunks[(site, cut.name)][chunk][1] for chunk in group]
+                        cut = self.chunks[(site, handoff.cut_stage)]
+                        needs = [cut[chunk][1] for chunk in piece.chunks]
                     else:
                         needs = [self._stage_done(self.central, stage.name) for stage in stages]
                 record = _Record(
                     site,
                     kind,
                     handoff.name,
-                    _piece_name(group, self.per_site),
-                    len(units),
+                    piece.name,
+                    len(piece.units),
                     files=files if moved else 0,
                     bytes=size if moved else 0.0,
                     moved=moved,
                 )
                 self.records.append(record)
-                pieces.append((group, self.env.process(self._move(record, needs))))
+                pieces.append((piece.chunks, self.env.process(self._move(record, needs))))
             self.pieces[(handoff.name, site)] = pieces
             self.piece_of[(handoff.name, site)] = {
                 chunk: process for group, process in pieces for chunk in group
@@ -630,7 +609,7 @@ class _Simulation:
 
     def _incoming(self, handoff: Handoff, site: str, stage: Stage, chunk: str) -> list[simpy.Event]:
         """Return the pieces of ``handoff`` to ``site`` that ``chunk`` of ``stage`` waits for."""
-        if _cut_stage(handoff) == stage.name:
+        if handoff.cut_stage == stage.name:
             return [self.piece_of[(handoff.name, site)][chunk]]
         return [self._arrived(handoff.name, site)]
 
@@ -719,7 +698,7 @@ def forecast_campaign(
         hand-off and site, as the workflow does today).
     chunks_per_handoff : `int`, optional
         Chunks in one hand-off piece of the per-chunk flow (default the config's
-        ``forecast.chunks_per_handoff``, else 1); not used per site.
+        ``transfer.chunks_per_handoff``); not used per site.
     unit_work : `pandas.DataFrame`, optional
         ``raws``, ``bytes`` and ``core_hours`` of every unit, indexed by unit name
         (e.g. `unit_work_from_plan`); default `estimate_unit_work` (the units
@@ -741,7 +720,7 @@ def forecast_campaign(
     if flow not in FLOWS:
         problems.append(f"flow: {flow!r} is not a flow; choose one of {', '.join(FLOWS)}")
     if chunks_per_handoff is None:
-        chunks_per_handoff = int(campaign.forecast.get("chunks_per_handoff", 1))
+        chunks_per_handoff = campaign.chunks_per_handoff
     if chunks_per_handoff < 1:
         problems.append(
             f"chunks_per_handoff: {chunks_per_handoff} is below 1; give 1 (a hand-off per chunk) or more"

@@ -46,7 +46,7 @@ from .butler_utils import ensure_in_chain, open_butler, repo_write_lock, stream_
 from .config import Campaign, Site
 from .errors import HandoffError
 from .events import EventLog
-from .flow import Handoff, handoffs
+from .flow import HandoffPiece, workflow_pieces
 from .layout import Layout
 from .markers import provenance
 from .metadata import store_events_snapshot, store_placement_share
@@ -118,13 +118,32 @@ def _site_records(butler: Butler, campaign: Campaign, selection: SiteSelection) 
     return records
 
 
-def _endpoints(campaign: Campaign, handoff: Handoff, site: str) -> tuple[Site, Site, list[str]]:
-    """Return the source site, destination site and source collections of a hand-off for ``site``."""
-    sender, receiver = handoff.ends(campaign, site)
+def _piece(campaign: Campaign, handoff_name: str, site: str, piece_name: str) -> HandoffPiece:
+    """Return a hand-off's piece for a site, by name; refuse a piece the plan does not have."""
+    pieces = {
+        piece.name: piece
+        for piece in workflow_pieces(campaign, site=site)
+        if piece.handoff.name == handoff_name
+    }
+    if piece_name not in pieces:
+        raise HandoffError(
+            f"Hand-off {handoff_name}/{site} has no piece {piece_name!r} in this campaign's plan "
+            f"(its pieces: {', '.join(pieces) or 'none'}); ask for one of them."
+        )
+    return pieces[piece_name]
+
+
+def _endpoints(campaign: Campaign, piece: HandoffPiece) -> tuple[Site, Site, list[str]]:
+    """Return the source site, destination site and source collections of a hand-off piece."""
+    handoff = piece.handoff
+    sender, receiver = handoff.ends(campaign, piece.site)
     if handoff.name == "raws":
         collections = [campaign.raw_collection]
     else:
         collections = [campaign.stage_chain(sender, stage) for stage in reversed(handoff.producers)]
+        if handoff.to_central:
+            # The piece's own chunks of the stage it comes from, which the site may still run.
+            collections[:1] = [campaign.stage_chain(sender, handoff.cut_stage, c) for c in piece.chunks]
     return campaign.sites[sender], campaign.sites[receiver], collections
 
 
@@ -139,14 +158,14 @@ class _Outgoing:
     payload: HandoffPayload
 
 
-def _outgoing(campaign: Campaign, name: str, site: str, placement: pd.DataFrame) -> _Outgoing:
-    """Return what a hand-off for ``site`` moves: source, destination, source collections, payload.
+def _outgoing(campaign: Campaign, piece: HandoffPiece, placement: pd.DataFrame) -> _Outgoing:
+    """Return what a hand-off piece moves: source, destination, source collections, payload.
 
     The raws are listed; the processed datasets are a stream the send reads once.
     """
-    handoff = next(h for h in handoffs(campaign) if h.name == name)
-    source, destination, collections = _endpoints(campaign, handoff, site)
-    selection = SiteSelection.from_placement(campaign, placement, site)
+    handoff, site = piece.handoff, piece.site
+    source, destination, collections = _endpoints(campaign, piece)
+    selection = SiteSelection.from_placement(campaign, placement, site, piece.units)
     source_butler = open_butler(source.repo)
     types = PipelineFlow(campaign).handoff_types(handoff)
 
@@ -160,25 +179,25 @@ def _outgoing(campaign: Campaign, name: str, site: str, placement: pd.DataFrame)
     if source.repo != destination.repo:
         if handoff.name == "raws":
             payload.records = _site_records(source_butler, campaign, selection)
-            # The site's instance learns its share of the placement with its raws.
-            extras.append(store_placement_share(campaign, source, site, placement))
+            if piece == workflow_pieces(campaign, handoff, site)[0]:
+                # The site's instance learns its share of the placement with its first raws.
+                extras.append(store_placement_share(campaign, source, site, placement))
         if handoff.to_central:
             # The sending instance's event log travels with its data, for the central status.
-            extras.append(store_events_snapshot(campaign, source, handoff.name))
+            extras.append(store_events_snapshot(campaign, source, f"{handoff.name}/{piece.name}"))
     # The stream's own Butler: it holds a cursor open while the backend zips with another.
     streaming = open_butler(source.repo)
     products = (selected(t, streaming) for t in types if t != "raw")
     payload.products = itertools.chain(itertools.chain.from_iterable(products), extras)
     _LOG.info(
-        "Hand-off %s for %s: %d raws and the processed datasets of %d types, %s -> %s.",
-        handoff.name,
-        site,
+        "Hand-off %s: %d raws and the processed datasets of %d types, %s -> %s.",
+        piece.label,
         len(payload.raws),
         len(types) - ("raw" in types),
         source.name,
         destination.name,
     )
-    return _Outgoing(f"{name}/{site}", source, destination, collections, payload)
+    return _Outgoing(piece.label, source, destination, collections, payload)
 
 
 def _arrived(campaign: Campaign, label: str, destination: Site, dataset_ids: list[str]) -> dict[str, Any]:
@@ -221,10 +240,11 @@ def _identity(
     label: str, source: Site, destination: Site, backend: TransferBackend, same_repo: bool = False
 ) -> dict[str, str]:
     """Return the first fields of every hand-off marker: what, for which site, from where to where, how."""
-    handoff, site = label.split("/", 1)
+    handoff, site, piece = label.split("/")
     return {
         "handoff": handoff,
         "site": site,
+        "piece": piece,
         "source": source.name,
         "destination": destination.name,
         "backend": "none (same repository)" if same_repo else backend.name,
@@ -235,10 +255,11 @@ def run_handoff(
     campaign: Campaign,
     handoff_name: str,
     site: str,
+    piece: str,
     placement: pd.DataFrame,
     backend: TransferBackend | None = None,
 ) -> dict[str, Any]:
-    """Move one hand-off for one site and verify it arrived (both halves in this instance).
+    """Move one piece of a hand-off for one site and verify it arrived (both halves in this instance).
 
     Parameters
     ----------
@@ -248,6 +269,8 @@ def run_handoff(
         ``raws``, ``fanin_<stage>``, ``fanout_<stage>`` or ``final``.
     site : `str`
         The processing site at the far end from the central site.
+    piece : `str`
+        The piece's name (`multisite.flow.workflow_pieces`).
     placement : `pandas.DataFrame`
         The campaign's placement table.
     backend : `TransferBackend`, optional
@@ -268,7 +291,7 @@ def run_handoff(
     """
     started = datetime.now(UTC)
     backend = backend or make_backend(campaign)
-    out = _outgoing(campaign, handoff_name, site, placement)
+    out = _outgoing(campaign, _piece(campaign, handoff_name, site, piece), placement)
     same_repo = out.source.repo == out.destination.repo
     if same_repo:
         details = {}
@@ -289,6 +312,7 @@ def send_handoff(
     campaign: Campaign,
     handoff_name: str,
     site: str,
+    piece: str,
     placement: pd.DataFrame,
     backend: TransferBackend | None = None,
 ) -> dict[str, Any]:
@@ -298,7 +322,7 @@ def send_handoff(
     """
     started = datetime.now(UTC)
     backend = backend or make_backend(campaign)
-    out = _outgoing(campaign, handoff_name, site, placement)
+    out = _outgoing(campaign, _piece(campaign, handoff_name, site, piece), placement)
     details = backend.send(out.source, out.destination, out.payload, out.label)
     return {
         **_identity(out.label, out.source, out.destination, backend),
@@ -310,7 +334,7 @@ def send_handoff(
 
 
 def receive_handoff(
-    campaign: Campaign, handoff_name: str, site: str, backend: TransferBackend | None = None
+    campaign: Campaign, handoff_name: str, site: str, piece: str, backend: TransferBackend | None = None
 ) -> dict[str, Any]:
     """Do the receiving half of a hand-off, in the instance of its destination site.
 
@@ -327,10 +351,10 @@ def receive_handoff(
         Raised on timeout, naming the site to look at, or when a dataset is missing.
     """
     started = datetime.now(UTC)
-    handoff = next(h for h in handoffs(campaign) if h.name == handoff_name)
+    wanted = _piece(campaign, handoff_name, site, piece)
     backend = backend or make_backend(campaign)
-    source, destination, _ = _endpoints(campaign, handoff, site)
-    label = f"{handoff_name}/{site}"
+    source, destination, _ = _endpoints(campaign, wanted)
+    label = wanted.label
     if not backend.published(source, destination, label):
         _wait_until_published(campaign, backend, source, destination, label, started)
     details, dataset_ids = backend.receive(source, destination, label)
@@ -351,13 +375,13 @@ def _wait_until_published(
     started: datetime,
 ) -> None:
     """Wait for the sending instance to publish a hand-off, saying so in the event log."""
-    handoff_name, site = label.split("/", 1)
+    handoff_name, site, piece = label.split("/")
     message = (
         f"waiting for {handoff_name} from {source.name} since {started:%Y-%m-%d %H:%M:%S} UTC "
         f"(timeout {campaign.wait_timeout:g} s)"
     )
     EventLog(campaign.layout.events, campaign.instance or "all").record(
-        EventKind.WAITING, Layout.handoff_step(handoff_name, site), site, message, source=source.name
+        EventKind.WAITING, Layout.handoff_step(handoff_name, site, piece), site, message, source=source.name
     )
     deadline = time.monotonic() + campaign.wait_timeout
     while not backend.published(source, destination, label):
@@ -372,20 +396,19 @@ def _wait_until_published(
 
 
 def received_handoffs(campaign: Campaign, site: str) -> list[tuple[str, Site, Site]]:
-    """Return the hand-offs a site receives from another repository.
+    """Return the hand-off pieces a site receives from another repository.
 
     Returns
     -------
     handoffs : `list` [`tuple` [`str`, `Site`, `Site`]]
-        Label (``<handoff>/<site>``), source and destination of each.
+        Label (``<handoff>/<site>/<piece>``), source and destination of each.
     """
     received = []
-    for handoff in handoffs(campaign):
-        for far_end in campaign.processing_sites:
-            sender, receiver = handoff.ends(campaign, far_end.name)
-            source, destination = campaign.sites[sender], campaign.sites[receiver]
-            if receiver == site and source.repo != destination.repo:
-                received.append((f"{handoff.name}/{far_end.name}", source, destination))
+    for piece in workflow_pieces(campaign):
+        sender, receiver = piece.handoff.ends(campaign, piece.site)
+        source, destination = campaign.sites[sender], campaign.sites[receiver]
+        if receiver == site and source.repo != destination.repo:
+            received.append((piece.label, source, destination))
     return received
 
 

@@ -5,7 +5,7 @@ its Butler-relative path, size and adler32 (Rucio's checksum), with its dataset
 type, data ID and dataset ID (for a Butler zip, the IDs of the datasets in it), in
 the hand-off's *manifest*; a rerun keeps what was first recorded. The manifest is a small
 JSON file beside the hand-off's Butler export file
-(``handoff_exports/<campaign>/<handoff>/<site>.manifest.json`` under the source
+(``handoff_exports/<campaign>/<handoff>/<site>/<piece>.manifest.json`` under the source
 datastore root); it travels with the hand-off (the Rucio backend registers it in
 the hand-off's Rucio dataset, the butler backend copies it) and stays at the same
 place in the destination's datastore. Files are checked against it:
@@ -130,7 +130,7 @@ class Manifest:
     Attributes
     ----------
     label : `str`
-        The hand-off, ``<handoff>/<site>``.
+        The hand-off, ``<handoff>/<site>/<piece>``.
     files : `tuple` [`FileRecord`, ...]
         Its dataset files.
     exports : `tuple` [`str`, ...]

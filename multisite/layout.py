@@ -7,7 +7,7 @@ patterns by passing wildcards (``"{site}"``) as the arguments, so the rules, the
 status, the report and the tests all read the same names.
 
 A step identifier is the rule's name followed by its wildcards in the order they
-appear in its output path (``handoff fanin_step2 in2p3``, ``run_stage ral step1
+appear in its output path (``handoff fanin_step2 in2p3 all``, ``run_stage ral step1
 c0000``); a stage's gathering rule is named ``<stage>_<site>`` and has no wildcards.
 """
 
@@ -18,6 +18,10 @@ __all__ = ("Layout", "step_id")
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .flow import HandoffPiece
 
 
 def step_id(rule: str, wildcards: Mapping[str, str] | None = None) -> str:
@@ -114,16 +118,22 @@ class Layout:
     def placement_marker(self) -> Path:
         return self.markers / "placement" / "plan.json"
 
-    def handoff_marker(self, handoff: str, site: str) -> Path:
-        """Return the marker of a hand-off arrived and verified (in the instance that receives it)."""
-        return self.markers / "handoff" / handoff / f"{site}.json"
+    def handoff_marker(self, handoff: str, site: str, piece: str) -> Path:
+        """Return the marker of a hand-off piece arrived and verified (in the instance that receives it)."""
+        return self.markers / "handoff" / handoff / site / f"{piece}.json"
 
-    def sent_marker(self, handoff: str, site: str) -> Path:
-        """Return the marker of a hand-off published by its sending instance for another instance."""
-        return self.markers / "sent" / handoff / f"{site}.json"
+    def sent_marker(self, handoff: str, site: str, piece: str) -> Path:
+        """Return the marker of a hand-off piece published by its sending instance for another instance."""
+        return self.markers / "sent" / handoff / site / f"{piece}.json"
 
-    def inputs_marker(self, site: str) -> Path:
-        return self.markers / "inputs" / f"{site}.json"
+    def piece_marker(self, piece: HandoffPiece, sent: bool = False) -> Path:
+        """Return `handoff_marker` (or `sent_marker`) of a hand-off piece."""
+        marker = self.sent_marker if sent else self.handoff_marker
+        return marker(piece.handoff.name, piece.site, piece.name)
+
+    def inputs_marker(self, site: str, piece: str) -> Path:
+        """Return the marker of a site's inputs verified, those its ``raws`` piece ``piece`` brought."""
+        return self.markers / "inputs" / site / f"{piece}.json"
 
     def chunk_marker(self, site: str, stage: str, chunk: str) -> Path:
         return self.markers / "stage" / site / stage / f"{chunk}.json"
@@ -145,11 +155,11 @@ class Layout:
         return self.logs / "qa" / "qa.csv"
 
     # ------------------------------------------------------------------ logs
-    def handoff_log(self, handoff: str, site: str) -> Path:
-        return self.logs / "handoff" / handoff / f"{site}.log"
+    def handoff_log(self, handoff: str, site: str, piece: str) -> Path:
+        return self.logs / "handoff" / handoff / site / f"{piece}.log"
 
-    def send_log(self, handoff: str, site: str) -> Path:
-        return self.logs / "send_handoff" / handoff / f"{site}.log"
+    def send_log(self, handoff: str, site: str, piece: str) -> Path:
+        return self.logs / "send_handoff" / handoff / site / f"{piece}.log"
 
     def chunk_log(self, site: str, stage: str, chunk: str) -> Path:
         return self.logs / "stage" / site / stage / f"{chunk}.log"
@@ -169,8 +179,8 @@ class Layout:
 
     # ------------------------------------------------------------------ step identifiers
     @staticmethod
-    def handoff_step(handoff: str, site: str) -> str:
-        return step_id("handoff", {"handoff": handoff, "site": site})
+    def handoff_step(handoff: str, site: str, piece: str) -> str:
+        return step_id("handoff", {"handoff": handoff, "site": site, "piece": piece})
 
     @staticmethod
     def is_handoff_step(step: str) -> bool:
@@ -178,8 +188,8 @@ class Layout:
         return step.startswith("handoff ")
 
     @staticmethod
-    def send_step(handoff: str, site: str) -> str:
-        return step_id("send_handoff", {"handoff": handoff, "site": site})
+    def send_step(handoff: str, site: str, piece: str) -> str:
+        return step_id("send_handoff", {"handoff": handoff, "site": site, "piece": piece})
 
     @staticmethod
     def chunk_step(site: str, stage: str, chunk: str) -> str:

@@ -39,7 +39,9 @@ PLACEMENT_DATASET_TYPE = "campaign_placement"
 
 
 def store_events_snapshot(campaign: Campaign, site: Site, handoff: str) -> DatasetRef:
-    """Store this instance's event log in the site's repository, once per hand-off.
+    """Store this instance's event log in the site's repository, once per hand-off piece.
+
+    ``handoff`` names the piece, ``<handoff>/<piece>``.
 
     The snapshot is part of what the hand-off moves, so a rerun reuses it: a new
     one would change a hand-off that may already be registered (and closed) in Rucio.

@@ -30,12 +30,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from astropy.table import Table
-from lsst.daf.butler import Butler, DataCoordinate
+from lsst.daf.butler import Butler, DataCoordinate, DimensionRecord
 
 from .backends import MANIFEST_SUFFIX, datastore_root, handoff_file_name
 from .butler_utils import open_butler
-from .config import Campaign
+from .config import Campaign, Unit
 from .errors import HandoffError
+from .flow import handoffs, workflow_pieces
 from .integrity import Manifest, check_files, damaged_files, held_files, repair_command
 from .markers import provenance
 from .metadata import read_placement_share
@@ -102,12 +103,24 @@ def compute_placement(butler: Butler, campaign: Campaign) -> pd.DataFrame:
     return placement
 
 
+def _first_unit_of_tracts(units: Iterable[Unit]) -> dict[int, str]:
+    """Return, for each tract of a site's units, the first of them (in order) that covers it."""
+    first: dict[int, str] = {}
+    for unit in units:
+        for tract, _ in unit.cells:
+            first.setdefault(tract, unit.name)
+    return first
+
+
 @dataclass(frozen=True)
 class SiteSelection:
     """The data IDs that belong to one site, for choosing what a hand-off moves.
 
     A data ID is *needed* by a site when the site processes it, and *owned* when
-    the site is the one that reports it to the central site.
+    the site is the one that reports it to the central site. Made for some of the
+    site's units (a hand-off piece's), it holds what belongs to those: a raw
+    belongs to the unit of its placement row, a visit to that of its first
+    detector, a tract-level dataset to the first of the site's units in the tract.
     """
 
     site: str
@@ -118,27 +131,37 @@ class SiteSelection:
     visit_detectors_owned: frozenset[tuple[int, int]]
     visits_needed: frozenset[int]
     visits_owned: frozenset[int]
+    tracts_owned: frozenset[int]
 
     @classmethod
-    def from_placement(cls, campaign: Campaign, placement: pd.DataFrame, site: str) -> SiteSelection:
-        mine = placement[placement["site"] == site]
+    def from_placement(
+        cls, campaign: Campaign, placement: pd.DataFrame, site: str, units: Iterable[str] | None = None
+    ) -> SiteSelection:
+        """Return the data IDs of a site's units: all of them, or ``units`` (a hand-off piece's)."""
+        site_units = campaign.units_of(site)
+        names = {u.name for u in site_units} if units is None else set(units)
+        mine = placement[(placement["site"] == site) & placement["unit"].isin(names)]
         owned = mine[mine["owner"] == site]
 
         def pairs(frame: pd.DataFrame, first: str) -> frozenset[tuple[int, int]]:
             return frozenset(zip(frame[first].astype(int), frame["detector"].astype(int), strict=True))
 
-        # A visit is owned by the site owning its lowest-numbered detector held anywhere.
+        # A visit is owned by the site owning its lowest-numbered detector held anywhere (and
+        # belongs to the unit of that detector's raw there).
         first_detector = placement.sort_values(["visit", "detector"]).drop_duplicates("visit")
-        visits_owned = frozenset(first_detector[first_detector["owner"] == site]["visit"].astype(int))
+        visits_owned = frozenset(owned.merge(first_detector[["visit", "detector"]])["visit"].astype(int))
         return cls(
             site=site,
-            units=frozenset(cell for u in campaign.units_of(site) for cell in u.cells),
+            units=frozenset(cell for u in site_units if u.name in names for cell in u.cells),
             raws_needed=pairs(mine, "exposure"),
             raws_owned=pairs(owned, "exposure"),
             visit_detectors_needed=pairs(mine, "visit"),
             visit_detectors_owned=pairs(owned, "visit"),
             visits_needed=frozenset(mine["visit"].astype(int)),
             visits_owned=visits_owned,
+            tracts_owned=frozenset(
+                tract for tract, unit in _first_unit_of_tracts(site_units).items() if unit in names
+            ),
         )
 
     def accepts(self, data_id: DataCoordinate, owned: bool) -> bool:
@@ -159,6 +182,8 @@ class SiteSelection:
                 None,
             ) in self.units
         if "tract" in keys:
+            if owned:
+                return data_id["tract"] in self.tracts_owned
             return any(tract == data_id["tract"] for tract, _ in self.units)
         if "exposure" in keys and "detector" in keys:
             raws = self.raws_owned if owned else self.raws_needed
@@ -288,14 +313,30 @@ def plan_placement(campaign: Campaign, placement_path: str | Path, summary_path:
     }
 
 
-def verify_site_inputs(campaign: Campaign, site: str, placement: pd.DataFrame) -> dict[str, Any]:
-    """Check that every raw, visit and sky unit a site needs is in its repository, and its raws intact.
+def _records_in(
+    butler: Butler, element: str, data_id: dict[str, str], key: str, values: list[int]
+) -> list[DimensionRecord]:
+    """Return the records of ``element`` whose ``key`` is one of ``values`` (none for none)."""
+    if not values:
+        return []
+    return butler.query_dimension_records(
+        element,
+        data_id=data_id,
+        where=f"{key} IN (:values)",
+        bind={"values": values},
+        limit=None,
+        explain=False,
+    )
 
-    Every file the site's ``raws`` hand-off delivered (each raw of its share, and its
-    share of the placement) is checked against the size and adler32 its source
-    recorded when sending (the hand-off's manifest, which the site keeps in its
-    datastore), unless the site's repository is the central one (its raws are the
-    originals).
+
+def verify_site_inputs(campaign: Campaign, site: str, piece: str, placement: pd.DataFrame) -> dict[str, Any]:
+    """Check that every raw, visit and sky unit of a raws piece is in its site's repository, and intact.
+
+    Every file the site's ``raws`` piece delivered (each raw of its units, and with
+    the first piece the site's share of the placement) is checked against the size
+    and adler32 its source recorded when sending (the piece's manifest, which the
+    site keeps in its datastore), unless the site's repository is the central one
+    (its raws are the originals).
 
     Parameters
     ----------
@@ -303,6 +344,8 @@ def verify_site_inputs(campaign: Campaign, site: str, placement: pd.DataFrame) -
         The campaign.
     site : `str`
         The processing site.
+    piece : `str`
+        The ``raws`` piece (`multisite.flow.workflow_pieces`): its units' inputs are checked.
     placement : `pandas.DataFrame`
         The placement table (this instance's share of it).
 
@@ -320,17 +363,36 @@ def verify_site_inputs(campaign: Campaign, site: str, placement: pd.DataFrame) -
         Raised listing every missing input.
     """
     started = datetime.now(UTC)
-    selection = SiteSelection.from_placement(campaign, placement, site)
+    raws_handoff = next(h for h in handoffs(campaign) if h.name == "raws")
+    (wanted,) = [p for p in workflow_pieces(campaign, raws_handoff, site) if p.name == piece]
+    selection = SiteSelection.from_placement(campaign, placement, site, wanted.units)
     butler = open_butler(campaign.sites[site].repo)
     chain = campaign.handoff_chain(site)
-    raws = {
-        (ref.dataId["exposure"], ref.dataId["detector"])
-        for ref in butler.query_datasets("raw", collections=chain, limit=None, explain=False)
-    }
+    # Only this piece's: a site's other pieces may still be on their way.
+    exposures = sorted({e for e, _ in selection.raws_needed})
+    found = (
+        butler.query_datasets(
+            "raw",
+            collections=chain,
+            data_id={"instrument": campaign.instrument},
+            where="exposure IN (:values)",
+            bind={"values": exposures},
+            limit=None,
+            explain=False,
+        )
+        if exposures
+        else []
+    )
+    raws = {(ref.dataId["exposure"], ref.dataId["detector"]) for ref in found}
     problems = [f"raw exposure={e} detector={d}" for e, d in sorted(selection.raws_needed - raws)]
-    visits = {r.id for r in butler.query_dimension_records("visit", limit=None, explain=False)}
-    problems += [f"visit record {v}" for v in sorted(selection.visits_needed - visits)]
-    patches = {(r.tract, r.id) for r in butler.query_dimension_records("patch", limit=None, explain=False)}
+    visits = _records_in(
+        butler, "visit", {"instrument": campaign.instrument}, "visit", sorted(selection.visits_needed)
+    )
+    problems += [f"visit record {v}" for v in sorted(selection.visits_needed - {r.id for r in visits})]
+    found = _records_in(
+        butler, "patch", {"skymap": campaign.skymap}, "tract", sorted({t for t, _ in selection.units})
+    )
+    patches = {(r.tract, r.id) for r in found}
     problems += [
         f"patch record tract={t} patch={p}"
         for t, p in sorted(selection.units)
@@ -339,12 +401,10 @@ def verify_site_inputs(campaign: Campaign, site: str, placement: pd.DataFrame) -
     damage, checked, root = [], "the central repository's own raws (no copy to check)", None
     if campaign.sites[site].repo != campaign.central.repo:
         root = datastore_root(butler)
-        manifest = root / handoff_file_name(campaign.name, f"raws/{site}", MANIFEST_SUFFIX)
+        manifest = root / handoff_file_name(campaign.name, wanted.label, MANIFEST_SUFFIX)
         held = []
         if not manifest.is_file():
-            problems.append(
-                f"the raws hand-off's manifest {manifest} (each raw's recorded size and checksum)"
-            )
+            problems.append(f"the raws piece's manifest {manifest} (each raw's recorded size and checksum)")
         else:
             try:
                 held, _ = held_files(butler, Manifest.read(manifest).files)
@@ -356,16 +416,21 @@ def verify_site_inputs(campaign: Campaign, site: str, placement: pd.DataFrame) -
     repo = campaign.sites[site].repo
     if damage:
         raise damaged_files(
-            f"{site}: inputs", site, damage, root, note=f"Also missing:\n{listing}" if problems else ""
+            f"{site}: inputs of raws piece {piece}",
+            site,
+            damage,
+            root,
+            note=f"Also missing:\n{listing}" if problems else "",
         )
     if problems:
         raise HandoffError(
             f"{site}: {len(problems)} expected input(s) missing from {repo} (collection {chain}):\n"
-            f"{listing}\nRerun the 'raws' hand-off for {site}; a file that is registered there but deleted "
+            f"{listing}\nRerun the hand-off {wanted.label}; a file that is registered there but deleted "
             f"or damaged is put back by {repair_command(site)}."
         )
     return {
         "site": site,
+        "piece": piece,
         "raws": len(selection.raws_needed),
         "visits": len(selection.visits_needed),
         "units": len(selection.units),

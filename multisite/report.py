@@ -21,7 +21,7 @@ import pandas as pd
 from .config import Campaign
 from .eta import estimate_completion
 from .events import Event
-from .flow import CENTRAL_CHUNK, handoffs, stage_chunks
+from .flow import CENTRAL_CHUNK, stage_chunks, workflow_pieces
 from .forecast import FLOWS, ForecastError, forecast_campaign, format_gain, timeline_svg
 from .geometry import TractGeometry
 from .markers import read_marker
@@ -257,26 +257,25 @@ def render_report(
 
     body.append(
         "<h2>Data moved per hand-off</h2><table id='handoffs'><tr><th>hand-off</th><th>site</th>"
-        "<th>from</th><th>to</th><th>datasets</th><th>bytes</th><th>duration (s)</th><th>backend</th></tr>"
+        "<th>piece</th><th>from</th><th>to</th><th>datasets</th><th>bytes</th><th>duration (s)</th>"
+        "<th>backend</th></tr>"
     )
-    for handoff in handoffs(campaign):
-        for site in campaign.processing_sites:
-            marker = layout.handoff_marker(handoff.name, site.name)
-            if marker.exists():
-                m = read_marker(marker)
-                values = [
-                    handoff.name,
-                    site.name,
-                    m["source"],
-                    m["destination"],
-                    sum(m["datasets"].values()),
-                    f"{m.get('bytes', 0):,}",
-                    f"{m['duration_s']:.1f}",
-                    m["backend"],
-                ]
-            else:
-                values = [handoff.name, site.name, "not done", "", "", "", "", ""]
-            body.append("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in values) + "</tr>")
+    for piece in workflow_pieces(campaign):
+        marker = layout.piece_marker(piece)
+        values = [piece.handoff.name, piece.site, piece.name]
+        if marker.exists():
+            m = read_marker(marker)
+            values += [
+                m["source"],
+                m["destination"],
+                sum(m["datasets"].values()),
+                f"{m.get('bytes', 0):,}",
+                f"{m['duration_s']:.1f}",
+                m["backend"],
+            ]
+        else:
+            values += ["not done", "", "", "", "", ""]
+        body.append("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in values) + "</tr>")
     body.append("</table>")
 
     durations = []

@@ -7,7 +7,7 @@ then its Butler-relative path, identical at every site (as Rubin's
 ``rucio-register`` does), and a replica Rucio writes at the destination RSE is
 already inside the destination Butler's datastore.
 
-One hand-off (``label`` ``<handoff>/<site>``) is, on the sending side:
+One hand-off piece (``label`` ``<handoff>/<site>/<piece>``) is, on the sending side:
 
 1. its raws and the Butler zips of its processed datasets (`multisite.backends.write_zips`)
    registered where they are with Rubin's ``lsst-rucio-register``
@@ -18,9 +18,9 @@ One hand-off (``label`` ``<handoff>/<site>``) is, on the sending side:
    parts of ``import_batch`` raws: `multisite.backends.write_export`) and
    its manifest (each file's and zip's datasets, size and adler32:
    `multisite.integrity`), in Rucio datasets of at
-   most ``max_files_per_dataset`` files each (``multisite.<campaign>.<handoff>.<site>.<part>``,
+   most ``max_files_per_dataset`` files each (``multisite.<campaign>.<handoff>.<site>.<piece>.<part>``,
    the hand-off's files in name order, so a rerun puts each file where the first run
-   did), inside the hand-off's container ``multisite.<campaign>.<handoff>.<site>``,
+   did), inside the piece's container ``multisite.<campaign>.<handoff>.<site>.<piece>``,
    inside ``multisite.<campaign>.<handoff>``, inside ``multisite.<campaign>``;
 2. its datasets closed, then its container: a closed container is a sent hand-off;
 
@@ -336,13 +336,13 @@ class RucioBackend(TransferBackend):
 
     # ------------------------------------------------------------------ naming
     def names(self, label: str) -> dict[str, str]:
-        """Rucio container names of a hand-off ``<handoff>/<site>`` (its own: ``handoff``), its files'."""
-        handoff, site = label.split("/", 1)
+        """Rucio container names of a hand-off piece ``<handoff>/<site>/<piece>`` (its own: ``handoff``)."""
+        handoff, site, piece = label.split("/")
         campaign = f"multisite.{self.campaign}"
         return {
             "campaign_container": campaign,
             "stage_container": f"{campaign}.{handoff}",
-            "handoff": f"{campaign}.{handoff}.{site}",
+            "handoff": f"{campaign}.{handoff}.{site}.{piece}",
             "export": self.export_name(label),
             "manifest": self.manifest_name(label),
             "zips": self.zip_directory(label),

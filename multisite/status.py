@@ -18,12 +18,13 @@ from pathlib import Path
 
 from .config import Campaign
 from .events import Event, read_events
-from .flow import CENTRAL_CHUNK, Handoff, handoffs, stage_chunks, stage_dependencies
+from .flow import CENTRAL_CHUNK, HandoffPiece, stage_chunks, stage_dependencies
 from .layout import Layout
 from .lock import Owner, stale_heartbeat
 from .markers import read_marker
 from .metadata import carried_events
 from .states import LIVE_EVENT_KINDS, STATE_OF_EVENT, EventKind, StepState
+from .targets import Targets
 
 _LOG = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def _last_line(log: str) -> str:
 def campaign_status(
     campaign: Campaign, events: list[Event] | None = None, site: str | None = None
 ) -> list[Cell]:
-    """Return the state of every stage (per unit) and hand-off (per site).
+    """Return the state of every stage (per unit) and hand-off piece (per site; its unit is its label).
 
     Parameters
     ----------
@@ -134,29 +135,40 @@ def campaign_status(
     layout = campaign.layout
     done_at: dict[str, str] = {}
     cells: list[Cell] = []
-    for handoff in handoffs(campaign):
-        for processing in campaign.processing_sites:
-            step = Layout.handoff_step(handoff.name, processing.name)
-            marker = layout.handoff_marker(handoff.name, processing.name)
-            sent = layout.sent_marker(handoff.name, processing.name)
-            # A site instance knows a hand-off it sent to another instance by its "sent" marker.
-            known = marker if marker.exists() or not sent.exists() else sent
-            cell = _state(layout, known, step, processing.name, latest)
-            source = processing.name if handoff.to_central else campaign.central.name
-            if cell is None:
-                cell = _handoff_waiting(campaign, handoff, processing.name, source)
-            cells.append(replace(cell, site=processing.name, unit=handoff.name, step=step))
-            if cell.state == StepState.DONE:
-                done_at[step] = cell.since
+    targets = Targets(campaign, layout)
+    pieces = targets.pieces
+    for piece in (piece for of_site in pieces.values() for piece in of_site):
+        handoff, far_end = piece.handoff, piece.site
+        step = _step(piece)
+        marker = layout.piece_marker(piece)
+        sent = layout.piece_marker(piece, sent=True)
+        # A site instance knows a hand-off it sent to another instance by its "sent" marker.
+        known = marker if marker.exists() or not sent.exists() else sent
+        cell = _state(layout, known, step, far_end, latest)
+        source = far_end if handoff.to_central else campaign.central.name
+        if cell is None:
+            cell = _handoff_waiting(targets, piece, source)
+        cells.append(replace(cell, site=far_end, unit=piece.label, step=step))
+        if cell.state == StepState.DONE:
+            done_at[step] = cell.since
     for stage in campaign.stages:
-        earlier, incoming = stage_dependencies(campaign, stage)
+        _, incoming = stage_dependencies(campaign, stage)
         for runner in campaign.stage_sites(stage):
             for chunk, units in stage_chunks(campaign, runner.name, stage).items():
                 step = Layout.chunk_step(runner.name, stage.name, chunk)
                 marker = layout.chunk_marker(runner.name, stage.name, chunk)
                 cell = _state(layout, marker, step, runner.name, latest)
                 if cell is None:
-                    cell = _waiting(campaign, stage.is_central, runner.name, incoming, done_at)
+                    sites = [s.name for s in campaign.processing_sites] if stage.is_central else [runner.name]
+                    awaited = [
+                        p
+                        for h in incoming
+                        for s in sites
+                        for p in pieces[(h.name, s)]
+                        # A chunk of the stage a hand-off is cut along waits for its own piece.
+                        if h.cut_stage != stage.name or chunk in p.chunks
+                    ]
+                    cell = _waiting(campaign, runner.name, awaited, done_at)
                 for unit in [CENTRAL_CHUNK] if stage.is_central else units:
                     cells.append(replace(cell, site=runner.name, unit=unit, step=stage.name))
     if site is not None:
@@ -165,13 +177,14 @@ def campaign_status(
     return cells
 
 
-def _handoff_waiting(campaign: Campaign, handoff: Handoff, site: str, source: str) -> Cell:
-    """Return the state of a hand-off not yet started: waiting for its producing stages, or not started."""
-    pending = []
-    for name in handoff.producers:
-        runner = campaign.central.name if campaign.stage(name).is_central else site
-        if not campaign.layout.stage_marker(runner, name).exists():
-            pending.append(f"{name} at {runner}")
+def _step(piece: HandoffPiece) -> str:
+    return Layout.handoff_step(piece.handoff.name, piece.site, piece.name)
+
+
+def _handoff_waiting(targets: Targets, piece: HandoffPiece, source: str) -> Cell:
+    """Return the state of a hand-off piece not yet started: waiting for its producing stages, or not."""
+    site = piece.site
+    pending = [what for what, marker in targets.producers(piece).items() if not marker.exists()]
     if pending:
         return Cell(
             site, "", "", StepState.WAITING, detail=f"from {source}: waiting for {', '.join(pending)}"
@@ -179,15 +192,15 @@ def _handoff_waiting(campaign: Campaign, handoff: Handoff, site: str, source: st
     return Cell(site, "", "", StepState.NOT_STARTED, detail=f"from {source}")
 
 
-def _waiting(campaign: Campaign, central: bool, site: str, incoming, done_at: dict[str, str]) -> Cell:
-    """Return the state of a stage without marker or event: waiting for a hand-off, or not started."""
-    sites = [s.name for s in campaign.processing_sites] if central else [site]
-    expected = [(h, s) for h in incoming for s in sites]
-    missing = [(h, s) for h, s in expected if Layout.handoff_step(h.name, s) not in done_at]
+def _waiting(campaign: Campaign, site: str, awaited: list[HandoffPiece], done_at: dict[str, str]) -> Cell:
+    """Return the state of a chunk without marker or event: waiting for hand-off pieces, or not started."""
+    missing = [p for p in awaited if _step(p) not in done_at]
     if not missing:
         return Cell(site, "", "", StepState.NOT_STARTED)
-    arrived = [done_at[Layout.handoff_step(h.name, s)] for h, s in expected if (h, s) not in missing]
-    names = ", ".join(f"{h.name} from {s if h.to_central else campaign.central.name}" for h, s in missing[:4])
+    arrived = [done_at[_step(p)] for p in awaited if p not in missing]
+    names = ", ".join(
+        f"{p.label} from {p.site if p.handoff.to_central else campaign.central.name}" for p in missing[:4]
+    )
     more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
     return Cell(
         site, "", "", StepState.WAITING, min(arrived) if arrived else "", f"waiting for {names}{more}"
@@ -207,7 +220,7 @@ def format_status(cells: list[Cell], campaign: Campaign) -> str:
     for (site, unit), states in rows.items():
         lines.append(f"{site:8s} {unit:10s} " + " ".join(f"{states.get(s, ''):{width}s}" for s in stages))
     handoff_cells = [c for c in cells if Layout.is_handoff_step(c.step)]
-    lines += ["", "hand-offs: " + ", ".join(f"{c.unit}/{c.site}={c.state}" for c in handoff_cells)]
+    lines += ["", "hand-offs: " + ", ".join(f"{c.unit}={c.state}" for c in handoff_cells)]
     for cell in cells:
         if cell.state.needs_attention:
             what = cell.step if Layout.is_handoff_step(cell.step) else f"{cell.step} {cell.unit}"

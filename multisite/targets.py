@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 
 from .config import Campaign
-from .flow import Handoff, handoffs, stage_chunks, stage_dependencies
+from .flow import Handoff, HandoffPiece, handoffs, stage_chunks, stage_dependencies, workflow_pieces
 from .layout import Layout
 
 
@@ -43,6 +43,25 @@ class Targets:
     def processing(self) -> list[str]:
         return [site.name for site in self.campaign.processing_sites]
 
+    @cached_property
+    def pieces(self) -> dict[tuple[str, str], list[HandoffPiece]]:
+        """The pieces of each hand-off (by name) for each processing site, in order."""
+        pieces: dict[tuple[str, str], list[HandoffPiece]] = {}
+        for piece in workflow_pieces(self.campaign):
+            pieces.setdefault((piece.handoff.name, piece.site), []).append(piece)
+        return pieces
+
+    @cached_property
+    def raws_piece_of(self) -> dict[tuple[str, str], str]:
+        """The ``raws`` piece holding each chunk of the first site stage, by (site, chunk)."""
+        return {
+            (site, chunk): piece.name
+            for (handoff, site), pieces in self.pieces.items()
+            if handoff == "raws"
+            for piece in pieces
+            for chunk in piece.chunks
+        }
+
     # ------------------------------------------------------------------ decisions
     def sends(self, handoff: str, site: str) -> bool:
         """Whether this instance sends hand-off ``handoff`` for processing site ``site`` itself."""
@@ -62,6 +81,14 @@ class Targets:
     def chunk_markers(self, site: str, stage: str) -> list[Path]:
         return [self.layout.chunk_marker(site, stage, chunk) for chunk in self.chunks(site, stage)]
 
+    def handoff_markers(self, handoff: str, site: str) -> list[Path]:
+        """Return the markers of every piece of a hand-off for a processing site."""
+        return [self.layout.piece_marker(p) for p in self.pieces[(handoff, site)]]
+
+    def inputs_markers(self, site: str) -> list[Path]:
+        """Return the markers of a site's inputs verified, one per piece of its raws."""
+        return [self.layout.inputs_marker(site, p.name) for p in self.pieces[("raws", site)]]
+
     def survey_marker(self) -> Path:
         """Return the demo survey marker when the config has a demo section, else the central repo's."""
         if self.campaign.demo:
@@ -69,17 +96,42 @@ class Targets:
         return self.layout.repo_marker(self.campaign.central.name)
 
     # ------------------------------------------------------------------ rule inputs
-    def sending_inputs(self, handoff: str, site: str) -> dict[str, Path | list[Path]]:
-        """Return what sending a hand-off waits for: the placement, the source repo, the producing stages."""
+    def piece(self, handoff: str, site: str, name: str) -> HandoffPiece:
+        """Return a hand-off's piece for a processing site, by name."""
+        (found,) = [p for p in self.pieces[(handoff, site)] if p.name == name]
+        return found
+
+    def producers(self, piece: HandoffPiece) -> dict[str, Path]:
+        """Return what a hand-off piece's data comes from (``<stage> [<chunk>] at <site>``), and its marker.
+
+        A piece to the central site comes from its own chunks of the stage it is cut
+        along, and the site's earlier producing stages; a fan-out from the central stages.
+        """
+        flow = piece.handoff
+        sender, _ = flow.ends(self.campaign, piece.site)
+        earlier = flow.producers[:-1] if flow.to_central else flow.producers
+        found = {}
+        for stage in earlier:
+            runner = self.campaign.central.name if self.campaign.stage(stage).is_central else sender
+            found[f"{stage} at {runner}"] = self.stage_marker(sender, stage)
+        if flow.to_central:
+            for chunk in piece.chunks:
+                found[f"{flow.cut_stage} {chunk} at {sender}"] = self.layout.chunk_marker(
+                    sender, flow.cut_stage, chunk
+                )
+        return found
+
+    def sending_inputs(self, handoff: str, site: str, piece: str) -> dict[str, Path | list[Path]]:
+        """Return what sending a hand-off piece waits for: the placement, the source repo, its producers."""
         sender, _ = self.handoffs[handoff].ends(self.campaign, site)
         return {
             "placement": self.layout.placement_table,
             "source_repo": self.layout.repo_marker(sender),
-            "producers": [self.stage_marker(sender, stage) for stage in self.handoffs[handoff].producers],
+            "producers": list(self.producers(self.piece(handoff, site, piece)).values()),
         }
 
-    def handoff_inputs(self, handoff: str, site: str) -> dict[str, Path | list[Path]]:
-        """Return what receiving a hand-off waits for: its destination repository, and what sending needs.
+    def handoff_inputs(self, handoff: str, site: str, piece: str) -> dict[str, Path | list[Path]]:
+        """Return what receiving a hand-off's piece waits for: its destination repository, what sending needs.
 
         One that another site's instance sends is awaited through the transfer backend,
         once this instance's own work before it is done: a waiting rule holds a job slot.
@@ -88,7 +140,7 @@ class Targets:
         _, receiver = flow.ends(self.campaign, site)
         inputs: dict[str, Path | list[Path]] = {"destination_repo": self.layout.repo_marker(receiver)}
         if self.sends(handoff, site):
-            return inputs | self.sending_inputs(handoff, site)
+            return inputs | self.sending_inputs(handoff, site, piece)
         if flow.to_central:
             before = list(flow.producers)
         else:
@@ -100,7 +152,9 @@ class Targets:
         """Return what the plan needs: the central repository, or at another site's instance its raws."""
         if self.campaign.runs_here(self.campaign.central.name):
             return {"survey": self.survey_marker()}
-        return {"raws": self.layout.handoff_marker("raws", self.campaign.instance)}
+        # The site's share of the placement comes with its first raws piece.
+        first = self.pieces[("raws", self.campaign.instance)][0]
+        return {"raws": self.layout.piece_marker(first)}
 
     def chunk_inputs(self, site: str, stage_name: str, chunk: str) -> dict[str, Path | list[Path]]:
         """Return what a chunk waits for: its site's verified inputs, earlier stages, incoming hand-offs."""
@@ -113,12 +167,18 @@ class Targets:
         }
         if stage.is_central:
             inputs["handoffs"] = [
-                self.layout.handoff_marker(h.name, s) for h in incoming for s in self.processing
+                path for h in incoming for s in self.processing for path in self.handoff_markers(h.name, s)
             ]
         else:
-            inputs["verified_inputs"] = self.layout.inputs_marker(site)
+            # A chunk of the stage the raws are cut along waits for its own piece only.
+            if stage_name == self.handoffs["raws"].cut_stage:
+                inputs["verified_inputs"] = [
+                    self.layout.inputs_marker(site, self.raws_piece_of[(site, chunk)])
+                ]
+            else:
+                inputs["verified_inputs"] = self.inputs_markers(site)
             inputs["handoffs"] = [
-                self.layout.handoff_marker(h.name, site) for h in incoming if h.name != "raws"
+                path for h in incoming if h.name != "raws" for path in self.handoff_markers(h.name, site)
             ]
         return inputs
 
@@ -127,7 +187,7 @@ class Targets:
         central = self.campaign.central.name
         return {
             "reference": self.layout.reference_marker,
-            "final": [self.layout.handoff_marker("final", site) for site in self.processing],
+            "final": [path for site in self.processing for path in self.handoff_markers("final", site)],
             "central": [
                 self.layout.stage_marker(central, stage.name)
                 for stage in self.campaign.stages
@@ -147,26 +207,39 @@ class Targets:
         ]
 
     def sent_markers(self) -> list[Path]:
-        """Hand-offs this instance sends to another site's instance and that have not arrived.
+        """Hand-off pieces this instance sends to another site's instance and that have not arrived.
 
         One already received in this work directory (an instance running every site
         delivered it) has nothing left to send, so a site's preview lists only what
         is left for it.
         """
         return [
-            self.layout.sent_marker(name, site)
-            for name, handoff in self.handoffs.items()
-            for site in self.processing
-            for sender, receiver in [handoff.ends(self.campaign, site)]
+            self.layout.piece_marker(piece, sent=True)
+            for pieces in self.pieces.values()
+            for piece in pieces
+            for sender, receiver in [piece.handoff.ends(self.campaign, piece.site)]
             if self.campaign.runs_here(sender) and not self.campaign.runs_here(receiver)
-            if not self.layout.handoff_marker(name, site).exists()
+            if not self.layout.piece_marker(piece).exists()
+        ]
+
+    def stage_markers(self) -> list[Path]:
+        """Return the marker of every stage this instance runs, at each of its sites.
+
+        Hand-offs wait for chunks, so nothing else asks for the last site stages to be
+        gathered into their stage collections.
+        """
+        return [
+            self.stage_marker(site.name, stage.name)
+            for stage in self.campaign.stages
+            for site in self.campaign.stage_sites(stage)
+            if self.campaign.runs_here(site.name)
         ]
 
     def campaign_targets(self) -> list[Path]:
         """Return the instance's share of the campaign.
 
         The QA at the central site (which needs the whole campaign), the hand-offs it
-        sends to other instances, and its BPS YAMLs.
+        sends to other instances, its stages and its BPS YAMLs.
         """
         qa = [self.layout.qa_marker] if self.campaign.runs_here(self.campaign.central.name) else []
-        return [*qa, *self.sent_markers(), *self.submit_yamls()]
+        return [*qa, *self.sent_markers(), *self.stage_markers(), *self.submit_yamls()]

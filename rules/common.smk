@@ -27,14 +27,16 @@ wildcard_constraints:
     stage="|".join(stage.name for stage in campaign.stages),
     handoff="|".join(TARGETS.handoffs),
     chunk="[A-Za-z0-9_-]+",
+    # A chunk's name, or <first>..<last> of several chunks.
+    piece="[A-Za-z0-9_-]+(?:\.\.[A-Za-z0-9_-]+)?",
 
 
 def sending_inputs(wildcards):
-    return TARGETS.sending_inputs(wildcards.handoff, wildcards.site)
+    return TARGETS.sending_inputs(wildcards.handoff, wildcards.site, wildcards.piece)
 
 
 def handoff_inputs(wildcards):
-    inputs = TARGETS.handoff_inputs(wildcards.handoff, wildcards.site)
+    inputs = TARGETS.handoff_inputs(wildcards.handoff, wildcards.site, wildcards.piece)
     # A receive waits for its instance's own work for order only (a waiting rule holds a job
     # slot): work finished after the hand-off arrived is no reason to receive it again.
     if "own_work" in inputs:

@@ -1,15 +1,16 @@
-# Steps 2-3 and the fan-in / fan-out / final transfers: every hand-off between sites.
-# A hand-off's marker is written where it arrives; a site instance sending to another
-# instance writes a "sent" marker.
+# Steps 2-3 and the fan-in / fan-out / final transfers: every hand-off between sites, in
+# pieces (multisite.flow.workflow_pieces: raws per chunk of the first site stage). A piece's
+# marker is written where it arrives; a site instance sending to another instance writes a
+# "sent" marker.
 
 
 rule handoff:
     input:
         unpack(handoff_inputs),
     output:
-        marker=LAYOUT.handoff_marker("{handoff}", "{site}"),
+        marker=LAYOUT.handoff_marker("{handoff}", "{site}", "{piece}"),
     log:
-        LAYOUT.handoff_log("{handoff}", "{site}"),
+        LAYOUT.handoff_log("{handoff}", "{site}", "{piece}"),
     # Rucio moves the files and the rule imports them in place: submit-host work.
     # The butler backend copies the files: batch work.
     localrule: campaign.transfer_backend == "rucio"
@@ -21,9 +22,9 @@ rule send_handoff:
     input:
         unpack(sending_inputs),
     output:
-        marker=LAYOUT.sent_marker("{handoff}", "{site}"),
+        marker=LAYOUT.sent_marker("{handoff}", "{site}", "{piece}"),
     log:
-        LAYOUT.send_log("{handoff}", "{site}"),
+        LAYOUT.send_log("{handoff}", "{site}", "{piece}"),
     localrule: True
     script:
         "../scripts/send_handoff.py"
@@ -32,10 +33,10 @@ rule send_handoff:
 rule verify_inputs:
     input:
         placement=LAYOUT.placement_table,
-        raws=LAYOUT.handoff_marker("raws", "{site}"),
+        raws=LAYOUT.handoff_marker("raws", "{site}", "{piece}"),
     output:
-        marker=LAYOUT.inputs_marker("{site}"),
+        marker=LAYOUT.inputs_marker("{site}", "{piece}"),
     log:
-        LAYOUT.rule_log("verify_inputs", "{site}"),
+        LAYOUT.rule_log("verify_inputs", "{site}", "{piece}"),
     script:
         "../scripts/verify_inputs.py"

@@ -1,4 +1,4 @@
-"""Snakemake shim: send one hand-off to another site's instance (the sending half)."""
+"""Snakemake shim: send one hand-off piece to another site's instance (the sending half)."""
 
 from multisite.handoff import send_handoff
 from multisite.placement import read_placement
@@ -10,6 +10,7 @@ run_rule(
         campaign,
         snakemake.wildcards.handoff,
         snakemake.wildcards.site,
+        snakemake.wildcards.piece,
         read_placement(snakemake.input.placement),
     ),
 )

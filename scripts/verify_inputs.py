@@ -1,4 +1,4 @@
-"""Snakemake shim: verify every input a site needs is in its repository."""
+"""Snakemake shim: verify every input a site's raws piece brought is in its repository."""
 
 from multisite.placement import read_placement, verify_site_inputs
 from multisite.workflow import run_rule
@@ -8,6 +8,7 @@ run_rule(
     lambda campaign: verify_site_inputs(
         campaign,
         snakemake.wildcards.site,
+        snakemake.wildcards.piece,
         read_placement(snakemake.input.placement),
     ),
 )

@@ -78,7 +78,7 @@ def test_1_dry_run_lists_the_whole_campaign(campaign_dir):
         "plan": 1,
         "reference": 1,
         "bps_yaml": 11,  # step1: a chunk per site; step2: one; step3: a chunk per patch
-        "handoff": 16,
+        "handoff": 18,  # raws and fan-in: a piece per step1 chunk; fan-out: per site; final: per step3 chunk
         "verify_inputs": 4,
         "run_stage": 11,
         "step1_in2p3": 1,
@@ -92,7 +92,7 @@ def test_1_dry_run_lists_the_whole_campaign(campaign_dir):
         "step3_usdf": 1,
         "qa": 1,
         "all": 1,
-        "total": 60,
+        "total": 62,
     }
     assert not (campaign_dir / "work").exists()
 
@@ -108,12 +108,14 @@ def test_2_failed_quantum_fails_its_site_only(campaign_dir, campaign, webhook):
         r"makeCoadd \{skymap: 'demo', tract: 0, patch: 4\} -- log: file://\S+makeCoadd_log", error
     )
     done = markers(campaign_dir)
-    for site, unit in [("usdf", "t0p0"), ("ral", "t0p2")]:
+    for site, unit in [("usdf", "t0p0"), ("ral", "t0p2"), ("ral", "t0p5")]:
         assert (done / "stage" / site / "step3" / f"{unit}.json").exists()
-        assert (done / "handoff" / "final" / f"{site}.json").exists()
+        assert (done / "handoff" / "final" / site / f"{unit}.json").exists()
     assert (done / "stage" / "in2p3" / "step3" / "t0p1.json").exists()  # the site's other chunk
     assert not (done / "stage" / "in2p3" / "step3" / "t0p4.json").exists()
-    assert not (done / "handoff" / "final" / "in2p3.json").exists()
+    # The products of in2p3's chunk that succeeded left on their own; the failed chunk's wait.
+    assert (done / "handoff" / "final" / "in2p3" / "t0p1.json").exists()
+    assert not (done / "handoff" / "final" / "in2p3" / "t0p4.json").exists()
     assert not (done / "qa" / "qa.json").exists()
     # The BPS YAML an operator would submit by hand is there, for every site and stage.
     submit = (campaign_dir / "work" / "bps" / "in2p3" / "step3" / "t0p4.yaml").read_text()
@@ -129,10 +131,10 @@ def test_2_failed_quantum_fails_its_site_only(campaign_dir, campaign, webhook):
         failed.state == "failed" and "1 of 1 quanta failed" in failed.detail and failed.log.endswith(".log")
     )
     assert cells[("step3", "t0p0", "usdf")].state == cells[("step3", "t0p1", "in2p3")].state == "done"
-    waiting = cells[(Layout.handoff_step("final", "in2p3"), "final", "in2p3")]
-    assert waiting.state == "waiting" and waiting.detail == "from in2p3: waiting for step3 at in2p3"
+    waiting = cells[(Layout.handoff_step("final", "in2p3", "t0p4"), "final/in2p3/t0p4", "in2p3")]
+    assert waiting.state == "waiting" and waiting.detail == "from in2p3: waiting for step3 t0p4 at in2p3"
     text = format_status(list(cells.values()), campaign)
-    assert "FAILED: step3 t0p4 at in2p3" in text and "WAITING: handoff final in2p3" in text
+    assert "FAILED: step3 t0p4 at in2p3" in text and "WAITING: handoff final in2p3 t0p4" in text
     dom = browser_dom(campaign_dir / "work" / "report.html")  # written by the workflow's onerror
     assert re.search(r"<td>in2p3</td><td>t0p4</td>.*?>failed</td>", dom, re.S)
     assert "failed: step3 t0p4 at in2p3" in dom and "waiting: handoff final in2p3" in dom
@@ -198,7 +200,8 @@ def test_4_results_equal_the_single_site_reference(campaign_dir, campaign, capsy
     config = str(campaign_dir / "config.yaml")
     assert main(["summary", config]) == 0
     summary = capsys.readouterr().out
-    assert "step3    in2p3    2/2 chunks done" in summary and "final          ral      5 datasets" in summary
+    assert "step3    in2p3    2/2 chunks done" in summary
+    assert "final          ral      t0p2       3 datasets" in summary
     assert main(["status", config, "--site", "ral"]) == 0
     status = capsys.readouterr().out
     assert "ral      t0p5       done        done        done" in status and "t0p1" not in status
@@ -255,7 +258,7 @@ def test_5_reruns_duplicate_nothing(campaign_dir, campaign):
 
     # A hand-off run again moves nothing twice.
     placement = read_placement(markers(campaign_dir) / "placement" / "raws.tsv")
-    again = run_handoff(campaign, "fanin_step2", "in2p3", placement)
+    again = run_handoff(campaign, "fanin_step2", "in2p3", "all", placement)
     usdf = Butler.from_config(campaign.central.repo)
     stars = usdf.query_datasets("single_visit_star", collections=again["runs"], find_first=False)
     assert len(stars) == len({ref.dataId for ref in stars}) == again["datasets"]["single_visit_star"]
@@ -328,7 +331,7 @@ def test_7_check_finds_the_finished_campaign_consistent(campaign_dir, capsys, mo
     code, out = _check(capsys)
     assert code == 0, out
     assert (
-        out == "Campaign demo: consistent; 11 chunk, 9 stage, 16 hand-off markers match the repositories.\n"
+        out == "Campaign demo: consistent; 11 chunk, 9 stage, 18 hand-off markers match the repositories.\n"
     )
     # Before its submission, every chunk checked its site's registry and datastore (never refused here).
     marker = read_marker(markers(campaign_dir) / "stage" / "lancs" / "step1" / "c0000.json")
@@ -340,7 +343,7 @@ def test_7_check_finds_the_finished_campaign_consistent(campaign_dir, capsys, mo
 def test_8_the_rerun_recipe_runs_one_chunk_and_recovers_from_a_kill(campaign_dir, capsys, monkeypatch):
     # The old recipe: --forcerun reads the target as one more rule; every chunk and what follows would run.
     wrong = job_counts(snakemake(campaign_dir, "-n", "--forcerun", "run_stage", RAL_STEP1).stdout)
-    assert wrong["run_stage"] == 11 and wrong["total"] == 34
+    assert wrong["run_stage"] == 11 and wrong["total"] == 36
     # The target first is right for a chunk of the first stage only: --forcerun forces every run_stage
     # job the target needs, so a step3 chunk brings the four step1 chunks and step2 with it.
     first = job_counts(snakemake(campaign_dir, "-n", RAL_STEP1, "--forcerun", "run_stage").stdout)

@@ -183,7 +183,7 @@ def test_snakemake_missing_repo_stops_before_data_moves(tmp_path):
     assert result.returncode != 0
     assert "sites.ral.repo: no Butler repository" in result.stderr
     markers = tmp_path / "work" / "markers"
-    assert not (markers / "handoff" / "raws" / "ral.json").exists()
+    assert not list((markers / "handoff" / "raws").glob("ral/*.json"))
     assert not list((markers / "stage").glob("ral/**/*.json"))
 
 

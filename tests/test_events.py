@@ -77,18 +77,18 @@ def test_running_step_shows_its_live_log_line_and_stuck_transfers_are_flagged(tm
 
     campaign = load_campaign(demo_config(tmp_path))
     log = tmp_path / "handoff.log"
-    log.write_text("start\nRucio raws/in2p3: rule r1: 12/40 files, 3/9 MB done\n")
+    log.write_text("start\nRucio raws/in2p3/c0000: rule r1: 12/40 files, 3/9 MB done\n")
     events = EventLog(campaign.layout.events, "all")
     # The step names the workflow records (multisite.workflow.run_rule: rule and wildcards).
     at_in2p3, at_ral = (
-        step_id("handoff", {"handoff": "raws", "site": "in2p3"}),
-        Layout.handoff_step("raws", "ral"),
+        step_id("handoff", {"handoff": "raws", "site": "in2p3", "piece": "c0000"}),
+        Layout.handoff_step("raws", "ral", "c0000"),
     )
     started = events.record("started", at_in2p3, "in2p3", log=str(log))
     stuck = events.record("stuck", at_ral, "ral", "rule r2 is STUCK", log=str(log))
     cells = {c.step: c for c in campaign_status(campaign, [started, stuck])}
     assert cells[at_in2p3].state == "running"
-    assert cells[at_in2p3].detail == "Rucio raws/in2p3: rule r1: 12/40 files, 3/9 MB done"
+    assert cells[at_in2p3].detail == "Rucio raws/in2p3/c0000: rule r1: 12/40 files, 3/9 MB done"
     assert cells[at_ral].state == "failed"
     assert cells[at_ral].detail == "stuck transfer: rule r2 is STUCK"
     assert notify({"webhook": "http://127.0.0.1:9/none"}, stuck, "demo", timeout=1) is False

@@ -26,13 +26,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from lsst.daf.butler import Butler
 
 from multisite.config import Campaign, load_campaign
 from multisite.integrity import Manifest
 from multisite.markers import read_marker
+from multisite.targets import Targets
 
-from .conftest import BIN, demo_config, snakemake, snakemake_command
+from .conftest import BIN, REPO, demo_config, snakemake, snakemake_command
 
 SEED = int(os.environ.get("MULTISITE_FAULT_SEED", "20261202"))
 ENV = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
@@ -144,7 +146,10 @@ def run_through_faults(directory: Path, small: Path) -> FaultedDemo:
     """
     print(f"fault seed {SEED} (set MULTISITE_FAULT_SEED to replay)")
     rng = random.Random(SEED)
-    config = demo_config(directory)
+    # One unit a step1 chunk: the raws travel in a piece per chunk, and the kills land among them.
+    stages = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["stages"]
+    stages[0]["units_per_chunk"] = 1
+    config = demo_config(directory, stages=stages)
     text = config.read_text().replace(
         str(directory / "work" / "sites" / "lancs" / "repo"), str(small / "lancs")
     )
@@ -153,8 +158,9 @@ def run_through_faults(directory: Path, small: Path) -> FaultedDemo:
 
     # 1. kill -9 at random moments while the sites are prepared and the raws travel.
     raws = [
-        str(campaign.layout.handoff_marker("raws", s.name).relative_to(directory))
+        str(path.relative_to(directory))
         for s in campaign.processing_sites
+        for path in Targets(campaign, campaign.layout).handoff_markers("raws", s.name)
     ]
     for _ in range(2):
         run_killed_after(directory, rng.uniform(8, 40), *raws)
@@ -205,11 +211,11 @@ def test_a_receiver_killed_in_the_middle_of_its_import_reruns_to_completion_with
     """Killed between two parts of in2p3's raws import; ``--rerun-incomplete`` imports only the rest."""
     config = demo_config(tmp_path, transfer={"backend": "butler", "mode": "copy", "import_batch": 1})
     campaign = load_campaign(config)
-    target = str(campaign.layout.handoff_marker("raws", "in2p3").relative_to(tmp_path))
-    log = campaign.layout.handoff_log("raws", "in2p3")
+    target = str(campaign.layout.handoff_marker("raws", "in2p3", "c0000").relative_to(tmp_path))
+    log = campaign.layout.handoff_log("raws", "in2p3", "c0000")
     third_part_in = lambda: log.exists() and "Imported part 3 of" in log.read_text()  # noqa: E731
     assert run_killed_when(tmp_path, third_part_in, target)
-    manifest = Path(campaign.central.repo) / "handoff_exports" / "demo" / "raws" / "in2p3.manifest.json"
+    manifest = Path(campaign.central.repo) / "handoff_exports/demo/raws/in2p3/c0000.manifest.json"
     ids = Manifest.read(manifest).dataset_ids()
     at_in2p3 = Butler.from_config(campaign.sites["in2p3"].repo)
     kept = len(at_in2p3.get_many_datasets(ids))

@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from multisite.config import load_campaign
-from multisite.flow import handoffs, stage_chunks, stage_dependencies
+from multisite.flow import handoffs, stage_chunks, stage_dependencies, workflow_pieces
 from multisite.pipeline import PipelineFlow, missing_subsets
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,3 +56,30 @@ def test_stage_chunks(campaign_dir):
     assert stage_chunks(sized, "ral", replace(step1, units_per_chunk=None, quanta_per_unit=100)) == {
         "c0000": ("t0p2", "t0p5")
     }
+
+
+def test_handoffs_are_cut_along_chunks_and_fanouts_move_per_site(campaign_dir):
+    campaign = load_campaign(campaign_dir / "config.yaml")
+    step1 = campaign.stage("step1")
+    per_unit = replace(campaign, stages=(replace(step1, units_per_chunk=1), *campaign.stages[1:]))
+    pieces = [(p.handoff.name, p.name, p.chunks, p.units) for p in workflow_pieces(per_unit, site="in2p3")]
+    assert pieces == [
+        ("raws", "t0p1", ("t0p1",), ("t0p1",)),  # the chunks of step1, which it feeds
+        ("raws", "t0p4", ("t0p4",), ("t0p4",)),
+        ("fanin_step2", "t0p1", ("t0p1",), ("t0p1",)),  # the chunks of step1, which it comes from
+        ("fanin_step2", "t0p4", ("t0p4",), ("t0p4",)),
+        ("fanout_step3", "all", ("t0p1", "t0p4"), ("t0p1", "t0p4")),  # per site
+        ("final", "t0p1", ("t0p1",), ("t0p1",)),  # the chunks of step3
+        ("final", "t0p4", ("t0p4",), ("t0p4",)),
+    ]
+    raws = handoffs(campaign)[0]
+    assert [p.label for p in workflow_pieces(per_unit, raws, "ral")] == ["raws/ral/t0p2", "raws/ral/t0p5"]
+    # transfer.chunks_per_handoff coarsens the cut: two chunks a piece, named after both.
+    coarse = replace(per_unit, chunks_per_handoff=2)
+    (raws,) = [p for p in workflow_pieces(coarse, site="in2p3") if p.handoff.name == "raws"]
+    assert (raws.name, raws.units) == ("t0p1..t0p4", ("t0p1", "t0p4"))
+    # Every site's units are in exactly one piece of each hand-off.
+    for handoff in handoffs(campaign):
+        for site in campaign.processing_sites:
+            units = [u for p in workflow_pieces(per_unit, handoff, site.name) for u in p.units]
+            assert units == [u.name for u in campaign.units_of(site.name)]

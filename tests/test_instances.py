@@ -155,7 +155,7 @@ def check_campaign(configs: dict[str, Path]) -> Path:
     usdf = configs["usdf"].parent / "work"
     qa = read_marker(usdf / "markers" / "qa" / "qa.json")
     assert all(set(counts) == {"pass"} for counts in qa["summary"].values()), qa["summary"]
-    for marker in (usdf / "markers" / "handoff").glob("*/*.json"):
+    for marker in (usdf / "markers" / "handoff").glob("*/*/*.json"):
         content = read_marker(marker)
         if content["source"] != content["destination"]:
             assert content["backend"] == "rucio" and content["backend_details"]["rucio"]["rule_id"]
@@ -163,7 +163,7 @@ def check_campaign(configs: dict[str, Path]) -> Path:
 
 
 def rules_by_handoff(client, scope: str) -> dict[str, list[str]]:
-    """Return every hand-off's container (``multisite.demo.<handoff>.<site>``), with its rules' ids."""
+    """Return each hand-off piece's container (``multisite.demo.<handoff>.<site>.<piece>``), its rules."""
     names = client.list_dids(scope, {"name": "multisite.demo.*.*"}, did_type="container")
     return {name: sorted(r["id"] for r in client.list_did_rules(scope, name)) for name in names}
 
@@ -178,7 +178,7 @@ def pending_fanin_rule(client, scope: str) -> tuple[str, str] | None:
     for name in fanins(client, scope):
         for rule in client.list_did_rules(scope, name):
             if str(rule["state"]) != "OK":
-                return name.rsplit(".", 1)[1], rule["id"]
+                return name.split(".")[3], rule["id"]
     return None
 
 
@@ -261,10 +261,10 @@ def test_four_instances_ride_out_a_rucio_outage_during_a_fanin_and_end_like_one_
         _final_outputs(demo_through_faults.work).reset_index(drop=True),
     )
     # USDF's fan-in said it waited for the server, and went on when it came back.
-    log = (usdf / "logs" / "handoff" / "fanin_step2" / f"{sender}.log").read_text()
+    log = (usdf / "logs" / "handoff" / "fanin_step2" / sender / "c0000.log").read_text()
     assert re.search(r"Rucio unreachable for \d+ s", log) and "Rucio reachable again" in log, log[-4000:]
     rules = rules_by_handoff(client, scope)
-    assert rule_id in rules[f"multisite.demo.fanin_step2.{sender}"]
+    assert rule_id in rules[f"multisite.demo.fanin_step2.{sender}.c0000"]
     assert all(len(ids) == 1 for ids in rules.values()), rules
     # Every hand-off's files in closed datasets of at most MAX_FILES files, the raws' in several.
     parts = {
@@ -277,8 +277,8 @@ def test_four_instances_ride_out_a_rucio_outage_during_a_fanin_and_end_like_one_
     # A forced rerun of the finished fan-in, both halves, sends what it sent before (its event
     # snapshot included): Rucio's dataset matches, nothing is registered, ruled or imported again.
     dids = sorted(client.list_dids(scope, {"name": "*"}, did_type="all"))
-    sent = configs[sender].parent / "work" / "markers" / "sent" / "fanin_step2" / f"{sender}.json"
-    received = usdf / "markers" / "handoff" / "fanin_step2" / f"{sender}.json"
+    sent = configs[sender].parent / "work" / "markers" / "sent" / "fanin_step2" / sender / "c0000.json"
+    received = usdf / "markers" / "handoff" / "fanin_step2" / sender / "c0000.json"
     assert force(sender, configs[sender], sent) == ["send_handoff"]
     assert force("usdf", configs["usdf"], received) == ["handoff"]
     assert read_marker(sent)["backend_details"]["rucio"]["files_registered_now"] == 0
@@ -309,13 +309,13 @@ def test_killed_instance_is_waited_for_and_restarted_without_redoing_anything(lo
         # The others wait and say what for, from whom and since when: USDF for RAL's fan-in,
         # the other sites for USDF's fan-out (which needs RAL's fan-in).
         waits = {
-            "usdf": ("fanin_step2", "ral", "ral"),
-            "in2p3": ("fanout_step3", "in2p3", "usdf"),
-            "lancs": ("fanout_step3", "lancs", "usdf"),
+            "usdf": ("fanin_step2", "ral", "c0000", "ral"),
+            "in2p3": ("fanout_step3", "in2p3", "all", "usdf"),
+            "lancs": ("fanout_step3", "lancs", "all", "usdf"),
         }
-        for site, (handoff, at, sender) in waits.items():
+        for site, (handoff, at, piece, sender) in waits.items():
             said = re.compile(
-                rf"WAITING: handoff {handoff} {at} at {at} since \S+: "
+                rf"WAITING: handoff {handoff} {at} {piece} at {at} since \S+: "
                 rf"waiting for {handoff} from {sender} since "
             )
             wait_for(

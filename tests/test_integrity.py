@@ -41,9 +41,9 @@ from multisite.states import EventKind
 from .conftest import BIN, demo_config, scheduled_jobs, snakemake
 
 LAYOUT = Layout(Path("work"))
-INPUTS = str(LAYOUT.inputs_marker("ral"))
-RAWS_HANDOFF = str(LAYOUT.handoff_marker("raws", "ral"))
-MANIFEST = "handoff_exports/demo/raws/ral.manifest.json"
+INPUTS = str(LAYOUT.inputs_marker("ral", "c0000"))
+RAWS_HANDOFF = str(LAYOUT.handoff_marker("raws", "ral", "c0000"))
+MANIFEST = "handoff_exports/demo/raws/ral/c0000.manifest.json"
 
 
 # ---------------------------------------------------------------------------------------- the functions
@@ -83,10 +83,10 @@ def test_manifest_is_byte_stable_and_a_damaged_one_is_named(tmp_path):
     source.write_bytes(b"pixels")
     record = _recorded(source, dataset_type="raw", data_id="{exposure: 1}", dataset_id="d1")
     zipped = FileRecord("h/ral/00000.zip", 1, "00000002", zipped=("d2", "d3"))
-    manifest = Manifest("raws/ral", (record, zipped))
+    manifest = Manifest("raws/ral/c0000", (record, zipped))
     first = manifest.write(tmp_path / "m1.json").read_bytes()
     # Same content, same bytes (a manifest registered in Rucio keeps its adler32 when rewritten).
-    assert Manifest("raws/ral", manifest.files[::-1]).write(tmp_path / "m2.json").read_bytes() == first
+    assert Manifest("raws/ral/c0000", manifest.files[::-1]).write(tmp_path / "m2.json").read_bytes() == first
     assert Manifest.read(tmp_path / "m1.json").files == tuple(sorted(manifest.files, key=lambda r: r.name))
     assert Manifest.read(tmp_path / "m1.json").dataset_ids() == ["d1", "d2", "d3"]
     assert zipped.describe() == "Butler zip of 2 datasets"
@@ -102,7 +102,7 @@ def test_damaged_files_error_names_path_dataset_data_id_and_repair(tmp_path):
     path.write_bytes(b"abc")
     record = FileRecord("DemoCam/raw/r.npz", 4, "00000001", "raw", "{exposure: 7, detector: 1}", "id")
     (damage,) = check_files([(record, path)])
-    error = damaged_files("Hand-off raws/ral", "ral", [damage], root)
+    error = damaged_files("Hand-off raws/ral/c0000", "ral", [damage], root)
     message = str(error)
     # A hand-off that did not deliver: the workflow records it as failed, like any other.
     assert (
@@ -131,10 +131,14 @@ def test_copy_verified_puts_a_file_back_and_refuses_a_bad_source(tmp_path):
 
 def test_each_site_repairs_what_it_receives_from_another_repository(campaign_dir):
     campaign = load_campaign(campaign_dir / "config.yaml")
-    assert [label for label, _, _ in received_handoffs(campaign, "ral")] == ["raws/ral", "fanout_step3/ral"]
+    received = [label for label, _, _ in received_handoffs(campaign, "ral")]
+    assert received == ["raws/ral/c0000", "fanout_step3/ral/all"]
     central = [label for label, _, _ in received_handoffs(campaign, "usdf")]
     # USDF processes units too, in its own repository: nothing of its own to repair.
-    assert central == [f"{h}/{s}" for h in ("fanin_step2", "final") for s in ("in2p3", "ral", "lancs")]
+    assert central == [
+        *(f"fanin_step2/{s}/c0000" for s in ("in2p3", "ral", "lancs")),
+        *("final/in2p3/t0p1", "final/in2p3/t0p4", "final/ral/t0p2", "final/ral/t0p5", "final/lancs/t0p3"),
+    ]
 
 
 def test_repair_command_refuses_an_unknown_site(campaign_dir, capsys):
@@ -220,7 +224,7 @@ def test_1_raws_handoff_records_checksums_at_the_source_and_verifies_them(campai
     # The raws as files, the site's share of the placement in a Butler zip, kept under the same name.
     raws, zips = [r for r in manifest.files if not r.zipped], [r for r in manifest.files if r.zipped]
     assert {r.dataset_type for r in raws} == {"raw"} and all(r.data_id.startswith("{") for r in raws)
-    assert len(zips) == 1 and len(zips[0].zipped) == 1 and zips[0].name.endswith("/raws/ral/00000.zip")
+    assert len(zips) == 1 and len(zips[0].zipped) == 1 and zips[0].name.endswith("/raws/ral/c0000/00000.zip")
     placement = Butler.from_config(str(ral)).get_dataset(zips[0].zipped[0])
     assert placement.datasetType.name == "campaign_placement"
     for record in manifest.files:
@@ -236,7 +240,7 @@ def test_2_verify_inputs_names_each_damaged_file_and_the_repair(campaign, damage
     result = snakemake(campaign, INPUTS, "--forcerun", "verify_inputs", check=False)
     assert result.returncode != 0
     output = result.stdout + result.stderr
-    assert "ral: inputs: 5 file(s) at ral are missing or differ" in output, output[-3000:]
+    assert "ral: inputs of raws piece c0000: 5 file(s) at ral are missing or differ" in output, output[-3000:]
     assert_names_each(output, damaged)
 
 
@@ -244,7 +248,7 @@ def test_3_a_rerun_of_the_handoff_reverifies_and_names_each_damaged_file(campaig
     result = snakemake(campaign, RAWS_HANDOFF, "--forcerun", "handoff", check=False)
     assert result.returncode != 0
     output = result.stdout + result.stderr
-    assert "Hand-off raws/ral: 5 file(s) at ral are missing or differ" in output, output[-3000:]
+    assert "Hand-off raws/ral/c0000: 5 file(s) at ral are missing or differ" in output, output[-3000:]
     assert_names_each(output, damaged)
     assert not (campaign / RAWS_HANDOFF).exists()
 
@@ -257,10 +261,10 @@ def test_4_repair_then_the_workflow_completes_with_no_duplicate(campaign, damage
     command = [str(BIN / "multisite"), "repair", str(campaign / "config.yaml"), "--site", "ral"]
     result = subprocess.run(command, capture_output=True, text=True, check=False, cwd=campaign)
     assert result.returncode == 0, result.stderr
-    assert "raws/ral             from usdf     repaired" in result.stdout, result.stdout
+    assert f"{'raws/ral/c0000':24s} from usdf     repaired" in result.stdout, result.stdout
     assert "5 fetched again and verified" in result.stdout
     assert all(record.name in result.stdout for record in damaged.values())
-    assert "fanout_step3/ral     from usdf     not sent" in result.stdout
+    assert f"{'fanout_step3/ral/all':24s} from usdf     not sent" in result.stdout
     for record in damaged.values():
         assert (ral / record.name).read_bytes() == (usdf / record.name).read_bytes()
 
@@ -277,6 +281,6 @@ def test_4_repair_then_the_workflow_completes_with_no_duplicate(campaign, damage
 
     # A repair of intact files changes nothing.
     result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=campaign)
-    assert f"raws/ral             from usdf     intact: {len(files)} files checked" in result.stdout
+    assert f"{'raws/ral/c0000':24s} from usdf     intact: {len(files)} files checked" in result.stdout
     assert "ral: 0 file(s) repaired" in result.stdout
-    assert json.loads((ral / MANIFEST).read_text())["handoff"] == "raws/ral"
+    assert json.loads((ral / MANIFEST).read_text())["handoff"] == "raws/ral/c0000"

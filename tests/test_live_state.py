@@ -120,8 +120,8 @@ def test_killed_instance_shows_dead_with_how_to_resume_and_resumes(tmp_path, cap
     campaign = load_campaign(config)
     prepare_repo(campaign, "usdf")  # the sender's repository (USDF's instance), where in2p3 awaits the raws
     layout = campaign.layout
-    step = Layout.handoff_step("raws", "in2p3")
-    target = os.path.relpath(layout.handoff_marker("raws", "in2p3"), tmp_path)
+    step = Layout.handoff_step("raws", "in2p3", "c0000")
+    target = os.path.relpath(layout.handoff_marker("raws", "in2p3", "c0000"), tmp_path)
     instance = ("--config", "site=in2p3")  # last: --config takes every value after it
     log = tmp_path / "snakemake.log"
     with _running(_command(config, tmp_path, target, *instance), log) as first:
@@ -140,11 +140,12 @@ def test_killed_instance_shows_dead_with_how_to_resume_and_resumes(tmp_path, cap
         rf"^  DEAD \(last seen (\S+)\): {step} at in2p3 since {re.escape(waiting['time'])}: "
         rf"its process {waiting['pid']} on {re.escape(HOST)} is gone; "
         rf"resume its instance in {re.escape(str(tmp_path))} with "
-        r"`snakemake --profile in2p3 --unlock`, then `snakemake --profile in2p3` .* \(log: \S+in2p3.log\)$",
+        r"`snakemake --profile in2p3 --unlock`, then `snakemake --profile in2p3` .* "
+        r"\(log: \S+in2p3/c0000.log\)$",
         re.M,
     )
     assert dead.search(status), status
-    assert "raws/in2p3=dead" in status
+    assert "raws/in2p3/c0000=dead" in status
 
     # The documented restart: Snakemake's lock cleared, then the same command again.
     unlock = subprocess.run(
@@ -174,7 +175,7 @@ def test_second_instance_started_elsewhere_is_refused_before_any_job(tmp_path):
     elsewhere, preview_directory = tmp_path / "elsewhere", tmp_path / "preview"
     elsewhere.mkdir()
     preview_directory.mkdir()
-    target = layout.handoff_marker("raws", "in2p3")
+    target = layout.handoff_marker("raws", "in2p3", "c0000")
     with _running(
         _command(config, tmp_path, os.path.relpath(target, tmp_path)), tmp_path / "first.log"
     ) as first:
@@ -321,7 +322,7 @@ def test_step_whose_process_is_gone_from_this_host_is_dead_at_once(tmp_path):
     layout = campaign.layout
     ended = subprocess.Popen(["true"])
     ended.wait()
-    step = Layout.handoff_step("raws", "ral")
+    step = Layout.handoff_step("raws", "ral", "c0000")
     EventLog(layout.events, "all").record(EventKind.WAITING, step, "ral", "waiting for raws from usdf")
     owner = replace(Owner.this_process("all"), pid=ended.pid, directory=str(tmp_path))
     write_heartbeat(layout.heartbeat("all", step), owner, 30.0)  # fresh: the pid alone tells

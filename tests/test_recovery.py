@@ -357,7 +357,7 @@ def test_products_travel_in_zips_and_a_damaged_zip_is_refused_before_any_of_it_i
         ]
         truths = butler.query_all_datasets(campaign.truth_collection, limit=None)
         raws = butler.query_datasets("raw", collections=campaign.raw_collection, limit=2)
-    payload, label = HandoffPayload.of([*raws, *products, *truths]), "zips/ral"
+    payload, label = HandoffPayload.of([*raws, *products, *truths]), "zips/ral/all"
     backend = ButlerBackend(campaign.name, datasets_per_zip=2)
     root = Path(central.repo)
     # The processed datasets are read once, as a stream (a query's pages in a workflow), and counted.
@@ -367,7 +367,7 @@ def test_products_travel_in_zips_and_a_damaged_zip_is_refused_before_any_of_it_i
     sent = backend.send(central, ral, streamed, label)
     assert (sent["files"], sent["zips"]) == (2, 3)
     assert streamed.counts() == dict(Counter(ref.datasetType.name for ref in [*raws, *products, *truths]))
-    zips = [root / f"handoff_exports/demo/zips/ral/{i:05d}.zip" for i in range(3)]
+    zips = [root / f"handoff_exports/demo/zips/ral/all/{i:05d}.zip" for i in range(3)]
     assert all(path.is_file() for path in zips)
     first = [path.read_bytes() for path in zips]
     backend.send(central, ral, payload, label)  # a rerun keeps each zip as it is
@@ -380,7 +380,7 @@ def test_products_travel_in_zips_and_a_damaged_zip_is_refused_before_any_of_it_i
     with pytest.raises(DamagedFilesError) as caught:
         backend.receive(central, ral, label)
     message = str(caught.value)
-    assert "handoff_exports/demo/zips/ral/00001.zip" in message and "Butler zip of 2 datasets" in message
+    assert "handoff_exports/demo/zips/ral/all/00001.zip" in message and "Butler zip of 2 datasets" in message
     assert f"Delete {zips[1]} at usdf and send the hand-off again" in message
     in_bad_zip = Manifest.read(root / backend.manifest_name(label)).files[1].zipped
     assert not Butler.from_config(ral.repo).get_many_datasets(in_bad_zip)
@@ -394,7 +394,7 @@ def test_products_travel_in_zips_and_a_damaged_zip_is_refused_before_any_of_it_i
     assert len(at_ral.get_many_datasets(dataset_ids)) == 8 and details["verified_files"] == 5
     for ref in products:  # read from the zip, which keeps its source name in RAL's datastore
         assert at_ral.get(ref) == {"detector": ref.dataId["detector"]}
-        assert "handoff_exports/demo/zips/ral/0000" in str(at_ral.getURI(ref))
+        assert "handoff_exports/demo/zips/ral/all/0000" in str(at_ral.getURI(ref))
     assert backend.receive(central, ral, label)[0]["transferred"] == 0  # a rerun adds nothing
 
     # Damaged at the source after a complete hand-off, a zip keeps its first checksum when the

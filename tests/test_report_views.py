@@ -300,8 +300,8 @@ def _running_demo(tmp_path):
         arrived, finished = T0 + timedelta(minutes=5), T0 + timedelta(minutes=10 + index)
         handoff = {"source": campaign.central.name, "destination": site.name, "datasets": {"raw": 8}}
         handoff |= {"bytes": 1000, "duration_s": 1.0, "backend": "butler", "finished": arrived.isoformat()}
-        write_marker(layout.handoff_marker("raws", site.name), handoff)
-        raws = Layout.handoff_step("raws", site.name)
+        write_marker(layout.handoff_marker("raws", site.name, "c0000"), handoff)
+        raws = Layout.handoff_step("raws", site.name, "c0000")
         events.append(Event(EventKind.DONE, raws, site.name, "all", arrived.isoformat()))
         chunk = {"duration_s": 60.0, "finished": finished.isoformat()}
         write_marker(layout.chunk_marker(site.name, "step1", "c0000"), chunk)

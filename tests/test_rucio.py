@@ -90,37 +90,37 @@ def raws(campaign, butler: Butler, visits: set[int]):
 def test_1_handoff_end_to_end(setup, caplog):
     campaign, placement, rucio = setup
     caplog.set_level(logging.DEBUG)
-    marker = run_handoff(campaign, "raws", "in2p3", placement)
+    marker = run_handoff(campaign, "raws", "in2p3", "c0000", placement)
     details = marker["backend_details"]
     assert marker["backend"] == "rucio"
     info = details["rucio"]
     assert info["rule_id"] and info["rule_created"]
-    assert info["container"] == f"{SCOPE}:multisite.demo.raws.in2p3"
+    assert info["container"] == f"{SCOPE}:multisite.demo.raws.in2p3.c0000"
     c = client(campaign)
     rule = c.get_replication_rule(info["rule_id"])
     assert rule["state"] == "OK" and rule["rse_expression"] == "IN2P3_BUTLER_DISK"
     assert rule["activity"] == "Data Consolidation" and rule["grouping"] == "DATASET"
-    files = list(c.list_files(SCOPE, "multisite.demo.raws.in2p3"))
+    files = list(c.list_files(SCOPE, "multisite.demo.raws.in2p3.c0000"))
     # every raw and the zip of the site's share of the placement, plus the parts of the Butler export
     # of the raws (IMPORT_BATCH raws each) and the manifest
     n_raws = marker["datasets"]["raw"]
     assert marker["datasets"] == {"campaign_placement": 1, "raw": n_raws}
     exports = [  # the head, with the extra records, last
         *(
-            f"handoff_exports/demo/raws/in2p3.{i:05d}.yaml"
+            f"handoff_exports/demo/raws/in2p3/c0000.{i:05d}.yaml"
             for i in range(1, math.ceil(n_raws / IMPORT_BATCH))
         ),
-        "handoff_exports/demo/raws/in2p3.yaml",
+        "handoff_exports/demo/raws/in2p3/c0000.yaml",
     ]
     assert len(exports) > 1
-    own = {*exports, "handoff_exports/demo/raws/in2p3.manifest.json"}
+    own = {*exports, "handoff_exports/demo/raws/in2p3/c0000.manifest.json"}
     assert len(files) == n_raws + 1 + len(own) == info["files"] == details["verified_files"]
     names = {f["name"] for f in files}
     assert own <= names
     assert all(len(f["adler32"]) == 8 and f["bytes"] > 0 for f in files)
     # The manifest, replicated with the files, records what Rucio registered, with each file's dataset.
     manifest = Manifest.read(
-        Path(campaign.sites["in2p3"].repo) / "handoff_exports/demo/raws/in2p3.manifest.json"
+        Path(campaign.sites["in2p3"].repo) / "handoff_exports/demo/raws/in2p3/c0000.manifest.json"
     )
     registered = {f["name"]: (f["bytes"], f["adler32"]) for f in files}
     assert manifest.exports == tuple(exports)
@@ -140,7 +140,8 @@ def test_1_handoff_end_to_end(setup, caplog):
         assert ref == central.get_dataset(record.dataset_id)
         assert meta.rubin_butler == "raw_file"
     meta = RubinMeta.model_validate(c.get_metadata(SCOPE, zipped.name, plugin="ALL"))
-    assert meta.rubin_butler == "zip_file" and zipped.name == "handoff_exports/demo/raws/in2p3/00000.zip"
+    assert meta.rubin_butler == "zip_file"
+    assert zipped.name == "handoff_exports/demo/raws/in2p3/c0000/00000.zip"
     index = ZipIndex.from_zip_file(ResourcePath(Path(campaign.central.repo) / zipped.name))
     (placement_ref,) = index.refs.to_refs(universe=central.dimensions)
     assert placement_ref == central.get_dataset(zipped.zipped[0])
@@ -152,15 +153,16 @@ def test_1_handoff_end_to_end(setup, caplog):
     # The container hierarchy: campaign > stage > hand-off > its datasets of at most MAX_FILES files,
     # every file in one of them, each closed (the hand-off was sent), the rule on the hand-off's container.
     assert [d["name"] for d in c.list_content(SCOPE, "multisite.demo")] == ["multisite.demo.raws"]
-    assert "multisite.demo.raws.in2p3" in [d["name"] for d in c.list_content(SCOPE, "multisite.demo.raws")]
-    parts = sorted(d["name"] for d in c.list_content(SCOPE, "multisite.demo.raws.in2p3"))
-    assert parts == [f"multisite.demo.raws.in2p3.{i:05d}" for i in range(math.ceil(len(files) / MAX_FILES))]
+    container = "multisite.demo.raws.in2p3.c0000"
+    assert container in [d["name"] for d in c.list_content(SCOPE, "multisite.demo.raws")]
+    parts = sorted(d["name"] for d in c.list_content(SCOPE, container))
+    assert parts == [f"{container}.{i:05d}" for i in range(math.ceil(len(files) / MAX_FILES))]
     assert len(parts) > 1
     by_part = {part: sorted(f["name"] for f in c.list_files(SCOPE, part)) for part in parts}
     assert all(len(names) == MAX_FILES for names in list(by_part.values())[:-1])
     assert sorted(name for names in by_part.values() for name in names) == sorted(names)
-    assert not any(c.get_did(SCOPE, did)["open"] for did in [*parts, "multisite.demo.raws.in2p3"])
-    assert [r["id"] for r in c.list_did_rules(SCOPE, "multisite.demo.raws.in2p3")] == [info["rule_id"]]
+    assert not any(c.get_did(SCOPE, did)["open"] for did in [*parts, "multisite.demo.raws.in2p3.c0000"])
+    assert [r["id"] for r in c.list_did_rules(SCOPE, "multisite.demo.raws.in2p3.c0000")] == [info["rule_id"]]
     # Same dataset IDs in the same RUN, files inside the destination datastore, visit records there.
     central = Butler.from_config(campaign.central.repo)
     dest = Butler.from_config(campaign.sites["in2p3"].repo)
@@ -183,7 +185,7 @@ def test_2_rerun_adds_nothing(setup):
     before = scope_state(campaign)
     dest = Butler.from_config(campaign.sites["in2p3"].repo)
     n_before = len(dest.query_datasets("raw", collections=campaign.raw_collection, limit=None))
-    marker = run_handoff(campaign, "raws", "in2p3", placement)
+    marker = run_handoff(campaign, "raws", "in2p3", "c0000", placement)
     info = marker["backend_details"]["rucio"]
     assert not info["rule_created"] and info["files_registered_now"] == 0
     assert marker["backend_details"]["imported_datasets"] == 0
@@ -195,7 +197,7 @@ def test_2_rerun_adds_nothing(setup):
     with pytest.raises(
         RucioHandoffError, match="Set transfer.import_batch back to the value it was sent with"
     ):
-        run_handoff(campaign, "raws", "in2p3", placement, backend=other)
+        run_handoff(campaign, "raws", "in2p3", "c0000", placement, backend=other)
     assert scope_state(campaign) == before
 
 
@@ -247,14 +249,14 @@ def test_3_corrupted_source_file_fails_clearly_and_ingests_nothing(setup):
     truths = butler.query_all_datasets(campaign.truth_collection, limit=None)  # processed: in a zip
     paths = [
         Path(butler.getURI(refs[0]).ospath),
-        Path(central.repo) / "handoff_exports/demo/corrupt/ral/00000.zip",
+        Path(central.repo) / "handoff_exports/demo/corrupt/ral/all/00000.zip",
     ]
     backend = make_backend(campaign)
     rucio.pause_daemons()
     try:
         payload = HandoffPayload.of([*refs, *truths])
-        thread, outcome = _deliver_in_thread(backend, central, ral, payload, "corrupt/ral")
-        _wait_for_rule(campaign, "multisite.demo.corrupt.ral")
+        thread, outcome = _deliver_in_thread(backend, central, ral, payload, "corrupt/ral/all")
+        _wait_for_rule(campaign, "multisite.demo.corrupt.ral.all")
         # A raw and the zip go bad at the source after registration (same size, other bytes).
         originals = [path.read_bytes() for path in paths]
         for path, original in zip(paths, originals, strict=True):
@@ -297,9 +299,9 @@ def test_4_server_outage_is_ridden_out_or_named_then_rerun_completes_without_dup
             central,
             lancs,
             HandoffPayload.of(refs),
-            "outage/lancs",
+            "outage/lancs/all",
         )
-        rule_id = _wait_for_rule(campaign, "multisite.demo.outage.lancs")
+        rule_id = _wait_for_rule(campaign, "multisite.demo.outage.lancs.all")
         rucio.stop_server()
         thread.join(300)
         assert not thread.is_alive()
@@ -312,7 +314,7 @@ def test_4_server_outage_is_ridden_out_or_named_then_rerun_completes_without_dup
         # The rerun starts while the server is still down, and rides the outage out.
         caplog.set_level(logging.WARNING, logger="multisite.rucio_backend")
         thread, outcome = _deliver_in_thread(
-            make_backend(campaign), central, lancs, HandoffPayload.of(refs), "outage/lancs"
+            make_backend(campaign), central, lancs, HandoffPayload.of(refs), "outage/lancs/all"
         )
         time.sleep(5)
         assert thread.is_alive(), outcome
@@ -327,7 +329,7 @@ def test_4_server_outage_is_ridden_out_or_named_then_rerun_completes_without_dup
     assert info["rule_id"] == rule_id and not info["rule_created"] and info["files_registered_now"] == 0
     assert any("Rucio unreachable" in r.getMessage() for r in caplog.records)
     assert scope_state(campaign) == before
-    assert [r["id"] for r in client(campaign).list_did_rules(SCOPE, "multisite.demo.outage.lancs")] == [
+    assert [r["id"] for r in client(campaign).list_did_rules(SCOPE, "multisite.demo.outage.lancs.all")] == [
         rule_id
     ]
     dest = Butler.from_config(lancs.repo, writeable=True)
@@ -338,7 +340,7 @@ def test_4_server_outage_is_ridden_out_or_named_then_rerun_completes_without_dup
 def test_5_no_secret_in_logs_or_markers(setup, caplog, tmp_path):
     campaign, placement, rucio = setup
     caplog.set_level(logging.DEBUG)
-    marker = run_handoff(campaign, "raws", "ral", placement)
+    marker = run_handoff(campaign, "raws", "ral", "c0000", placement)
     secrets = list(rucio.secrets())
     token_file = Path(campaign.rucio["client_config"]).parent / "rucio-token"
     for candidate in [token_file, *token_file.parent.glob("rucio-token*")]:
@@ -359,13 +361,14 @@ def test_6_site_instances_wait_for_what_another_sends(setup, caplog):
     # As the ral instance sees it: a short wait, and the events of that instance.
     at_ral = dataclasses.replace(campaign, instance="ral", wait_timeout=3.0, wait_interval=0.5)
     with pytest.raises(HandoffError, match="usdf has not sent it after 3 s") as failure:
-        receive_handoff(at_ral, "fanout_step3", "ral")
+        receive_handoff(at_ral, "fanout_step3", "ral", "all")
     assert "transfer.wait.timeout_s" in str(failure.value)
     (waiting,) = [e for e in read_events([at_ral.layout.event_log("ral")]) if e.kind == "waiting"]
-    assert waiting.step == Layout.handoff_step("fanout_step3", "ral") and waiting.details["source"] == "usdf"
+    assert waiting.step == Layout.handoff_step("fanout_step3", "ral", "all")
+    assert waiting.details["source"] == "usdf"
     assert "waiting for fanout_step3 from usdf since" in waiting.message
     cells = campaign_status(at_ral, read_events([at_ral.layout.event_log("ral")]), site="ral")
-    (cell,) = [c for c in cells if c.step == Layout.handoff_step("fanout_step3", "ral")]
+    (cell,) = [c for c in cells if c.step == Layout.handoff_step("fanout_step3", "ral", "all")]
     assert cell.state == "waiting" and "from usdf" in cell.detail and cell.since
 
     # The USDF instance sends the raws; the lancs instance, started first, receives them when they come.
@@ -373,12 +376,12 @@ def test_6_site_instances_wait_for_what_another_sends(setup, caplog):
     at_lancs = dataclasses.replace(campaign, instance="lancs", wait_timeout=300.0, wait_interval=0.5)
     outcome: dict = {}
     receiver = threading.Thread(
-        target=lambda: outcome.update(marker=receive_handoff(at_lancs, "raws", "lancs"))
+        target=lambda: outcome.update(marker=receive_handoff(at_lancs, "raws", "lancs", "c0000"))
     )
     receiver.start()
     time.sleep(2)
     assert receiver.is_alive(), outcome
-    sent = send_handoff(at_usdf, "raws", "lancs", placement)
+    sent = send_handoff(at_usdf, "raws", "lancs", "c0000", placement)
     receiver.join(300)
     marker = outcome["marker"]
     assert sent["datasets"] == marker["datasets"] and marker["datasets"]["campaign_placement"] == 1
@@ -407,7 +410,7 @@ def test_7_damaged_files_at_the_destination_are_caught_then_repaired_through_ruc
 
     # A rerun of the hand-off does not say "nothing to do": it re-verifies, and names both files.
     with pytest.raises(DamagedFilesError) as caught:
-        run_handoff(campaign, "raws", "in2p3", placement)
+        run_handoff(campaign, "raws", "in2p3", "c0000", placement)
     message = str(caught.value)
     for name, ref, problem in zip(names, refs[:2], ("same size, other content", "missing"), strict=True):
         line = next(line for line in message.splitlines() if name in line)
@@ -420,7 +423,8 @@ def test_7_damaged_files_at_the_destination_are_caught_then_repaired_through_ruc
     config = Path(campaign.workdir).parent / "config.yaml"
     assert main(["repair", str(config), "--site", "in2p3"]) == 0
     out = capsys.readouterr().out
-    assert "raws/in2p3           from usdf     repaired" in out and "2 fetched again and verified" in out, out
+    assert f"{'raws/in2p3/c0000':24s} from usdf     repaired" in out, out
+    assert "2 fetched again and verified" in out, out
     for name in names:
         assert name in out
         assert adler32_of(root / name) == adler32_of(central / name)
@@ -436,7 +440,7 @@ def test_7_damaged_files_at_the_destination_are_caught_then_repaired_through_ruc
     assert scope_state(campaign) == before  # no new DID, no new rule: the same rule, back to OK
 
     # The hand-off now verifies, and imports nothing twice.
-    marker = run_handoff(campaign, "raws", "in2p3", placement)
+    marker = run_handoff(campaign, "raws", "in2p3", "c0000", placement)
     assert marker["backend_details"]["imported_datasets"] == 0
     assert marker["backend_details"]["verified_files"] == marker["backend_details"]["rucio"]["files"]
     assert not marker["backend_details"]["rucio"]["rule_created"]
@@ -464,7 +468,9 @@ def test_8_the_facility_ingests_what_arrives_and_the_rule_waits_for_it(setup):
     # No daemon: the files arrive and are verified, then the wait ends naming what is missing; the
     # workflow registered nothing itself.
     with pytest.raises(RucioHandoffError) as failure:
-        RucioBackend(campaign.name, facility).deliver(central, ral, HandoffPayload.of(refs), "facility/ral")
+        RucioBackend(campaign.name, facility).deliver(
+            central, ral, HandoffPayload.of(refs), "facility/ral/all"
+        )
     message = str(failure.value)
     assert "ingest daemon (transfer.rucio.ingest: facility) has not registered" in message, message
     assert f"{len(refs)} of {len(refs)} datasets" in message and str(truths[0].id) in message
@@ -477,7 +483,7 @@ def test_8_the_facility_ingests_what_arrives_and_the_rule_waits_for_it(setup):
     daemon.start()
     try:
         details, _ = RucioBackend(campaign.name, dataclasses.replace(facility, timeout=120.0)).deliver(
-            central, ral, HandoffPayload.of(refs), "facility/ral"
+            central, ral, HandoffPayload.of(refs), "facility/ral/all"
         )
     finally:
         ingester.stop.set()
@@ -491,6 +497,6 @@ def test_8_the_facility_ingests_what_arrives_and_the_rule_waits_for_it(setup):
         assert (dest.get(ref).pixels == butler.get(ref).pixels).all()
     for ref in truths:  # ingested by the daemon from the zip, where Rucio put it
         assert dest.get_dataset(ref.id) == ref
-        assert "handoff_exports/demo/facility/ral/" in str(dest.getURI(ref))
+        assert "handoff_exports/demo/facility/ral/all/" in str(dest.getURI(ref))
         got, sent = dest.get(ref), butler.get(ref)
         assert (got.as_array() == sent.as_array()).all() if hasattr(got, "as_array") else got == sent

@@ -98,7 +98,7 @@ def test_state_of_a_step_by_its_last_event():
 
 def test_event_log_writes_plain_kinds(tmp_path):
     event = EventLog(tmp_path, "all").record(
-        EventKind.WAITING, Layout.handoff_step("raws", "ral"), "ral", "waiting for raws"
+        EventKind.WAITING, Layout.handoff_step("raws", "ral", "c0000"), "ral", "waiting for raws"
     )
     line = json.loads((tmp_path / "all.jsonl").read_text())
     assert line["kind"] == "waiting" and type(line["kind"]) is str

@@ -40,8 +40,11 @@ def names(paths) -> set[str]:
 def test_one_instance_sends_and_receives_everything(demo):
     one = targets(demo)
     assert all(one.sends(h, s) for h in one.handoffs for s in one.processing)
-    inputs = one.handoff_inputs("fanin_step2", "ral")
-    assert inputs["producers"] == [LAYOUT.stage_marker("ral", "step1")]
+    inputs = one.handoff_inputs("fanin_step2", "ral", "c0000")
+    assert inputs["producers"] == [LAYOUT.chunk_marker("ral", "step1", "c0000")]
+    # A final piece waits for its own step3 chunk (and the site's step1), not the site's other chunks.
+    final = one.handoff_inputs("final", "ral", "t0p2")["producers"]
+    assert final == [LAYOUT.stage_marker("ral", "step1"), LAYOUT.chunk_marker("ral", "step3", "t0p2")]
     assert inputs["source_repo"] == LAYOUT.repo_marker("ral") and "own_work" not in inputs
     assert one.sent_markers() == []
     assert LAYOUT.qa_marker in one.campaign_targets()
@@ -52,36 +55,44 @@ def test_a_site_instance_receives_what_others_send_after_its_own_work(demo):
     in2p3 = targets(demo, "in2p3")
     assert not in2p3.sends("raws", "in2p3") and in2p3.sends("fanin_step2", "in2p3")
     # Nothing before the raws; the fan-out only after its own step1.
-    assert in2p3.handoff_inputs("raws", "in2p3") == {
+    assert in2p3.handoff_inputs("raws", "in2p3", "c0000") == {
         "destination_repo": LAYOUT.repo_marker("in2p3"),
         "own_work": [],
     }
-    assert in2p3.handoff_inputs("fanout_step3", "in2p3")["own_work"] == [
+    assert in2p3.handoff_inputs("fanout_step3", "in2p3", "all")["own_work"] == [
         LAYOUT.stage_marker("in2p3", "step1")
     ]
-    assert in2p3.plan_inputs() == {"raws": LAYOUT.handoff_marker("raws", "in2p3")}
+    assert in2p3.plan_inputs() == {"raws": LAYOUT.handoff_marker("raws", "in2p3", "c0000")}
     share = names(in2p3.campaign_targets())
-    assert share == {"sent/fanin_step2/in2p3.json", "sent/final/in2p3.json"}
+    assert share == {
+        "sent/fanin_step2/in2p3/c0000.json",
+        "sent/final/in2p3/t0p1.json",
+        "sent/final/in2p3/t0p4.json",
+        "stage/in2p3/step1.json",
+        "stage/in2p3/step3.json",
+    }
     assert {p.parent.name for p in in2p3.submit_yamls()} == {"step1", "step3"}
     assert {p.parent.parent.name for p in in2p3.submit_yamls()} == {"in2p3"}
 
 
 def test_the_central_instance_waits_for_fanins_after_its_own_step1(demo):
     usdf = targets(demo, "usdf")
-    assert usdf.handoff_inputs("fanin_step2", "ral")["own_work"] == [LAYOUT.stage_marker("usdf", "step1")]
+    assert usdf.handoff_inputs("fanin_step2", "ral", "c0000")["own_work"] == [
+        LAYOUT.stage_marker("usdf", "step1")
+    ]
     assert usdf.sends("fanout_step3", "lancs") and not usdf.sends("final", "lancs")
     assert names(usdf.campaign_targets()) >= {
         "qa/qa.json",
-        "sent/raws/in2p3.json",
-        "sent/raws/ral.json",
-        "sent/raws/lancs.json",
-        "sent/fanout_step3/in2p3.json",
+        "sent/raws/in2p3/c0000.json",
+        "sent/raws/ral/c0000.json",
+        "sent/raws/lancs/c0000.json",
+        "sent/fanout_step3/in2p3/all.json",
     }
     # The central stage waits for every site's fan-in; a site stage for its own hand-offs.
     step2 = usdf.chunk_inputs("usdf", "step2", "global")
-    assert step2["handoffs"] == [LAYOUT.handoff_marker("fanin_step2", s) for s in usdf.processing]
+    assert step2["handoffs"] == [LAYOUT.handoff_marker("fanin_step2", s, "c0000") for s in usdf.processing]
     step3 = usdf.chunk_inputs("ral", "step3", "t0p2")
-    assert step3["handoffs"] == [LAYOUT.handoff_marker("fanout_step3", "ral")]
+    assert step3["handoffs"] == [LAYOUT.handoff_marker("fanout_step3", "ral", "all")]
     assert step3["earlier"] == [LAYOUT.stage_marker("ral", "step1")]
     assert usdf.stage_marker("ral", "step2") == LAYOUT.stage_marker("usdf", "step2")
 
@@ -89,11 +100,11 @@ def test_the_central_instance_waits_for_fanins_after_its_own_step1(demo):
 def test_step_ids_follow_the_rules_path_patterns():
     """The event log's step names are the rule and its wildcards in path order: built once, here."""
     patterns = {
-        "handoff": (LAYOUT.handoff_marker("{handoff}", "{site}"), Layout.handoff_step),
-        "send_handoff": (LAYOUT.sent_marker("{handoff}", "{site}"), Layout.send_step),
+        "handoff": (LAYOUT.handoff_marker("{handoff}", "{site}", "{piece}"), Layout.handoff_step),
+        "send_handoff": (LAYOUT.sent_marker("{handoff}", "{site}", "{piece}"), Layout.send_step),
         "run_stage": (LAYOUT.chunk_marker("{site}", "{stage}", "{chunk}"), Layout.chunk_step),
     }
-    values = {"handoff": "fanin_step2", "site": "ral", "stage": "step1", "chunk": "c0000"}
+    values = {"handoff": "fanin_step2", "site": "ral", "piece": "all", "stage": "step1", "chunk": "c0000"}
     for rule, (pattern, helper) in patterns.items():
         order = re.findall(r"{(\w+)}", str(pattern))
         wildcards = {name: values[name] for name in order}
@@ -132,3 +143,34 @@ def test_site_selection_tells_owned_from_needed(demo):
     # Instrument-level datasets are the central site's, needed everywhere.
     assert ral.accepts(data_id(instrument="DemoCam"), owned=False)
     assert not ral.accepts(data_id(instrument="DemoCam"), owned=True)
+
+
+def test_a_piece_selects_what_belongs_to_its_units(demo):
+    """Each owned dataset of a site belongs to exactly one of its pieces (the unit of its data)."""
+    universe = DimensionUniverse()
+
+    def data_id(**values):
+        return DataCoordinate.standardize(values, universe=universe)
+
+    placement = pd.concat(
+        [
+            _placement(),
+            pd.DataFrame.from_records([(3, 3, 0, "ral", "ral", "t0p5")], columns=_placement().columns),
+        ]
+    )
+    t0p2, t0p5 = (SiteSelection.from_placement(demo, placement, "ral", [unit]) for unit in ("t0p2", "t0p5"))
+    owned = {
+        "visit 2": data_id(instrument="DemoCam", visit=2),
+        "visit 3 detector 0": data_id(instrument="DemoCam", visit=3, detector=0),
+        "patch 5": data_id(skymap="demo", tract=0, patch=5),
+        "tract 0": data_id(skymap="demo", tract=0),  # the piece of ral's first unit in the tract
+    }
+    assert {
+        name: (t0p2.accepts(d, owned=True), t0p5.accepts(d, owned=True)) for name, d in owned.items()
+    } == {
+        "visit 2": (True, False),
+        "visit 3 detector 0": (False, True),
+        "patch 5": (False, True),
+        "tract 0": (True, False),
+    }
+    assert t0p2.raws_needed == {(1, 1), (2, 0)} and t0p5.raws_needed == {(3, 0)}
