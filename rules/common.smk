@@ -28,7 +28,7 @@ wildcard_constraints:
     handoff="|".join(TARGETS.handoffs),
     chunk="[A-Za-z0-9_-]+",
     # A chunk's name, or <first>..<last> of several chunks.
-    piece="[A-Za-z0-9_-]+(?:\.\.[A-Za-z0-9_-]+)?",
+    piece=r"[A-Za-z0-9_-]+(?:\.\.[A-Za-z0-9_-]+)?",
 
 
 def sending_inputs(wildcards):
