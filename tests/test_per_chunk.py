@@ -8,6 +8,8 @@ products; the other chunk's come when asked for, and nothing moves twice.
 
 from __future__ import annotations
 
+import re
+
 import yaml
 from lsst.daf.butler import Butler
 
@@ -78,3 +80,19 @@ def test_a_step1_chunk_runs_and_sends_its_fanin_before_the_other_chunks_raws_arr
     assert _raws_at(campaign, "in2p3") == share(["t0p1", "t0p4"])
     verified = [read_marker(layout.inputs_marker("in2p3", piece))["raws"] for piece in ("t0p1", "t0p4")]
     assert verified == [len(share(["t0p1"])), len(share(["t0p4"]))]
+
+
+def test_chunks_per_handoff_coarsens_the_pieces(tmp_path):
+    """Two step1 chunks a piece: in2p3's raws and fan-in each travel as one piece ``t0p1..t0p4``."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["stages"][0]["units_per_chunk"] = 1
+    transfer = config["transfer"] | {"chunks_per_handoff": 2}
+    demo_config(tmp_path, stages=config["stages"], transfer=transfer)
+    preview = snakemake(tmp_path, "-n").stdout
+    pieces = set(re.findall(r"wildcards: handoff=(\w+), site=in2p3, piece=(\S+)$", preview, re.M))
+    assert pieces == {
+        ("raws", "t0p1..t0p4"),
+        ("fanin_step2", "t0p1..t0p4"),
+        ("fanout_step3", "all"),
+        ("final", "t0p1..t0p4"),
+    }, preview[-3000:]
