@@ -43,7 +43,7 @@ def demo(tmp_path_factory) -> tuple[Campaign, object]:
     """Run a demo campaign up to what its step1 chunk at SITE needs: verified raws, the BPS YAML."""
     directory = tmp_path_factory.mktemp("facilities")
     demo_config(directory)
-    snakemake(directory, f"work/markers/inputs/{SITE}.json", f"work/bps/{SITE}/{STAGE}/{CHUNK}.yaml")
+    snakemake(directory, f"work/markers/inputs/{SITE}/{CHUNK}.json", f"work/bps/{SITE}/{STAGE}/{CHUNK}.yaml")
     campaign = load_campaign(directory / "config.yaml")
     return campaign, read_placement(campaign.layout.placement_table)
 

@@ -25,7 +25,7 @@ from tests.conftest import REPO, demo_config, scheduled_jobs, snakemake_command
 PROFILE = REPO / "tests" / "profiles" / "htcondor"
 SITES = ("usdf", "in2p3", "ral", "lancs")
 # Every site's verified inputs: repositories, survey, placement, the raws hand-offs, verify_inputs.
-TARGETS = [f"work/markers/inputs/{site}.json" for site in SITES]
+TARGETS = [f"work/markers/inputs/{site}/c0000.json" for site in SITES]  # the demo: one step1 chunk a site
 # With the default (butler) transfer backend; rules/*.smk say which rules are local.
 REMOTE_RULES = {"demo_survey": 1, "handoff": len(SITES), "verify_inputs": len(SITES)}
 LOCAL_RULES = {"prepare_repo": len(SITES), "plan": 1}

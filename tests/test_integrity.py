@@ -2,7 +2,7 @@
 
 The first tests check the integrity functions on plain files. The module's campaign
 then runs the demo workflow (``butler`` backend) up to RAL's verified inputs
-(``snakemake work/markers/inputs/ral.json``: the repositories, the survey, the plan,
+(``snakemake work/markers/inputs/ral/c0000.json``: the repositories, the survey, the plan,
 the raws hand-off and ``verify_inputs``), damages four of RAL's raws (flipped bytes,
 truncated, swapped for another raw of the same size, deleted) and takes the
 operator's path: ``verify_inputs`` and a rerun of the hand-off name each file and the

@@ -51,7 +51,7 @@ def slurm_run(slurm, tmp_path_factory):
     directory = tmp_path_factory.mktemp("slurm-campaign")
     sites = list(yaml.safe_load(demo_config(directory).read_text())["sites"])
     # Every site's verified inputs: repositories, survey, placement, raws hand-offs, verify_inputs.
-    targets = [f"work/markers/inputs/{site}.json" for site in sites]
+    targets = [f"work/markers/inputs/{site}/c0000.json" for site in sites]  # one step1 chunk a site
     result = snakemake(directory, "--profile", str(PROFILE), *targets, timeout=600)
     return directory, targets, result.stdout + result.stderr
 
