@@ -174,7 +174,7 @@ class Campaign:
     datasets_per_zip: int = 1_000
     """Most datasets in one Butler zip of processed datasets (``transfer.datasets_per_zip``)."""
     chunks_per_handoff: int = 1
-    """Chunks whose data one hand-off piece moves (``transfer.chunks_per_handoff``; fan-outs: per site)."""
+    """Chunks whose data one hand-off piece moves (``transfer.chunks_per_handoff``)."""
     preflight: Mapping[str, Any] = field(default_factory=dict)
     """Checks before each chunk is submitted (``space_margin``, ``space_reserve_gb``; see `multisite.bps`)."""
     heartbeat_s: float = 30.0

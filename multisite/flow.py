@@ -69,11 +69,6 @@ class Handoff:
         return self.direction == TO_CENTRAL
 
     @property
-    def is_fanout(self) -> bool:
-        """Whether this hand-off brings a central stage's products to the sites."""
-        return not self.to_central and bool(self.producers)
-
-    @property
     def cut_stage(self) -> str:
         """The stage whose chunks this hand-off is cut along: the one it comes from, or feeds."""
         return self.producers[-1] if self.to_central else self.consumers[0]
@@ -259,12 +254,10 @@ def workflow_pieces(
 ) -> list[HandoffPiece]:
     """Return the pieces the workflow moves: of one hand-off for one site, or of every one.
 
-    ``transfer.chunks_per_handoff`` chunks a piece: ``raws`` along the chunks of the
-    first site stage, so a chunk starts once its own raws are there; fan-ins and
-    ``final`` along the chunks of the stage they come from, so a piece leaves as soon
-    as its chunks are done. A fan-out moves each site's share in one piece: a chunk
-    needs every visit its units overlap, which the placement's one unit per raw does
-    not say.
+    Every hand-off is cut along the chunks of its cut stage, ``transfer.chunks_per_handoff``
+    chunks a piece: ``raws`` and fan-outs along the chunks they feed, so a chunk starts
+    once its own pieces are there; fan-ins and ``final`` along the chunks they come
+    from, so a piece leaves as soon as its chunks are done.
     """
     every = handoffs(campaign) if handoff is None else [handoff]
     sites = [s.name for s in campaign.processing_sites] if site is None else [site]
@@ -272,5 +265,5 @@ def workflow_pieces(
         piece
         for h in every
         for s in sites
-        for piece in cut_pieces(campaign, h, s, None if h.is_fanout else campaign.chunks_per_handoff)
+        for piece in cut_pieces(campaign, h, s, campaign.chunks_per_handoff)
     ]

@@ -165,8 +165,13 @@ def _outgoing(campaign: Campaign, piece: HandoffPiece, placement: pd.DataFrame) 
     """
     handoff, site = piece.handoff, piece.site
     source, destination, collections = _endpoints(campaign, piece)
-    selection = SiteSelection.from_placement(campaign, placement, site, piece.units)
     source_butler = open_butler(source.repo)
+    if handoff.to_central or handoff.name == "raws":
+        selection = SiteSelection.from_placement(campaign, placement, site, piece.units)
+    else:
+        # A fan-out piece: what its chunks' units overlap, of the site's share.
+        whole = SiteSelection.from_placement(campaign, placement, site)
+        selection = whole.overlapping(source_butler, campaign, piece.units)
     types = PipelineFlow(campaign).handoff_types(handoff)
 
     def selected(dataset_type: str, butler: Butler) -> Iterator[DatasetRef]:

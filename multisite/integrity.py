@@ -244,25 +244,45 @@ def held_files(
     held : `list` [`tuple` [`FileRecord`, `pathlib.Path`]]
         Each record whose dataset the repository knows, with where its file is (or
         should be: a deleted file keeps its datastore record); a zip is where its
-        first dataset is.
+        first dataset is. A zip none of whose datasets the repository keeps in it
+        (another hand-off's zip brought them all first) is neither held nor unknown.
     unknown : `list` [`FileRecord`]
         Records whose dataset the repository does not know (not received).
     """
     records = [r for r in records if r.dataset_id or r.zipped]
-    refs = {str(ref.id): ref for ref in butler.get_many_datasets({_stored(r) for r in records})}
-    uris = butler.get_many_uris(list(refs.values()), allow_missing=True)
-    held, unknown = [], []
+    first = _locations(butler, [_stored(r) for r in records], records)
+    held, unknown, elsewhere = [], [], []
     for record in records:
-        ref = refs.get(_stored(record))
-        found = uris.get(ref) if ref is not None else None
-        uri = None
-        if found is not None:
-            uri = found.componentURIs.get(record.component) if record.component else found.primaryURI
-        if uri is None:
+        path = first.get((_stored(record), record.component))
+        if path is None:
             unknown.append(record)
+        elif record.zipped and not path.as_posix().endswith(f"/{record.name}"):
+            elsewhere.append(record)
         else:
-            held.append((record, Path(uri.ospath)))
+            held.append((record, path))
+    # A visit that two chunks need travels in both their pieces' zips and is kept in one.
+    for record in elsewhere:
+        paths = _locations(butler, list(record.zipped), [record]).values()
+        held += [(record, path) for path in {p for p in paths if p.as_posix().endswith(f"/{record.name}")}]
     return held, unknown
+
+
+def _locations(
+    butler: Butler, dataset_ids: list[str], records: list[FileRecord]
+) -> dict[tuple[str, str | None], Path]:
+    """Return where the repository keeps each of some datasets, by (ID, the records' component)."""
+    refs = {str(ref.id): ref for ref in butler.get_many_datasets(set(dataset_ids))}
+    uris = butler.get_many_uris(list(refs.values()), allow_missing=True)
+    components = {r.component for r in records}
+    found = {}
+    for dataset_id, ref in refs.items():
+        if (located := uris.get(ref)) is None:
+            continue
+        for component in components:
+            uri = located.componentURIs.get(component) if component else located.primaryURI
+            if uri is not None:
+                found[(dataset_id, component)] = Path(uri.ospath)
+    return found
 
 
 def _stored(record: FileRecord) -> str:

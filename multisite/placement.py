@@ -22,7 +22,7 @@ __all__ = (
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -199,6 +199,33 @@ class SiteSelection:
     def data_query(self, campaign: Campaign) -> str:
         """Butler query expression selecting the quanta of this site's units."""
         return units_query(campaign, self.units)
+
+    def overlapping(self, butler: Butler, campaign: Campaign, units: Iterable[str]) -> SiteSelection:
+        """Return what of the site's needs touches some of its units: what a chunk of them reads.
+
+        A visit on the edge of two of the site's units is needed by both, though its
+        raws belong to one: the visits and (visit, detector)s are those whose regions
+        overlap the units in ``butler`` (the spatial join of the chunk's quantum graph).
+        """
+        names = set(units)
+        cells = frozenset(cell for u in campaign.units_of(self.site) if u.name in names for cell in u.cells)
+        where = units_query(campaign, cells)
+        pairs = {
+            (data_id["visit"], data_id["detector"])
+            for data_id in butler.query_data_ids(
+                ["visit", "detector", "patch"], where=where, limit=None, explain=False
+            )
+        }
+        visits = {v for v, _ in pairs} | {
+            data_id["visit"]
+            for data_id in butler.query_data_ids(["visit", "patch"], where=where, limit=None, explain=False)
+        }
+        return replace(
+            self,
+            units=cells,
+            visit_detectors_needed=self.visit_detectors_needed & pairs,
+            visits_needed=self.visits_needed & visits,
+        )
 
 
 def chunk_data_ids(campaign: Campaign, placement: pd.DataFrame, site: str, units: Iterable[str]) -> Table:

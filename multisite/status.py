@@ -136,8 +136,7 @@ def campaign_status(
     done_at: dict[str, str] = {}
     cells: list[Cell] = []
     targets = Targets(campaign, layout)
-    pieces = targets.pieces
-    for piece in (piece for of_site in pieces.values() for piece in of_site):
+    for piece in (piece for of_site in targets.pieces.values() for piece in of_site):
         handoff, far_end = piece.handoff, piece.site
         step = _step(piece)
         marker = layout.piece_marker(piece)
@@ -164,9 +163,7 @@ def campaign_status(
                         p
                         for h in incoming
                         for s in sites
-                        for p in pieces[(h.name, s)]
-                        # A chunk of the stage a hand-off is cut along waits for its own piece.
-                        if h.cut_stage != stage.name or chunk in p.chunks
+                        for p in targets.awaited_pieces(h, s, stage.name, chunk)
                     ]
                     cell = _waiting(campaign, runner.name, awaited, done_at)
                 for unit in [CENTRAL_CHUNK] if stage.is_central else units:

@@ -52,15 +52,24 @@ class Targets:
         return pieces
 
     @cached_property
-    def raws_piece_of(self) -> dict[tuple[str, str], str]:
-        """The ``raws`` piece holding each chunk of the first site stage, by (site, chunk)."""
+    def piece_of(self) -> dict[tuple[str, str, str], HandoffPiece]:
+        """The piece of each hand-off holding each chunk of its cut stage, by (hand-off, site, chunk)."""
         return {
-            (site, chunk): piece.name
+            (handoff, site, chunk): piece
             for (handoff, site), pieces in self.pieces.items()
-            if handoff == "raws"
             for piece in pieces
             for chunk in piece.chunks
         }
+
+    def awaited_pieces(self, handoff: Handoff, site: str, stage: str, chunk: str) -> list[HandoffPiece]:
+        """Return the pieces of a hand-off to or from ``site`` that a chunk of ``stage`` waits for.
+
+        A chunk of the stage the hand-off is cut along waits for its own piece, any
+        other chunk for all of them.
+        """
+        if handoff.cut_stage == stage:
+            return [self.piece_of[(handoff.name, site, chunk)]]
+        return self.pieces[(handoff.name, site)]
 
     # ------------------------------------------------------------------ decisions
     def sends(self, handoff: str, site: str) -> bool:
@@ -84,10 +93,6 @@ class Targets:
     def handoff_markers(self, handoff: str, site: str) -> list[Path]:
         """Return the markers of every piece of a hand-off for a processing site."""
         return [self.layout.piece_marker(p) for p in self.pieces[(handoff, site)]]
-
-    def inputs_markers(self, site: str) -> list[Path]:
-        """Return the markers of a site's inputs verified, one per piece of its raws."""
-        return [self.layout.inputs_marker(site, p.name) for p in self.pieces[("raws", site)]]
 
     def survey_marker(self) -> Path:
         """Return the demo survey marker when the config has a demo section, else the central repo's."""
@@ -165,20 +170,13 @@ class Targets:
             "submit_yaml": self.layout.submit_yaml(site, stage_name, chunk),
             "earlier": [self.stage_marker(site, name) for name in earlier],
         }
-        if stage.is_central:
-            inputs["handoffs"] = [
-                path for h in incoming for s in self.processing for path in self.handoff_markers(h.name, s)
-            ]
-        else:
-            # A chunk of the stage the raws are cut along waits for its own piece only.
-            if stage_name == self.handoffs["raws"].cut_stage:
-                inputs["verified_inputs"] = [
-                    self.layout.inputs_marker(site, self.raws_piece_of[(site, chunk)])
-                ]
-            else:
-                inputs["verified_inputs"] = self.inputs_markers(site)
-            inputs["handoffs"] = [
-                path for h in incoming if h.name != "raws" for path in self.handoff_markers(h.name, site)
+        sites = self.processing if stage.is_central else [site]
+        awaited = [p for h in incoming for s in sites for p in self.awaited_pieces(h, s, stage_name, chunk)]
+        # Raws are awaited through their verification.
+        inputs["handoffs"] = [self.layout.piece_marker(p) for p in awaited if p.handoff.name != "raws"]
+        if not stage.is_central:
+            inputs["verified_inputs"] = [
+                self.layout.inputs_marker(site, p.name) for p in awaited if p.handoff.name == "raws"
             ]
         return inputs
 

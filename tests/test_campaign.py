@@ -78,7 +78,7 @@ def test_1_dry_run_lists_the_whole_campaign(campaign_dir):
         "plan": 1,
         "reference": 1,
         "bps_yaml": 11,  # step1: a chunk per site; step2: one; step3: a chunk per patch
-        "handoff": 18,  # raws and fan-in: a piece per step1 chunk; fan-out: per site; final: per step3 chunk
+        "handoff": 20,  # raws and fan-in: a piece per step1 chunk; fan-out and final: per step3 chunk
         "verify_inputs": 4,
         "run_stage": 11,
         "step1_in2p3": 1,
@@ -92,7 +92,7 @@ def test_1_dry_run_lists_the_whole_campaign(campaign_dir):
         "step3_usdf": 1,
         "qa": 1,
         "all": 1,
-        "total": 62,
+        "total": 64,
     }
     assert not (campaign_dir / "work").exists()
 
@@ -331,7 +331,7 @@ def test_7_check_finds_the_finished_campaign_consistent(campaign_dir, capsys, mo
     code, out = _check(capsys)
     assert code == 0, out
     assert (
-        out == "Campaign demo: consistent; 11 chunk, 9 stage, 18 hand-off markers match the repositories.\n"
+        out == "Campaign demo: consistent; 11 chunk, 9 stage, 20 hand-off markers match the repositories.\n"
     )
     # Before its submission, every chunk checked its site's registry and datastore (never refused here).
     marker = read_marker(markers(campaign_dir) / "stage" / "lancs" / "step1" / "c0000.json")
@@ -343,7 +343,7 @@ def test_7_check_finds_the_finished_campaign_consistent(campaign_dir, capsys, mo
 def test_8_the_rerun_recipe_runs_one_chunk_and_recovers_from_a_kill(campaign_dir, capsys, monkeypatch):
     # The old recipe: --forcerun reads the target as one more rule; every chunk and what follows would run.
     wrong = job_counts(snakemake(campaign_dir, "-n", "--forcerun", "run_stage", RAL_STEP1).stdout)
-    assert wrong["run_stage"] == 11 and wrong["total"] == 36
+    assert wrong["run_stage"] == 11 and wrong["total"] == 38
     # The target first is right for a chunk of the first stage only: --forcerun forces every run_stage
     # job the target needs, so a step3 chunk brings the four step1 chunks and step2 with it.
     first = job_counts(snakemake(campaign_dir, "-n", RAL_STEP1, "--forcerun", "run_stage").stdout)

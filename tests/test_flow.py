@@ -58,7 +58,7 @@ def test_stage_chunks(campaign_dir):
     }
 
 
-def test_handoffs_are_cut_along_chunks_and_fanouts_move_per_site(campaign_dir):
+def test_every_handoff_is_cut_along_the_chunks_it_feeds_or_comes_from(campaign_dir):
     campaign = load_campaign(campaign_dir / "config.yaml")
     step1 = campaign.stage("step1")
     per_unit = replace(campaign, stages=(replace(step1, units_per_chunk=1), *campaign.stages[1:]))
@@ -68,7 +68,8 @@ def test_handoffs_are_cut_along_chunks_and_fanouts_move_per_site(campaign_dir):
         ("raws", "t0p4", ("t0p4",), ("t0p4",)),
         ("fanin_step2", "t0p1", ("t0p1",), ("t0p1",)),  # the chunks of step1, which it comes from
         ("fanin_step2", "t0p4", ("t0p4",), ("t0p4",)),
-        ("fanout_step3", "all", ("t0p1", "t0p4"), ("t0p1", "t0p4")),  # per site
+        ("fanout_step3", "t0p1", ("t0p1",), ("t0p1",)),  # the chunks of step3, which it feeds
+        ("fanout_step3", "t0p4", ("t0p4",), ("t0p4",)),
         ("final", "t0p1", ("t0p1",), ("t0p1",)),  # the chunks of step3
         ("final", "t0p4", ("t0p4",), ("t0p4",)),
     ]

@@ -310,8 +310,8 @@ def test_killed_instance_is_waited_for_and_restarted_without_redoing_anything(lo
         # the other sites for USDF's fan-out (which needs RAL's fan-in).
         waits = {
             "usdf": ("fanin_step2", "ral", "c0000", "ral"),
-            "in2p3": ("fanout_step3", "in2p3", "all", "usdf"),
-            "lancs": ("fanout_step3", "lancs", "all", "usdf"),
+            "in2p3": ("fanout_step3", "in2p3", r"t0p[14]", "usdf"),
+            "lancs": ("fanout_step3", "lancs", "t0p3", "usdf"),
         }
         for site, (handoff, at, piece, sender) in waits.items():
             said = re.compile(

@@ -132,7 +132,7 @@ def test_copy_verified_puts_a_file_back_and_refuses_a_bad_source(tmp_path):
 def test_each_site_repairs_what_it_receives_from_another_repository(campaign_dir):
     campaign = load_campaign(campaign_dir / "config.yaml")
     received = [label for label, _, _ in received_handoffs(campaign, "ral")]
-    assert received == ["raws/ral/c0000", "fanout_step3/ral/all"]
+    assert received == ["raws/ral/c0000", "fanout_step3/ral/t0p2", "fanout_step3/ral/t0p5"]
     central = [label for label, _, _ in received_handoffs(campaign, "usdf")]
     # USDF processes units too, in its own repository: nothing of its own to repair.
     assert central == [
@@ -264,7 +264,7 @@ def test_4_repair_then_the_workflow_completes_with_no_duplicate(campaign, damage
     assert f"{'raws/ral/c0000':24s} from usdf     repaired" in result.stdout, result.stdout
     assert "5 fetched again and verified" in result.stdout
     assert all(record.name in result.stdout for record in damaged.values())
-    assert f"{'fanout_step3/ral/all':24s} from usdf     not sent" in result.stdout
+    assert f"{'fanout_step3/ral/t0p2':24s} from usdf     not sent" in result.stdout
     for record in damaged.values():
         assert (ral / record.name).read_bytes() == (usdf / record.name).read_bytes()
 

@@ -93,6 +93,6 @@ def test_chunks_per_handoff_coarsens_the_pieces(tmp_path):
     assert pieces == {
         ("raws", "t0p1..t0p4"),
         ("fanin_step2", "t0p1..t0p4"),
-        ("fanout_step3", "all"),
+        ("fanout_step3", "t0p1..t0p4"),
         ("final", "t0p1..t0p4"),
     }, preview[-3000:]

@@ -361,14 +361,14 @@ def test_6_site_instances_wait_for_what_another_sends(setup, caplog):
     # As the ral instance sees it: a short wait, and the events of that instance.
     at_ral = dataclasses.replace(campaign, instance="ral", wait_timeout=3.0, wait_interval=0.5)
     with pytest.raises(HandoffError, match="usdf has not sent it after 3 s") as failure:
-        receive_handoff(at_ral, "fanout_step3", "ral", "all")
+        receive_handoff(at_ral, "fanout_step3", "ral", "t0p2")
     assert "transfer.wait.timeout_s" in str(failure.value)
     (waiting,) = [e for e in read_events([at_ral.layout.event_log("ral")]) if e.kind == "waiting"]
-    assert waiting.step == Layout.handoff_step("fanout_step3", "ral", "all")
+    assert waiting.step == Layout.handoff_step("fanout_step3", "ral", "t0p2")
     assert waiting.details["source"] == "usdf"
     assert "waiting for fanout_step3 from usdf since" in waiting.message
     cells = campaign_status(at_ral, read_events([at_ral.layout.event_log("ral")]), site="ral")
-    (cell,) = [c for c in cells if c.step == Layout.handoff_step("fanout_step3", "ral", "all")]
+    (cell,) = [c for c in cells if c.step == Layout.handoff_step("fanout_step3", "ral", "t0p2")]
     assert cell.state == "waiting" and "from usdf" in cell.detail and cell.since
 
     # The USDF instance sends the raws; the lancs instance, started first, receives them when they come.

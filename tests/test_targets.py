@@ -59,7 +59,7 @@ def test_a_site_instance_receives_what_others_send_after_its_own_work(demo):
         "destination_repo": LAYOUT.repo_marker("in2p3"),
         "own_work": [],
     }
-    assert in2p3.handoff_inputs("fanout_step3", "in2p3", "all")["own_work"] == [
+    assert in2p3.handoff_inputs("fanout_step3", "in2p3", "t0p1")["own_work"] == [
         LAYOUT.stage_marker("in2p3", "step1")
     ]
     assert in2p3.plan_inputs() == {"raws": LAYOUT.handoff_marker("raws", "in2p3", "c0000")}
@@ -86,13 +86,15 @@ def test_the_central_instance_waits_for_fanins_after_its_own_step1(demo):
         "sent/raws/in2p3/c0000.json",
         "sent/raws/ral/c0000.json",
         "sent/raws/lancs/c0000.json",
-        "sent/fanout_step3/in2p3/all.json",
+        "sent/fanout_step3/in2p3/t0p1.json",
+        "sent/fanout_step3/in2p3/t0p4.json",
     }
     # The central stage waits for every site's fan-in; a site stage for its own hand-offs.
     step2 = usdf.chunk_inputs("usdf", "step2", "global")
     assert step2["handoffs"] == [LAYOUT.handoff_marker("fanin_step2", s, "c0000") for s in usdf.processing]
     step3 = usdf.chunk_inputs("ral", "step3", "t0p2")
-    assert step3["handoffs"] == [LAYOUT.handoff_marker("fanout_step3", "ral", "all")]
+    # A step3 chunk waits for its own fan-out piece only.
+    assert step3["handoffs"] == [LAYOUT.handoff_marker("fanout_step3", "ral", "t0p2")]
     assert step3["earlier"] == [LAYOUT.stage_marker("ral", "step1")]
     assert usdf.stage_marker("ral", "step2") == LAYOUT.stage_marker("usdf", "step2")
 
