@@ -258,7 +258,7 @@ def test_5_reruns_duplicate_nothing(campaign_dir, campaign):
 
     # A hand-off run again moves nothing twice.
     placement = read_placement(markers(campaign_dir) / "placement" / "raws.tsv")
-    again = run_handoff(campaign, "fanin_step2", "in2p3", "all", placement)
+    again = run_handoff(campaign, "fanin_step2", "in2p3", "c0000", placement)
     usdf = Butler.from_config(campaign.central.repo)
     stars = usdf.query_datasets("single_visit_star", collections=again["runs"], find_first=False)
     assert len(stars) == len({ref.dataId for ref in stars}) == again["datasets"]["single_visit_star"]
