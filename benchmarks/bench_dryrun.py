@@ -6,8 +6,9 @@ writes the units table (one unit per tract, in each site's contiguous order) and
 campaign config with drp_pipe's stages, each split into chunks of at most 100,000
 estimated quanta, then times Snakemake's dry run of the whole campaign and counts
 its jobs and its hand-off pieces by kind (``multisite.flow.workflow_pieces``, checked
-against the dry run's ``handoff`` jobs). ``--scale`` runs 1/10 and 1/100 of the size,
-for the growth.
+against the dry run's ``handoff`` jobs), for each ``--chunks-per-handoff`` (default 1
+and 2: a piece per chunk, and per two chunks). ``--scale`` runs 1/10 and 1/100 of the
+size, for the growth.
 
 Run: ``make bench-dryrun`` (or ``.venv/bin/python benchmarks/bench_dryrun.py --scale 1 0.1 0.01``).
 """
@@ -55,8 +56,8 @@ STAGES = [
 ]
 
 
-def write_campaign(directory: Path, scale: float) -> tuple[Path, int]:
-    """Plan a campaign at ``scale`` of DR1 and write its config and units table."""
+def write_campaign(directory: Path, scale: float, chunks_per_handoff: list[int]) -> tuple[list[Path], int]:
+    """Plan a campaign at ``scale`` of DR1; write its units table and a config per hand-off cut."""
     plan = make_plan(*scaled_dr1_inventory(scale), SHARES)
     plan.campaign_units.to_csv(directory / "units.tsv", sep="\t", index=False)
     config = {
@@ -84,9 +85,12 @@ def write_campaign(directory: Path, scale: float) -> tuple[Path, int]:
             for site, compute in COMPUTE_SITES.items()
         },
     }
-    path = directory / "config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path, plan.units.n_units
+    paths = []
+    for chunks in chunks_per_handoff:
+        config["transfer"] = {"chunks_per_handoff": chunks}
+        paths.append(directory / f"config-{chunks}.yaml")
+        paths[-1].write_text(yaml.safe_dump(config, sort_keys=False))
+    return paths, plan.units.n_units
 
 
 def dry_run(directory: Path, config: Path) -> tuple[float, dict[str, int]]:
@@ -123,18 +127,23 @@ def main() -> None:
     """Run the benchmark at each requested scale and print its figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, nargs="+", default=[1.0, 0.1, 0.01])
+    parser.add_argument(
+        "--chunks-per-handoff", type=int, nargs="+", default=[1, 2], help="transfer.chunks_per_handoff values"
+    )
     args = parser.parse_args()
-    print(f"{'scale':>6s} {'units':>7s} {'jobs':>7s} {'snakemake -n (s)':>17s}  hand-off pieces by kind")
+    header = f"{'scale':>6s} {'units':>7s} {'chunks/piece':>12s} {'jobs':>7s} {'snakemake -n (s)':>17s}"
+    print(f"{header}  hand-off pieces by kind")
     for scale in args.scale:
         with tempfile.TemporaryDirectory(prefix="bench-dryrun-") as tmp:
             directory = Path(tmp)
-            config, n_units = write_campaign(directory, scale)
-            seconds, jobs = dry_run(directory, config)
-            kinds = pieces_by_kind(config)
-        if sum(kinds.values()) != jobs.get("handoff"):
-            raise SystemExit(f"the dry run plans {jobs.get('handoff')} hand-off jobs, the flow {kinds}")
-        pieces = ", ".join(f"{kind} {count}" for kind, count in kinds.items())
-        print(f"{scale:6g} {n_units:7d} {jobs['total']:7d} {seconds:17.1f}  {pieces}")
+            configs, n_units = write_campaign(directory, scale, args.chunks_per_handoff)
+            for chunks, config in zip(args.chunks_per_handoff, configs, strict=True):
+                seconds, jobs = dry_run(directory, config)
+                kinds = pieces_by_kind(config)
+                if sum(kinds.values()) != jobs.get("handoff"):
+                    raise SystemExit(f"the dry run plans {jobs.get('handoff')} hand-offs, the flow {kinds}")
+                pieces = ", ".join(f"{kind} {count}" for kind, count in kinds.items())
+                print(f"{scale:6g} {n_units:7d} {chunks:12d} {jobs['total']:7d} {seconds:17.1f}  {pieces}")
 
 
 if __name__ == "__main__":

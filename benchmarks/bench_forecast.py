@@ -52,7 +52,7 @@ def plan_campaign(directory: Path, scale: float) -> tuple[Path, Plan]:
 
     bench_dryrun.make_plan = keep
     try:
-        config, _ = bench_dryrun.write_campaign(directory, scale)
+        (config,), _ = bench_dryrun.write_campaign(directory, scale, [1])
     finally:
         bench_dryrun.make_plan = planner
     return config, made[0]
