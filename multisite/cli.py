@@ -280,14 +280,14 @@ def _add_forecast_parser(commands: argparse._SubParsersAction) -> None:
         "--flow",
         choices=("per_chunk", "per_site", "both"),
         default="both",
-        help="hand-offs cut along chunks, one per site (today's workflow), or both and the gain (default)",
+        help="hand-offs cut along chunks (the workflow's), one per site, or both and the gain (default)",
     )
     forecast.add_argument(
         "--chunks-per-handoff",
         type=int,
         metavar="N",
         help="chunks in one hand-off of the per-chunk flow "
-        "(default the config's forecast.chunks_per_handoff, else 1)",
+        "(default the config's transfer.chunks_per_handoff, else 1)",
     )
     forecast.add_argument("--svg", type=Path, metavar="PATH", help="also write the timeline (Gantt SVG) here")
 

@@ -7,12 +7,13 @@ chunk and each hand-off starts and ends, the makespan, its lower bound and the b
 
 Two flows:
 
-- ``per_site`` (the workflow today): each hand-off to or from a site is one piece. The
+- ``per_site``: each hand-off to or from a site is one piece. The
   ``raws`` reach a site in one piece and every chunk of its first stage waits for all of
   it; a fan-in leaves a site when the site's whole producing stage is done; a fan-out
   reaches a site in one piece; ``final`` leaves when all the site's last-stage chunks are
   done.
-- ``per_chunk`` (issue #12): each hand-off is cut along the chunks of the stage it feeds
+- ``per_chunk`` (the workflow's cut, `multisite.flow.cut_pieces`): each hand-off is cut
+  along the chunks of the stage it feeds
   (``raws``: the first site stage; ``fanout_<stage>``: ``<stage>``) or comes from
   (``fanin_<stage>`` and ``final``: the last stage before it at the site). A piece leaves
   as soon as its producing chunks are done and the chunk it feeds starts as soon as its
