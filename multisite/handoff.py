@@ -61,6 +61,8 @@ _LOG = logging.getLogger(__name__)
 # visits (with their detector regions, for spatial joins) and its sky units.
 VISIT_ELEMENTS = (
     "visit_system",
+    # Every detector: a visit's regions name detectors whose raws may travel in another piece.
+    "detector",
     "visit",
     "visit_definition",
     "visit_detector_region",
@@ -95,7 +97,7 @@ def _site_records(butler: Butler, campaign: Campaign, selection: SiteSelection) 
     records: dict[str, list] = {}
     visits = {"visits": sorted(selection.visits_needed)}
     for element in VISIT_ELEMENTS:
-        where = "" if element == "visit_system" else "visit IN (:visits)"
+        where = "" if element in ("visit_system", "detector") else "visit IN (:visits)"
         records[element] = butler.query_dimension_records(
             element,
             data_id={"instrument": campaign.instrument},

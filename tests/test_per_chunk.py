@@ -2,8 +2,9 @@
 
 The demo with one unit per step1 chunk: in2p3's two chunks (t0p1, t0p4) each get
 their own ``raws`` piece and their own ``fanin_step2`` piece. Asking Snakemake for
-one chunk's fan-in brings only that chunk's raws, runs that chunk and sends its
-products; the other chunk's come when asked for, and nothing moves twice.
+one chunk's fan-in (t0p4's, the site's second) brings only that chunk's raws, runs
+that chunk and sends its products; the other chunk's come when asked for, and
+nothing moves twice.
 """
 
 from __future__ import annotations
@@ -40,16 +41,16 @@ def test_a_step1_chunk_runs_and_sends_its_fanin_before_the_other_chunks_raws_arr
         assert f"wildcards: handoff=raws, site=in2p3, piece={piece}" in preview, preview[-3000:]
 
     first, fanin = (
-        layout.chunk_marker("in2p3", "step1", "t0p1"),
-        layout.handoff_marker("fanin_step2", "in2p3", "t0p1"),
+        layout.chunk_marker("in2p3", "step1", "t0p4"),
+        layout.handoff_marker("fanin_step2", "in2p3", "t0p4"),
     )
     snakemake(tmp_path, str(fanin.relative_to(tmp_path)))
     assert first.exists() and read_marker(first)["quanta_run"] > 0
     # The chunk's products reached the central site, before the site's other chunk ran.
     assert read_marker(fanin)["datasets"]["single_visit_star"] > 0
-    assert not layout.chunk_marker("in2p3", "step1", "t0p4").exists()
-    assert layout.handoff_marker("raws", "in2p3", "t0p1").exists()
-    assert not layout.handoff_marker("raws", "in2p3", "t0p4").exists()
+    assert not layout.chunk_marker("in2p3", "step1", "t0p1").exists()
+    assert layout.handoff_marker("raws", "in2p3", "t0p4").exists()
+    assert not layout.handoff_marker("raws", "in2p3", "t0p1").exists()
     # The piece held exactly its chunk's raws.
     placement = read_placement(layout.placement_table)
     at_in2p3 = placement[placement["site"] == "in2p3"]
@@ -58,16 +59,18 @@ def test_a_step1_chunk_runs_and_sends_its_fanin_before_the_other_chunks_raws_arr
         rows = at_in2p3[at_in2p3["unit"].isin(units)]
         return sorted(zip(rows["exposure"].astype(int), rows["detector"].astype(int), strict=True))
 
-    assert _raws_at(campaign, "in2p3") == share(["t0p1"]) != []
+    assert _raws_at(campaign, "in2p3") == share(["t0p4"]) != []
+    # Its raws are of two of the camera's four detectors; its visits' regions name all four.
+    assert len({detector for _, detector in share(["t0p4"])}) < 4
     events = read_events([layout.event_log("all")])
     steps = {event.step for event in events}
-    assert Layout.chunk_step("in2p3", "step1", "t0p1") in steps
-    assert Layout.handoff_step("fanin_step2", "in2p3", "t0p1") in steps
-    assert Layout.handoff_step("raws", "in2p3", "t0p4") not in steps
+    assert Layout.chunk_step("in2p3", "step1", "t0p4") in steps
+    assert Layout.handoff_step("fanin_step2", "in2p3", "t0p4") in steps
+    assert Layout.handoff_step("raws", "in2p3", "t0p1") not in steps
 
     # The other chunk brings its own pieces, and nothing moves twice.
     finished = {path: path.stat().st_mtime_ns for path in (first, fanin)}
-    second = layout.handoff_marker("fanin_step2", "in2p3", "t0p4")
+    second = layout.handoff_marker("fanin_step2", "in2p3", "t0p1")
     snakemake(tmp_path, str(second.relative_to(tmp_path)))
     assert second.exists() and {path: path.stat().st_mtime_ns for path in finished} == finished
     usdf = Butler.from_config(campaign.central.repo)
