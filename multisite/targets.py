@@ -139,7 +139,11 @@ class Targets:
         """Return what receiving a hand-off's piece waits for: its destination repository, what sending needs.
 
         One that another site's instance sends is awaited through the transfer backend,
-        once this instance's own work before it is done: a waiting rule holds a job slot.
+        once this instance's own work before it is done: its stages before the hand-off
+        and every piece of an earlier hand-off it sends to another instance. A waiting
+        rule holds a job slot, so it must not start while the sender still needs
+        something of this instance (a fan-out awaited while the fan-in it comes from is
+        still to be sent would deadlock an instance whose slots all wait).
         """
         flow = self.handoffs[handoff]
         _, receiver = flow.ends(self.campaign, site)
@@ -151,7 +155,12 @@ class Targets:
         else:
             before, _ = stage_dependencies(self.campaign, self.campaign.stage(flow.consumers[0]))
         own = [self.stage_marker(receiver, stage) for stage in before if receiver in self.processing]
-        return inputs | {"own_work": own}
+        order = list(self.handoffs)
+        earlier = set(order[: order.index(handoff)])
+        sent = [
+            self.layout.piece_marker(p, sent=True) for p in self.sent_pieces() if p.handoff.name in earlier
+        ]
+        return inputs | {"own_work": own + sent}
 
     def plan_inputs(self) -> dict[str, Path]:
         """Return what the plan needs: the central repository, or at another site's instance its raws."""
@@ -204,7 +213,7 @@ class Targets:
             for chunk in self.chunks(site.name, stage.name)
         ]
 
-    def sent_markers(self) -> list[Path]:
+    def sent_pieces(self) -> list[HandoffPiece]:
         """Hand-off pieces this instance sends to another site's instance and that have not arrived.
 
         One already received in this work directory (an instance running every site
@@ -212,7 +221,7 @@ class Targets:
         is left for it.
         """
         return [
-            self.layout.piece_marker(piece, sent=True)
+            piece
             for pieces in self.pieces.values()
             for piece in pieces
             for sender, receiver in [piece.handoff.ends(self.campaign, piece.site)]
@@ -240,4 +249,5 @@ class Targets:
         sends to other instances, its stages and its BPS YAMLs.
         """
         qa = [self.layout.qa_marker] if self.campaign.runs_here(self.campaign.central.name) else []
-        return [*qa, *self.sent_markers(), *self.stage_markers(), *self.submit_yamls()]
+        sent = [self.layout.piece_marker(piece, sent=True) for piece in self.sent_pieces()]
+        return [*qa, *sent, *self.stage_markers(), *self.submit_yamls()]

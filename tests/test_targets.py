@@ -46,7 +46,7 @@ def test_one_instance_sends_and_receives_everything(demo):
     final = one.handoff_inputs("final", "ral", "t0p2")["producers"]
     assert final == [LAYOUT.stage_marker("ral", "step1"), LAYOUT.chunk_marker("ral", "step3", "t0p2")]
     assert inputs["source_repo"] == LAYOUT.repo_marker("ral") and "own_work" not in inputs
-    assert one.sent_markers() == []
+    assert one.sent_pieces() == []
     assert LAYOUT.qa_marker in one.campaign_targets()
     assert one.plan_inputs() == {"survey": LAYOUT.survey_marker()}
 
@@ -59,8 +59,10 @@ def test_a_site_instance_receives_what_others_send_after_its_own_work(demo):
         "destination_repo": LAYOUT.repo_marker("in2p3"),
         "own_work": [],
     }
+    # The fan-out only after its own step1 and its fan-in sent: the central stage needs that.
     assert in2p3.handoff_inputs("fanout_step3", "in2p3", "t0p1")["own_work"] == [
-        LAYOUT.stage_marker("in2p3", "step1")
+        LAYOUT.stage_marker("in2p3", "step1"),
+        LAYOUT.sent_marker("fanin_step2", "in2p3", "c0000"),
     ]
     assert in2p3.plan_inputs() == {"raws": LAYOUT.handoff_marker("raws", "in2p3", "c0000")}
     share = names(in2p3.campaign_targets())
@@ -77,8 +79,10 @@ def test_a_site_instance_receives_what_others_send_after_its_own_work(demo):
 
 def test_the_central_instance_waits_for_fanins_after_its_own_step1(demo):
     usdf = targets(demo, "usdf")
+    # After its own step1 and every raws piece it sends: the fan-ins come from them.
     assert usdf.handoff_inputs("fanin_step2", "ral", "c0000")["own_work"] == [
-        LAYOUT.stage_marker("usdf", "step1")
+        LAYOUT.stage_marker("usdf", "step1"),
+        *(LAYOUT.sent_marker("raws", site, "c0000") for site in ("in2p3", "ral", "lancs")),
     ]
     assert usdf.sends("fanout_step3", "lancs") and not usdf.sends("final", "lancs")
     assert names(usdf.campaign_targets()) >= {
