@@ -64,9 +64,13 @@ class Targets:
     def awaited_pieces(self, handoff: Handoff, site: str, stage: str, chunk: str) -> list[HandoffPiece]:
         """Return the pieces of a hand-off to or from ``site`` that a chunk of ``stage`` waits for.
 
-        A chunk of the stage the hand-off is cut along waits for its own piece, any
-        other chunk for all of them.
+        Only the hand-off's first consumer waits for pieces: a chunk of the stage the
+        hand-off is cut along for its own piece, a central chunk for all of them. A
+        later consumer has them through its earlier stages (listing them again made
+        DR1's preview spend a third of its time on redundant inputs).
         """
+        if stage != handoff.consumers[0]:
+            return []
         if handoff.cut_stage == stage:
             return [self.piece_of[(handoff.name, site, chunk)]]
         return self.pieces[(handoff.name, site)]

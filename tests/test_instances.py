@@ -13,7 +13,9 @@ single-instance run (test_faults' campaign, shared through the session fixture
 datasets of at most ``MAX_FILES`` files, and a forced rerun of the fan-in registers,
 rules and imports nothing. In a second, RAL's instance is killed in the
 middle, the others wait and say so, and the campaign completes once it is restarted,
-with nothing that was finished done again.
+with nothing that was finished done again. A third, with one unit a step1 chunk,
+shows the per-chunk flow between instances: a chunk runs on its own raws piece and
+its fan-in leaves before the next chunk's raws are sent.
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ def command(site: str, config: Path) -> list[str]:
     """Return one site's instance: its profile, its own directory (executor local: see the module doc)."""
     return [
         str(BIN / "snakemake"),
+        "--configfile",  # first: it takes every value up to the next option, targets included
+        str(config),
         "--snakefile",
         str(REPO / "Snakefile"),
         "--profile",
@@ -90,8 +94,6 @@ def command(site: str, config: Path) -> list[str]:
         "3",  # a rule waiting for another site's hand-off holds a slot while it waits
         "--directory",
         str(config.parent),
-        "--configfile",
-        str(config),
     ]
 
 
@@ -182,10 +184,13 @@ def pending_fanin_rule(client, scope: str) -> tuple[str, str] | None:
     return None
 
 
-def force(site: str, config: Path, marker: Path) -> list[str]:
-    """Force one finished job of a site's instance again (the README's recipe); return the rules that ran."""
+def run_to(site: str, config: Path, marker: Path, *flags: str) -> list[str]:
+    """Run a site's instance up to one marker; return the rules that ran.
+
+    With ``--force``, the README's recipe to redo one finished job.
+    """
     result = subprocess.run(
-        [*command(site, config), "--force", str(marker.relative_to(config.parent))],
+        [*command(site, config), *flags, str(marker.relative_to(config.parent))],
         capture_output=True,
         text=True,
         env=ENV,
@@ -284,14 +289,47 @@ def test_four_instances_ride_out_a_rucio_outage_during_a_fanin_and_end_like_one_
     dids = sorted(client.list_dids(scope, {"name": "*"}, did_type="all"))
     sent = configs[sender].parent / "work" / "markers" / "sent" / "fanin_step2" / sender / "c0000.json"
     received = usdf / "markers" / "handoff" / "fanin_step2" / sender / "c0000.json"
-    assert force(sender, configs[sender], sent) == ["send_handoff"]
-    assert force("usdf", configs["usdf"], received) == ["handoff"]
+    assert run_to(sender, configs[sender], sent, "--force") == ["send_handoff"]
+    assert run_to("usdf", configs["usdf"], received, "--force") == ["handoff"]
     assert read_marker(sent)["backend_details"]["rucio"]["files_registered_now"] == 0
     again = read_marker(received)["backend_details"]
     assert again["rucio"]["rule_id"] == rule_id and not again["rucio"]["rule_created"]
     assert again["imported_datasets"] == 0
     assert rules_by_handoff(client, scope) == rules
     assert sorted(client.list_dids(scope, {"name": "*"}, did_type="all")) == dids
+
+
+def test_a_site_instances_step1_chunk_runs_and_sends_its_fanin_before_the_next_chunks_raws_leave(
+    local_rucio, tmp_path_factory
+):
+    """Per chunk through Rucio between site instances, one unit a step1 chunk.
+
+    in2p3's first step1 chunk (t0p1) runs with its own raws piece and its fan-in
+    leaves, while the raws of its second chunk (t0p4) are not even registered.
+    """
+    rucio, storage = local_rucio
+    scope = "perchunk"
+    configs = instance_configs(tmp_path_factory.mktemp("perchunk"), rucio, storage, scope)
+    for path in configs.values():
+        config = yaml.safe_load(path.read_text())
+        config["stages"][0]["units_per_chunk"] = 1
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+    layout = {site: load_campaign(configs[site]).layout for site in ("usdf", "in2p3")}
+
+    raws = layout["usdf"].sent_marker("raws", "in2p3", "t0p1")
+    assert run_to("usdf", configs["usdf"], raws).count("send_handoff") == 1
+    fanin = layout["in2p3"].sent_marker("fanin_step2", "in2p3", "t0p1")
+    ran = run_to("in2p3", configs["in2p3"], fanin)
+    assert ran.count("handoff") == 1 and ran.count("send_handoff") == 1, ran
+
+    chunk = read_marker(layout["in2p3"].chunk_marker("in2p3", "step1", "t0p1"))
+    assert chunk["quanta_run"] > 0
+    assert read_marker(fanin)["datasets"]["single_visit_star"] > 0
+    assert not layout["in2p3"].chunk_marker("in2p3", "step1", "t0p4").exists()
+    assert not layout["usdf"].sent_marker("raws", "in2p3", "t0p4").exists()
+    client = rucio_client(rucio, scope)
+    containers = set(client.list_dids(scope, {"name": "multisite.demo.*.*"}, did_type="container"))
+    assert containers == {"multisite.demo.raws.in2p3.t0p1", "multisite.demo.fanin_step2.in2p3.t0p1"}
 
 
 def test_killed_instance_is_waited_for_and_restarted_without_redoing_anything(local_rucio, tmp_path_factory):
