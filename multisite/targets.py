@@ -81,6 +81,20 @@ class Targets:
         sender, _ = self.handoffs[handoff].ends(self.campaign, site)
         return self.campaign.runs_here(sender)
 
+    def priority(self, stage: str) -> int:
+        """Return the scheduling priority of a job for ``stage`` (or a hand-off cut along it).
+
+        Earlier stages first: everything before the central stage is on the campaign's
+        critical path (the fan-in barrier), so a site's first chunk and its raws go
+        before a later stage's submit YAML (the demo's step1 at RAL started 80 s late
+        behind step3 YAMLs).
+        """
+        return len(self.campaign.stages) - self.campaign.stages.index(self.campaign.stage(stage))
+
+    def handoff_priority(self, handoff: str) -> int:
+        """Return the scheduling priority of a hand-off piece: its cut stage's."""
+        return self.priority(self.handoffs[handoff].cut_stage)
+
     def chunks(self, site: str, stage: str) -> list[str]:
         """Chunk names of a stage at a site (one BPS workflow each)."""
         return list(stage_chunks(self.campaign, site, self.campaign.stage(stage)))

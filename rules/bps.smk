@@ -8,6 +8,7 @@ rule bps_yaml:
         submit_yaml=LAYOUT.submit_yaml("{site}", "{stage}", "{chunk}"),
     log:
         LAYOUT.rule_log("bps_yaml", "{site}", "{stage}", "{chunk}"),
+    priority: stage_priority
     localrule: True
     script:
         "../scripts/bps_yaml.py"

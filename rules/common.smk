@@ -31,6 +31,14 @@ wildcard_constraints:
     piece=r"[A-Za-z0-9_-]+(?:\.\.[A-Za-z0-9_-]+)?",
 
 
+def stage_priority(wildcards):
+    return TARGETS.priority(wildcards.stage)
+
+
+def handoff_priority(wildcards):
+    return TARGETS.handoff_priority(wildcards.handoff)
+
+
 def sending_inputs(wildcards):
     return TARGETS.sending_inputs(wildcards.handoff, wildcards.site, wildcards.piece)
 

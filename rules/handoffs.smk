@@ -11,6 +11,7 @@ rule handoff:
         marker=LAYOUT.handoff_marker("{handoff}", "{site}", "{piece}"),
     log:
         LAYOUT.handoff_log("{handoff}", "{site}", "{piece}"),
+    priority: handoff_priority
     # Rucio moves the files and the rule imports them in place: submit-host work.
     # The butler backend copies the files: batch work.
     localrule: campaign.transfer_backend == "rucio"
@@ -25,6 +26,7 @@ rule send_handoff:
         marker=LAYOUT.sent_marker("{handoff}", "{site}", "{piece}"),
     log:
         LAYOUT.send_log("{handoff}", "{site}", "{piece}"),
+    priority: handoff_priority
     localrule: True
     script:
         "../scripts/send_handoff.py"
@@ -38,5 +40,6 @@ rule verify_inputs:
         marker=LAYOUT.inputs_marker("{site}", "{piece}"),
     log:
         LAYOUT.rule_log("verify_inputs", "{site}", "{piece}"),
+    priority: TARGETS.handoff_priority("raws")
     script:
         "../scripts/verify_inputs.py"

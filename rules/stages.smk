@@ -9,6 +9,7 @@ rule run_stage:
         marker=LAYOUT.chunk_marker("{site}", "{stage}", "{chunk}"),
     log:
         LAYOUT.chunk_log("{site}", "{stage}", "{chunk}"),
+    priority: stage_priority
     localrule: True
     script:
         "../scripts/run_stage.py"
@@ -26,6 +27,7 @@ for _stage in campaign.stages:
                 marker=TARGETS.stage_marker(_site.name, _stage.name),
             log:
                 LAYOUT.stage_log(_site.name, _stage.name),
+            priority: TARGETS.priority(_stage.name)
             params:
                 site=_site.name,
                 stage=_stage.name,

@@ -305,7 +305,9 @@ def test_a_site_instances_step1_chunk_runs_and_sends_its_fanin_before_the_next_c
     """Per chunk through Rucio between site instances, one unit a step1 chunk.
 
     in2p3's first step1 chunk (t0p1) runs with its own raws piece and its fan-in
-    leaves, while the raws of its second chunk (t0p4) are not even registered.
+    leaves, while the raws of its second chunk (t0p4) are not even registered. Its
+    instance, killed while the piece's Rucio rule is pending, reruns with
+    ``--rerun-incomplete`` on the same rule, with no raw twice.
     """
     rucio, storage = local_rucio
     scope = "perchunk"
@@ -319,15 +321,52 @@ def test_a_site_instances_step1_chunk_runs_and_sends_its_fanin_before_the_next_c
     raws = layout["usdf"].sent_marker("raws", "in2p3", "t0p1")
     assert run_to("usdf", configs["usdf"], raws).count("send_handoff") == 1
     fanin = layout["in2p3"].sent_marker("fanin_step2", "in2p3", "t0p1")
-    ran = run_to("in2p3", configs["in2p3"], fanin)
+    client = rucio_client(rucio, scope)
+    container = "multisite.demo.raws.in2p3.t0p1"
+
+    # in2p3's instance killed in the middle of its raws piece: its rule made, transfers held back.
+    rucio.pause_daemons()
+    try:
+        target = str(fanin.relative_to(configs["in2p3"].parent))
+        with open(configs["in2p3"].parent / "snakemake.log", "a") as log:
+            process = subprocess.Popen(
+                [*command("in2p3", configs["in2p3"]), target],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=ENV,
+                start_new_session=True,
+            )
+        try:
+            wait_for(
+                "in2p3's rule for its raws piece",
+                lambda: list(client.list_did_rules(scope, container)),
+                {"in2p3": process},
+                interval=0.5,
+            )
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    finally:
+        rucio.resume_daemons()
+    (rule,) = [r["id"] for r in client.list_did_rules(scope, container)]
+    assert not layout["in2p3"].handoff_marker("raws", "in2p3", "t0p1").exists()
+    subprocess.run(
+        [*command("in2p3", configs["in2p3"]), "--unlock"], check=True, capture_output=True, env=ENV
+    )
+    ran = run_to("in2p3", configs["in2p3"], fanin, "--rerun-incomplete")
     assert ran.count("handoff") == 1 and ran.count("send_handoff") == 1, ran
+    # The rerun went on with the same rule, and every raw arrived once.
+    assert [r["id"] for r in client.list_did_rules(scope, container)] == [rule]
+    campaign = load_campaign(configs["in2p3"])
+    butler = Butler.from_config(campaign.sites["in2p3"].repo)
+    found = butler.query_datasets("raw", collections=campaign.handoff_chain("in2p3"), find_first=False)
+    assert found and len(found) == len({ref.dataId for ref in found})
 
     chunk = read_marker(layout["in2p3"].chunk_marker("in2p3", "step1", "t0p1"))
     assert chunk["quanta_run"] > 0
     assert read_marker(fanin)["datasets"]["single_visit_star"] > 0
     assert not layout["in2p3"].chunk_marker("in2p3", "step1", "t0p4").exists()
     assert not layout["usdf"].sent_marker("raws", "in2p3", "t0p4").exists()
-    client = rucio_client(rucio, scope)
     containers = set(client.list_dids(scope, {"name": "multisite.demo.*.*"}, did_type="container"))
     assert containers == {"multisite.demo.raws.in2p3.t0p1", "multisite.demo.fanin_step2.in2p3.t0p1"}
 

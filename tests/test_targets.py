@@ -180,3 +180,12 @@ def test_a_piece_selects_what_belongs_to_its_units(demo):
         "tract 0": (True, False),
     }
     assert t0p2.raws_needed == {(1, 1), (2, 0)} and t0p5.raws_needed == {(3, 0)}
+
+
+def test_earlier_stages_are_scheduled_first(demo):
+    """A site's raws, first chunks and fan-in go before a later stage's jobs (the fan-in is the barrier)."""
+    one = targets(demo)
+    first, central, last = (one.priority(stage) for stage in ("step1", "step2", "step3"))
+    assert first > central > last > 0
+    assert one.handoff_priority("raws") == one.handoff_priority("fanin_step2") == first
+    assert one.handoff_priority("fanout_step3") == one.handoff_priority("final") == last
