@@ -8,7 +8,8 @@ estimated quanta, then times Snakemake's dry run of the whole campaign and count
 its jobs and its hand-off pieces by kind (``multisite.flow.workflow_pieces``, checked
 against the dry run's ``handoff`` jobs), for each ``--chunks-per-handoff`` (default 1
 and 2: a piece per chunk, and per two chunks). ``--scale`` runs 1/10 and 1/100 of the
-size, for the growth.
+size, for the growth. ``--sites`` times the preview of each named site's instance too
+(``--config site=<site>``, what ``snakemake --profile <site> -n`` plans).
 
 Run: ``make bench-dryrun`` (or ``.venv/bin/python benchmarks/bench_dryrun.py --scale 1 0.1 0.01``).
 """
@@ -93,8 +94,11 @@ def write_campaign(directory: Path, scale: float, chunks_per_handoff: list[int])
     return paths, plan.units.n_units
 
 
-def dry_run(directory: Path, config: Path) -> tuple[float, dict[str, int]]:
-    """Time ``snakemake -n`` of the whole campaign; return seconds and job count by rule (and total)."""
+def dry_run(directory: Path, config: Path, site: str | None = None) -> tuple[float, dict[str, int]]:
+    """Time ``snakemake -n`` of the whole campaign (or of ``site``'s instance).
+
+    Return the seconds and the job count by rule (and total).
+    """
     command = [
         str(BIN / "snakemake"),
         "-n",
@@ -108,6 +112,7 @@ def dry_run(directory: Path, config: Path) -> tuple[float, dict[str, int]]:
         str(config),
         "--cores",
         "2",
+        *(["--config", f"site={site}"] if site else []),
     ]
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     start = time.perf_counter()
@@ -130,8 +135,9 @@ def main() -> None:
     parser.add_argument(
         "--chunks-per-handoff", type=int, nargs="+", default=[1, 2], help="transfer.chunks_per_handoff values"
     )
+    parser.add_argument("--sites", nargs="*", default=["usdf", "in2p3"], help="site instances to preview too")
     args = parser.parse_args()
-    header = f"{'scale':>6s} {'units':>7s} {'chunks/piece':>12s} {'jobs':>7s} {'snakemake -n (s)':>17s}"
+    header = f"{'scale':>6s} {'units':>7s} {'chunks/piece':>12s} {'instance':>8s} {'jobs':>7s} {'-n (s)':>7s}"
     print(f"{header}  hand-off pieces by kind")
     for scale in args.scale:
         with tempfile.TemporaryDirectory(prefix="bench-dryrun-") as tmp:
@@ -143,7 +149,11 @@ def main() -> None:
                 if sum(kinds.values()) != jobs.get("handoff"):
                     raise SystemExit(f"the dry run plans {jobs.get('handoff')} hand-offs, the flow {kinds}")
                 pieces = ", ".join(f"{kind} {count}" for kind, count in kinds.items())
-                print(f"{scale:6g} {n_units:7d} {chunks:12d} {jobs['total']:7d} {seconds:17.1f}  {pieces}")
+                row = f"{scale:6g} {n_units:7d} {chunks:12d}"
+                print(f"{row} {'all':>8s} {jobs['total']:7d} {seconds:7.1f}  {pieces}")
+                for site in args.sites:
+                    seconds, jobs = dry_run(directory, config, site)
+                    print(f"{row} {site:>8s} {jobs['total']:7d} {seconds:7.1f}")
 
 
 if __name__ == "__main__":

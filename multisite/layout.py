@@ -126,6 +126,10 @@ class Layout:
         """Return the marker of a hand-off piece published by its sending instance for another instance."""
         return self.markers / "sent" / handoff / site / f"{piece}.json"
 
+    def handoff_sent_marker(self, handoff: str, site: str) -> Path:
+        """Return the marker of every piece of a hand-off for a processing site sent by this instance."""
+        return self.markers / "sent" / handoff / f"{site}.json"
+
     def piece_marker(self, piece: HandoffPiece, sent: bool = False) -> Path:
         """Return `handoff_marker` (or `sent_marker`) of a hand-off piece."""
         marker = self.sent_marker if sent else self.handoff_marker

@@ -175,8 +175,12 @@ class Targets:
         own = [self.stage_marker(receiver, stage) for stage in before if receiver in self.processing]
         order = list(self.handoffs)
         earlier = set(order[: order.index(handoff)])
+        # One marker per earlier hand-off and far-end site: listing every piece made USDF's
+        # instance preview at DR1 take 93 s (950 fan-in receives x 473 raws pieces).
         sent = [
-            self.layout.piece_marker(p, sent=True) for p in self.sent_pieces() if p.handoff.name in earlier
+            self.layout.handoff_sent_marker(name, far_end)
+            for name, far_end in self.sent_handoffs
+            if name in earlier
         ]
         return inputs | {"own_work": own + sent}
 
@@ -231,12 +235,22 @@ class Targets:
             for chunk in self.chunks(site.name, stage.name)
         ]
 
+    def sent_markers(self, handoff: str, site: str) -> list[Path]:
+        """Return the sent markers of a hand-off's pieces for ``site`` that this instance still sends."""
+        return [
+            self.layout.piece_marker(piece, sent=True)
+            for piece in self.sent_pieces
+            if (piece.handoff.name, piece.site) == (handoff, site)
+        ]
+
+    @cached_property
     def sent_pieces(self) -> list[HandoffPiece]:
         """Hand-off pieces this instance sends to another site's instance and that have not arrived.
 
         One already received in this work directory (an instance running every site
         delivered it) has nothing left to send, so a site's preview lists only what
-        is left for it.
+        is left for it. Read once per workflow: the markers it looks at are this
+        instance's own.
         """
         return [
             piece
@@ -246,6 +260,11 @@ class Targets:
             if self.campaign.runs_here(sender) and not self.campaign.runs_here(receiver)
             if not self.layout.piece_marker(piece).exists()
         ]
+
+    @cached_property
+    def sent_handoffs(self) -> list[tuple[str, str]]:
+        """(hand-off, processing site) of every `sent_pieces` piece, in campaign order."""
+        return list(dict.fromkeys((piece.handoff.name, piece.site) for piece in self.sent_pieces))
 
     def stage_markers(self) -> list[Path]:
         """Return the marker of every stage this instance runs, at each of its sites.
@@ -267,5 +286,5 @@ class Targets:
         sends to other instances, its stages and its BPS YAMLs.
         """
         qa = [self.layout.qa_marker] if self.campaign.runs_here(self.campaign.central.name) else []
-        sent = [self.layout.piece_marker(piece, sent=True) for piece in self.sent_pieces()]
+        sent = [self.layout.handoff_sent_marker(handoff, site) for handoff, site in self.sent_handoffs]
         return [*qa, *sent, *self.stage_markers(), *self.submit_yamls()]

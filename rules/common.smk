@@ -43,6 +43,10 @@ def sending_inputs(wildcards):
     return TARGETS.sending_inputs(wildcards.handoff, wildcards.site, wildcards.piece)
 
 
+def sent_markers(wildcards):
+    return TARGETS.sent_markers(wildcards.handoff, wildcards.site)
+
+
 def handoff_inputs(wildcards):
     inputs = TARGETS.handoff_inputs(wildcards.handoff, wildcards.site, wildcards.piece)
     # A receive waits for its instance's own work for order only (a waiting rule holds a job

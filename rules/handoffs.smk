@@ -1,7 +1,7 @@
 # Steps 2-3 and the fan-in / fan-out / final transfers: every hand-off between sites, in
 # pieces (multisite.flow.workflow_pieces: raws per chunk of the first site stage). A piece's
 # marker is written where it arrives; a site instance sending to another instance writes a
-# "sent" marker.
+# "sent" marker per piece, and one per hand-off and site once every piece is sent.
 
 
 rule handoff:
@@ -30,6 +30,20 @@ rule send_handoff:
     localrule: True
     script:
         "../scripts/send_handoff.py"
+
+
+# What a waiting receive holds back for: one input per earlier hand-off and far-end site.
+rule handoff_sent:
+    input:
+        pieces=sent_markers,
+    output:
+        marker=LAYOUT.handoff_sent_marker("{handoff}", "{site}"),
+    log:
+        LAYOUT.rule_log("handoff_sent", "{handoff}", "{site}"),
+    priority: handoff_priority
+    localrule: True
+    script:
+        "../scripts/handoff_sent.py"
 
 
 rule verify_inputs:

@@ -12,8 +12,9 @@ single-instance run (test_faults' campaign, shared through the session fixture
 ``demo_through_faults``), every hand-off in one Rucio rule on its container of closed
 datasets of at most ``MAX_FILES`` files, and a forced rerun of the fan-in registers,
 rules and imports nothing. In a second, RAL's instance is killed in the
-middle, the others wait and say so, and the campaign completes once it is restarted,
-with nothing that was finished done again. A third, with one unit a step1 chunk,
+middle, the others wait and say so; restarted with one of its step3 chunks failing, the
+final products of its other chunk reach USDF on their own; and the campaign completes
+once it is restarted again, with nothing that was finished done again. A third, with one unit a step1 chunk,
 shows the per-chunk flow between instances: a chunk runs on its own raws piece and
 its fan-in leaves before the next chunk's raws are sent.
 """
@@ -34,6 +35,7 @@ import yaml
 from lsst.daf.butler import Butler
 
 from multisite.config import load_campaign
+from multisite.demo.tasks import FAILURE_ENV
 from multisite.markers import read_marker
 from multisite.rucio_backend import RucioBackend
 
@@ -97,11 +99,18 @@ def command(site: str, config: Path) -> list[str]:
     ]
 
 
-def start(site: str, config: Path) -> subprocess.Popen:
-    """Start one site's instance in its own process group, its output in its directory."""
+def start(site: str, config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start one site's instance in its own process group, its output in its directory.
+
+    ``args`` (targets, options) come after the instance's command; ``env`` adds to its environment.
+    """
     with open(config.parent / "snakemake.log", "a") as log:
         return subprocess.Popen(
-            command(site, config), stdout=log, stderr=subprocess.STDOUT, env=ENV, start_new_session=True
+            [*command(site, config), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=ENV | (env or {}),
+            start_new_session=True,
         )
 
 
@@ -327,15 +336,7 @@ def test_a_site_instances_step1_chunk_runs_and_sends_its_fanin_before_the_next_c
     # in2p3's instance killed in the middle of its raws piece: its rule made, transfers held back.
     rucio.pause_daemons()
     try:
-        target = str(fanin.relative_to(configs["in2p3"].parent))
-        with open(configs["in2p3"].parent / "snakemake.log", "a") as log:
-            process = subprocess.Popen(
-                [*command("in2p3", configs["in2p3"]), target],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=ENV,
-                start_new_session=True,
-            )
+        process = start("in2p3", configs["in2p3"], str(fanin.relative_to(configs["in2p3"].parent)))
         try:
             wait_for(
                 "in2p3's rule for its raws piece",
@@ -409,6 +410,14 @@ def test_killed_instance_is_waited_for_and_restarted_without_redoing_anything(lo
         subprocess.run(
             [*command("ral", configs["ral"]), "--unlock"], check=True, capture_output=True, env=ENV
         )
+        # Restarted with its step3 chunk t0p5 failing: the final products of its other chunk
+        # (t0p2) still reach USDF, through Rucio, on their own.
+        failing = start("ral", configs["ral"], "--keep-going", env={FAILURE_ENV: "makeCoadd:patch=5"})
+        assert failing.wait(timeout=2400) != 0
+        usdf = load_campaign(configs["usdf"]).layout
+        wait_for("ral's final t0p2 at usdf", usdf.handoff_marker("final", "ral", "t0p2").exists, processes)
+        assert not (ral_work / "markers" / "stage" / "ral" / "step3" / "t0p5.json").exists()
+        assert not usdf.handoff_marker("final", "ral", "t0p5").exists()
         processes["ral"] = start("ral", configs["ral"])
         finish(processes, configs)
     finally:

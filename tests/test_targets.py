@@ -46,7 +46,7 @@ def test_one_instance_sends_and_receives_everything(demo):
     final = one.handoff_inputs("final", "ral", "t0p2")["producers"]
     assert final == [LAYOUT.stage_marker("ral", "step1"), LAYOUT.chunk_marker("ral", "step3", "t0p2")]
     assert inputs["source_repo"] == LAYOUT.repo_marker("ral") and "own_work" not in inputs
-    assert one.sent_pieces() == []
+    assert one.sent_pieces == [] and one.sent_handoffs == []
     assert LAYOUT.qa_marker in one.campaign_targets()
     assert one.plan_inputs() == {"survey": LAYOUT.survey_marker()}
 
@@ -62,14 +62,17 @@ def test_a_site_instance_receives_what_others_send_after_its_own_work(demo):
     # The fan-out only after its own step1 and its fan-in sent: the central stage needs that.
     assert in2p3.handoff_inputs("fanout_step3", "in2p3", "t0p1")["own_work"] == [
         LAYOUT.stage_marker("in2p3", "step1"),
-        LAYOUT.sent_marker("fanin_step2", "in2p3", "c0000"),
+        LAYOUT.handoff_sent_marker("fanin_step2", "in2p3"),
+    ]
+    # A hand-off is all sent once each of its pieces is.
+    assert in2p3.sent_markers("final", "in2p3") == [
+        LAYOUT.sent_marker("final", "in2p3", chunk) for chunk in ("t0p1", "t0p4")
     ]
     assert in2p3.plan_inputs() == {"raws": LAYOUT.handoff_marker("raws", "in2p3", "c0000")}
     share = names(in2p3.campaign_targets())
     assert share == {
-        "sent/fanin_step2/in2p3/c0000.json",
-        "sent/final/in2p3/t0p1.json",
-        "sent/final/in2p3/t0p4.json",
+        "sent/fanin_step2/in2p3.json",
+        "sent/final/in2p3.json",
         "stage/in2p3/step1.json",
         "stage/in2p3/step3.json",
     }
@@ -82,17 +85,17 @@ def test_the_central_instance_waits_for_fanins_after_its_own_step1(demo):
     # After its own step1 and every raws piece it sends: the fan-ins come from them.
     assert usdf.handoff_inputs("fanin_step2", "ral", "c0000")["own_work"] == [
         LAYOUT.stage_marker("usdf", "step1"),
-        *(LAYOUT.sent_marker("raws", site, "c0000") for site in ("in2p3", "ral", "lancs")),
+        *(LAYOUT.handoff_sent_marker("raws", site) for site in ("in2p3", "ral", "lancs")),
     ]
     assert usdf.sends("fanout_step3", "lancs") and not usdf.sends("final", "lancs")
     assert names(usdf.campaign_targets()) >= {
         "qa/qa.json",
-        "sent/raws/in2p3/c0000.json",
-        "sent/raws/ral/c0000.json",
-        "sent/raws/lancs/c0000.json",
-        "sent/fanout_step3/in2p3/t0p1.json",
-        "sent/fanout_step3/in2p3/t0p4.json",
+        "sent/raws/in2p3.json",
+        "sent/raws/ral.json",
+        "sent/raws/lancs.json",
+        "sent/fanout_step3/in2p3.json",
     }
+    assert usdf.sent_markers("raws", "ral") == [LAYOUT.sent_marker("raws", "ral", "c0000")]
     # The central stage waits for every site's fan-in; a site stage for its own hand-offs.
     step2 = usdf.chunk_inputs("usdf", "step2", "global")
     assert step2["handoffs"] == [LAYOUT.handoff_marker("fanin_step2", s, "c0000") for s in usdf.processing]
