@@ -68,6 +68,47 @@ def _unlock(campaign: Campaign, config: Path) -> int:
     return 0
 
 
+def _move(campaign: Campaign, args: argparse.Namespace) -> int:
+    """Move units, or drain a site, in a running campaign; print the move unit by unit."""
+    from .lock import HoldRefused
+    from .move import MoveRefused, format_move, move_units
+
+    try:
+        move = move_units(
+            campaign,
+            str(args.config),
+            units=args.unit,
+            to=[site.strip() for site in args.to.split(",") if site.strip()],
+            from_site=args.from_site,
+            dry_run=args.dry_run,
+        )
+    except (MoveRefused, HoldRefused) as err:
+        print(f"Nothing was moved: {err}", file=sys.stderr)
+        return 1
+    print(format_move(move))
+    if move.moves:
+        print(
+            "Preview only: nothing written."
+            if args.dry_run
+            else f"Written: {campaign.units_table} and the plan. Go on: snakemake -n, then snakemake."
+        )
+    return 0
+
+
+def _add_move_parser(commands: argparse._SubParsersAction) -> None:
+    move = commands.add_parser(
+        "move", help="move units to another site, or drain a site, in a running campaign (units not begun)"
+    )
+    move.add_argument("config", type=Path, help="campaign config YAML")
+    which = move.add_mutually_exclusive_group(required=True)
+    which.add_argument("--unit", nargs="+", help="the units to move (to the one site of --to)")
+    which.add_argument(
+        "--from", dest="from_site", metavar="SITE", help="drain SITE: move its units not begun"
+    )
+    move.add_argument("--to", required=True, help="the new site; for --from, SITE,SITE,... shared by cores")
+    move.add_argument("-n", "--dry-run", action="store_true", help="print the move, write nothing")
+
+
 def _pairs(values: list[str], option: str, form: str) -> dict[str, str]:
     """Parse the values of a repeated ``option`` of the ``form`` ``KEY=VALUE``, each key once."""
     pairs: dict[str, str] = {}
@@ -349,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("config", type=Path, help="campaign config YAML")
     _add_plan_parser(commands)
     _add_forecast_parser(commands)
+    _add_move_parser(commands)
     repair = commands.add_parser(
         "repair",
         help="fetch the damaged or missing files a site received again from their source; verify them",
@@ -378,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
             return _forecast(campaign, args)
         if args.command == "repair":
             return _repair(campaign, args.site)
+        if args.command == "move":
+            return _move(campaign, args)
         if args.command in ("check", "orphans"):
             return _consistency(campaign, args)
         if args.command == "status":

@@ -128,11 +128,14 @@ class Unit:
         Its (tract, patch) cells; patch `None` is the whole tract.
     site : `str`
         Site that processes it.
+    move : `int`
+        The ``multisite move`` that brought it to its site (0: the first plan).
     """
 
     name: str
     cells: tuple[tuple[int, int | None], ...]
     site: str
+    move: int = 0
 
     def contains(self, tract: int, patch: int | None) -> bool:
         """Whether the unit covers a patch (or, with ``patch`` `None`, a whole tract)."""
@@ -309,6 +312,7 @@ def _read_units(path: Path, sites: Mapping[str, Any]) -> tuple[list[Unit], list[
         return [], [f"{where}: no units; add one row per unit of sky"]
     problems: list[str] = []
     sites_of: dict[str, str] = {}
+    moves_of: dict[str, int] = {}
     cells_of: dict[str, list[tuple[int, int | None]]] = {}
     cells: dict[tuple[int, int | None], str] = {}
     for row_number, row in enumerate(table.to_dict("records"), start=2):
@@ -338,6 +342,12 @@ def _read_units(path: Path, sites: Mapping[str, Any]) -> tuple[list[Unit], list[
                 f"{at}: tract and patch must be whole numbers (patch may be empty for a whole tract)"
             )
             continue
+        move_text = row.get("move", "").strip()
+        if move_text and not move_text.isdigit():
+            problems.append(
+                f"{at}: move {move_text!r} must be a whole number (written by `multisite move`; empty: 0)"
+            )
+            continue
         key = (tract, patch)
         if key in cells:
             problems.append(
@@ -345,10 +355,12 @@ def _read_units(path: Path, sites: Mapping[str, Any]) -> tuple[list[Unit], list[
             )
             continue
         sites_of[name] = site
+        moves_of[name] = int(move_text or 0)
         cells[key] = name
         cells_of.setdefault(name, []).append(key)
     # A unit of several rows is a group of tracts (or patches), processed as one.
-    return [Unit(name, tuple(cells_of[name]), site) for name, site in sites_of.items()], problems
+    units = [Unit(name, tuple(cells_of[name]), site, moves_of[name]) for name, site in sites_of.items()]
+    return units, problems
 
 
 def shell_unsafe(value: str) -> str | None:

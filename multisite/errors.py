@@ -68,9 +68,10 @@ class PlanChangedError(CampaignConfigError):
                 f"{listing}{more}\n"
                 "  Nothing was run: markers already written belong to the recorded plan, and running a "
                 "changed one would redo delivered work or mark a unit done where it did not run. Put the "
-                "units table and stages back as the plan marker records them (its 'plan' field), or start "
-                "the changed plan in a new work directory; moving units inside a running campaign is not "
-                "supported yet."
+                "units table and stages back as the plan marker records them (its 'plan' field), then move "
+                "units with `multisite move <config> --unit U... --to SITE` (or drain a site with `--from "
+                "SITE --to SITE,...`), which checks that nothing begun changes; or start the changed plan "
+                "in a new work directory."
             ],
         )
 

@@ -28,6 +28,7 @@ __all__ = (
     "workflow_pieces",
 )
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -168,16 +169,23 @@ def stage_chunks(campaign: Campaign, site: str, stage: Stage) -> dict[str, tuple
     """
     if stage.is_central:
         return {CENTRAL_CHUNK: tuple(u.name for u in campaign.units)}
+    units = campaign.units_of(site)
     return chunk_units(
-        [u.name for u in campaign.units_of(site)],
+        [u.name for u in units],
         max_quanta=campaign.max_quanta,
         quanta_per_unit=stage.quanta_per_unit,
         units_per_chunk=stage.units_per_chunk,
+        moves=[u.move for u in units],
     )
 
 
 def chunk_units(
-    units: Sequence[str], *, max_quanta: int, quanta_per_unit: int, units_per_chunk: int | None = None
+    units: Sequence[str],
+    *,
+    max_quanta: int,
+    quanta_per_unit: int,
+    units_per_chunk: int | None = None,
+    moves: Sequence[int] | None = None,
 ) -> dict[str, tuple[str, ...]]:
     """Split a site's ordered units into chunks of consecutive units, one BPS workflow each.
 
@@ -196,6 +204,9 @@ def chunk_units(
         units (at least one).
     units_per_chunk : `int`, optional
         Units of a chunk, when given instead of the estimate.
+    moves : `~collections.abc.Sequence` [`int`], optional
+        The move that brought each unit to the site (0: the first plan). A chunk
+        holds units of one move, so units moved in keep the site's chunks as they were.
 
     Returns
     -------
@@ -205,7 +216,10 @@ def chunk_units(
         ``c0001``, ... otherwise.
     """
     per_chunk = units_per_chunk or max(1, max_quanta // quanta_per_unit)
-    groups = [tuple(units[i : i + per_chunk]) for i in range(0, len(units), per_chunk)]
+    groups = []
+    for _, run in itertools.groupby(zip(units, moves or [0] * len(units), strict=True), key=lambda u: u[1]):
+        names = [name for name, _ in run]
+        groups += [tuple(names[i : i + per_chunk]) for i in range(0, len(names), per_chunk)]
     if per_chunk == 1:
         return {group[0]: group for group in groups}
     return {f"c{index:04d}": group for index, group in enumerate(groups)}

@@ -13,11 +13,13 @@ __all__ = (
     "SiteSelection",
     "chunk_data_ids",
     "compute_placement",
+    "place_raws",
     "plan_placement",
     "read_placement",
     "units_query",
     "verify_site_inputs",
     "write_placement",
+    "write_plan",
 )
 
 import logging
@@ -34,7 +36,7 @@ from lsst.daf.butler import Butler, DataCoordinate, DimensionRecord
 
 from .backends import MANIFEST_SUFFIX, datastore_root, handoff_file_name
 from .butler_utils import open_butler
-from .config import Campaign, Unit
+from .config import Campaign, Site, Unit
 from .errors import HandoffError
 from .flow import handoffs, workflow_pieces
 from .integrity import Manifest, check_files, damaged_files, held_files, repair_command
@@ -47,7 +49,9 @@ _LOG = logging.getLogger(__name__)
 COLUMNS = ["exposure", "visit", "detector", "site", "owner", "unit"]
 
 
-def compute_placement(butler: Butler, campaign: Campaign) -> pd.DataFrame:
+def compute_placement(
+    butler: Butler, campaign: Campaign, previous: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """Find the raws each site needs from the central repository's regions.
 
     Parameters
@@ -56,6 +60,10 @@ def compute_placement(butler: Butler, campaign: Campaign) -> pd.DataFrame:
         Butler of the central repository, holding the raws and their visits.
     campaign : `Campaign`
         The campaign; its units say which site processes which part of the sky.
+    previous : `pandas.DataFrame`, optional
+        The placement the campaign ran with before its units moved: a raw keeps its
+        owner while that site still needs it, so what the owner already delivered is
+        never sent by another site.
 
     Returns
     -------
@@ -64,7 +72,6 @@ def compute_placement(butler: Butler, campaign: Campaign) -> pd.DataFrame:
         ``detector``, ``site``, ``owner`` (the raw's owning site) and ``unit``
         (the first of the site's units it overlaps, which decides its chunk).
     """
-    unit_index = {cell: i for i, u in enumerate(campaign.units) for cell in u.cells}
     tracts = sorted({tract for u in campaign.units for tract, _ in u.cells})
     with butler.query() as query:
         query = query.join_dataset_search("raw", [campaign.raw_collection]).where(
@@ -77,6 +84,24 @@ def compute_placement(butler: Butler, campaign: Campaign) -> pd.DataFrame:
             (d["exposure"], d["visit"], d["detector"], d["tract"], d["patch"])
             for d in query.data_ids(["exposure", "visit", "detector", "tract", "patch"])
         ]
+    return place_raws(rows, campaign, previous)
+
+
+def place_raws(
+    rows: Iterable[tuple[int, int, int, int, int]], campaign: Campaign, previous: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """Return the placement of raws from the sky cells each overlaps (see `compute_placement`).
+
+    Parameters
+    ----------
+    rows : `~collections.abc.Iterable` [`tuple`]
+        ``(exposure, visit, detector, tract, patch)``: one per raw and patch it overlaps.
+    campaign : `Campaign`
+        The campaign, whose units say which site processes which cell.
+    previous : `pandas.DataFrame`, optional
+        The placement before a move, whose owners are kept where they still need the raw.
+    """
+    unit_index = {cell: i for i, u in enumerate(campaign.units) for cell in u.cells}
     order = {site.name: index for index, site in enumerate(campaign.processing_sites)}
     # For each raw and each site needing it, the first of that site's units it overlaps.
     needed: dict[tuple[int, int, int], dict[str, int]] = {}
@@ -86,9 +111,15 @@ def compute_placement(butler: Butler, campaign: Campaign) -> pd.DataFrame:
             site = campaign.units[index].site
             first = needed.setdefault((exposure, visit, detector), {})
             first[site] = min(first.get(site, index), index)
+    owners = {}
+    if previous is not None:
+        keys = zip(previous["exposure"], previous["detector"], strict=True)
+        owners = dict(zip(keys, previous["owner"], strict=True))
     records = []
     for (exposure, visit, detector), sites in sorted(needed.items()):
-        owner = min(sites, key=order.__getitem__)
+        owner = owners.get((exposure, detector))
+        if owner not in sites:
+            owner = min(sites, key=order.__getitem__)
         records += [
             (exposure, visit, detector, site, owner, campaign.units[sites[site]].name)
             for site in sorted(sites, key=order.__getitem__)
@@ -312,6 +343,23 @@ def plan_placement(campaign: Campaign, placement_path: str | Path, summary_path:
             sizes[(e, d)] for e, d in zip(placement["exposure"], placement["detector"], strict=True)
         ]
         sites = campaign.processing_sites
+    return write_plan(campaign, placement, sites, placement_path, summary_path) | provenance(started)
+
+
+def write_plan(
+    campaign: Campaign,
+    placement: pd.DataFrame,
+    sites: Iterable[Site],
+    placement_path: str | Path,
+    summary_path: str | Path,
+) -> dict[str, Any]:
+    """Write a placement table (with a ``bytes`` column) and its summary for ``sites``.
+
+    Returns
+    -------
+    record : `dict`
+        The per-site summary, the totals and the plan's version and shape, for the plan marker.
+    """
     write_placement(placement, Path(placement_path))
     rows = []
     for site in sites:
@@ -326,9 +374,8 @@ def plan_placement(campaign: Campaign, placement_path: str | Path, summary_path:
                 "bytes": int(mine["bytes"].sum()),
             }
         )
-    summary = pd.DataFrame(rows)
+    pd.DataFrame(rows).to_csv(summary_path, sep="\t", index=False)
     unique_bytes = int(placement.drop_duplicates(["exposure", "detector"])["bytes"].sum())
-    summary.to_csv(summary_path, sep="\t", index=False)
     return {
         "sites": rows,
         "unique_raws": int(placement[["exposure", "detector"]].drop_duplicates().shape[0]),
@@ -336,7 +383,6 @@ def plan_placement(campaign: Campaign, placement_path: str | Path, summary_path:
         if unique_bytes
         else None,
         **plan_record(campaign),
-        **provenance(started),
     }
 
 

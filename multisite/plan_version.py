@@ -34,7 +34,11 @@ def _shape(campaign: Campaign) -> dict[str, Any]:
             [stage.name, stage.location, stage.units_per_chunk, stage.quanta_per_unit]
             for stage in campaign.stages
         ],
-        "units": [[unit.name, [list(cell) for cell in unit.cells], unit.site] for unit in campaign.units],
+        # A unit's move only when it moved: plans made before moves existed keep their version.
+        "units": [
+            [unit.name, [list(cell) for cell in unit.cells], unit.site, *([unit.move] if unit.move else [])]
+            for unit in campaign.units
+        ],
     }
 
 
@@ -51,15 +55,17 @@ def plan_record(campaign: Campaign) -> dict[str, Any]:
 
 def _differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Return, unit by unit and field by field, how the current plan differs from the recorded one."""
-    old = {name: (cells, site) for name, cells, site in recorded["units"]}
-    new = {name: (cells, site) for name, cells, site in current["units"]}
+    old = {name: (cells, site, sum(move)) for name, cells, site, *move in recorded["units"]}
+    new = {name: (cells, site, sum(move)) for name, cells, site, *move in current["units"]}
     changes = []
     for name in old.keys() & new.keys():
-        (old_cells, old_site), (new_cells, new_site) = old[name], new[name]
+        (old_cells, old_site, old_move), (new_cells, new_site, new_move) = old[name], new[name]
         if old_site != new_site:
             changes.append(f"unit {name} moved from {old_site} to {new_site}")
         if old_cells != new_cells:
             changes.append(f"unit {name} covers other tracts or patches")
+        if old_move != new_move:
+            changes.append(f"unit {name}'s move changed from {old_move} to {new_move}")
     changes += [f"unit {name} removed (was at {old[name][1]})" for name in old.keys() - new.keys()]
     changes += [f"unit {name} added (at {new[name][1]})" for name in new.keys() - old.keys()]
     if not changes and [u[0] for u in recorded["units"]] != [u[0] for u in current["units"]]:

@@ -3,7 +3,7 @@
 
 rule bps_yaml:
     input:
-        placement=LAYOUT.placement_table,
+        placement=ancient(LAYOUT.placement_table),
     output:
         submit_yaml=LAYOUT.submit_yaml("{site}", "{stage}", "{chunk}"),
     log:

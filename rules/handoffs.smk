@@ -48,7 +48,7 @@ rule handoff_sent:
 
 rule verify_inputs:
     input:
-        placement=LAYOUT.placement_table,
+        placement=ancient(LAYOUT.placement_table),
         raws=LAYOUT.handoff_marker("raws", "{site}", "{piece}"),
     output:
         marker=LAYOUT.inputs_marker("{site}", "{piece}"),

@@ -1,16 +1,21 @@
-"""Hand-offs per chunk: a step1 chunk runs with its own raws, and its fan-in leaves on its own.
+"""Hand-offs per chunk, and a site drained in the middle of its step1, on one campaign.
 
-The demo with one unit per step1 chunk: in2p3's two chunks (t0p1, t0p4) each get
-their own ``raws`` piece and their own ``fanin_step2`` piece. Asking Snakemake for
-one chunk's fan-in (t0p4's, the site's second) brings only that chunk's raws, runs
-that chunk and sends its products; the other chunk's come when asked for, and
-nothing moves twice.
+The demo with one unit per step1 chunk (and a fifth site, cam, with no units yet):
+in2p3's two chunks (t0p1, t0p4) each get their own ``raws`` piece and their own
+``fanin_step2`` piece. Asking Snakemake for one chunk's fan-in (t0p4's, the site's
+second) brings only that chunk's raws, runs that chunk and sends its products; the
+other chunk's come when asked for, and nothing moves twice. Then ral runs its first
+chunk, is drained with ``multisite move`` onto cam, and the campaign ends with the
+single-site reference's results.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
+from pathlib import Path
 
+import pytest
 import yaml
 from lsst.daf.butler import Butler
 
@@ -19,8 +24,9 @@ from multisite.events import read_events
 from multisite.layout import Layout
 from multisite.markers import read_marker
 from multisite.placement import read_placement
+from multisite.status import campaign_status
 
-from .conftest import REPO, demo_config, snakemake
+from .conftest import BIN, REPO, demo_config, snakemake
 
 
 def _raws_at(campaign, site: str) -> list[tuple[int, int]]:
@@ -30,13 +36,29 @@ def _raws_at(campaign, site: str) -> list[tuple[int, int]]:
     return sorted((ref.dataId["exposure"], ref.dataId["detector"]) for ref in found)
 
 
-def test_a_step1_chunk_runs_and_sends_its_fanin_before_the_other_chunks_raws_arrive(tmp_path):
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+@pytest.fixture(scope="module")
+def campaign_dir(tmp_path_factory) -> Path:
+    """Return the demo with one unit a step1 chunk, and cam: a fifth site (own repository, most cores)."""
+    directory = tmp_path_factory.mktemp("per_chunk")
+    path = demo_config(directory)
+    config = yaml.safe_load(path.read_text())
     config["stages"][0]["units_per_chunk"] = 1
-    campaign = load_campaign(demo_config(tmp_path, stages=config["stages"]))
+    config["sites"]["cam"] = {
+        "role": "remote",
+        "repo": str(directory / "work" / "sites" / "cam" / "repo"),
+        "create_repo": True,
+        "bps": {},
+        "cores": 9000,
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return directory
+
+
+def test_a_step1_chunk_runs_and_sends_its_fanin_before_the_other_chunks_raws_arrive(campaign_dir):
+    campaign = load_campaign(campaign_dir / "config.yaml")
     layout = campaign.layout
 
-    preview = snakemake(tmp_path, "-n").stdout
+    preview = snakemake(campaign_dir, "-n").stdout
     for piece in ("t0p1", "t0p4"):
         assert f"wildcards: handoff=raws, site=in2p3, piece={piece}" in preview, preview[-3000:]
 
@@ -44,7 +66,7 @@ def test_a_step1_chunk_runs_and_sends_its_fanin_before_the_other_chunks_raws_arr
         layout.chunk_marker("in2p3", "step1", "t0p4"),
         layout.handoff_marker("fanin_step2", "in2p3", "t0p4"),
     )
-    snakemake(tmp_path, str(fanin.relative_to(tmp_path)))
+    snakemake(campaign_dir, str(fanin.relative_to(campaign_dir)))
     assert first.exists() and read_marker(first)["quanta_run"] > 0
     # The chunk's products reached the central site, before the site's other chunk ran.
     assert read_marker(fanin)["datasets"]["single_visit_star"] > 0
@@ -71,7 +93,7 @@ def test_a_step1_chunk_runs_and_sends_its_fanin_before_the_other_chunks_raws_arr
     # The other chunk brings its own pieces, and nothing moves twice.
     finished = {path: path.stat().st_mtime_ns for path in (first, fanin)}
     second = layout.handoff_marker("fanin_step2", "in2p3", "t0p1")
-    snakemake(tmp_path, str(second.relative_to(tmp_path)))
+    snakemake(campaign_dir, str(second.relative_to(campaign_dir)))
     assert second.exists() and {path: path.stat().st_mtime_ns for path in finished} == finished
     usdf = Butler.from_config(campaign.central.repo)
     stars = usdf.query_datasets(
@@ -83,6 +105,60 @@ def test_a_step1_chunk_runs_and_sends_its_fanin_before_the_other_chunks_raws_arr
     assert _raws_at(campaign, "in2p3") == share(["t0p1", "t0p4"])
     verified = [read_marker(layout.inputs_marker("in2p3", piece))["raws"] for piece in ("t0p1", "t0p4")]
     assert verified == [len(share(["t0p1"])), len(share(["t0p4"]))]
+
+
+def _multisite(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(BIN / "multisite"), *args], capture_output=True, text=True, check=False)
+    assert not check or result.returncode == 0, result.stderr
+    return result
+
+
+def test_draining_a_site_in_the_middle_of_its_step1_onto_a_new_site_ends_like_the_reference(campaign_dir):
+    """Drained after its first step1 chunk sent its fan-in, ral's other unit goes to cam, a fifth site.
+
+    cam is a new site block (its own repository, the most cores) and nothing else: the
+    move sends t0p5's raws to it from USDF, it runs t0p5, and the campaign's QA passes
+    against the single-site reference, with nothing that ral had done redone and no
+    dataset twice at USDF.
+    """
+    path = campaign_dir / "config.yaml"
+    layout = load_campaign(path).layout
+    fanin = layout.handoff_marker("fanin_step2", "ral", "t0p2")
+    snakemake(campaign_dir, str(fanin.relative_to(campaign_dir)))
+    done = [fanin, layout.chunk_marker("ral", "step1", "t0p2"), layout.handoff_marker("raws", "ral", "t0p2")]
+    finished = {marker: marker.stat().st_mtime_ns for marker in done}
+
+    refused = _multisite("move", str(path), "--unit", "t0p2", "--to", "cam", check=False)
+    assert refused.returncode == 1
+    assert (
+        "step1 t0p2 at ral (units t0p2): done; " in refused.stderr and "Nothing was moved" in refused.stderr
+    )
+    table = (campaign_dir / "units.tsv").read_text()
+    preview = _multisite("move", str(path), "--from", "ral", "--to", "cam,lancs", "--dry-run").stdout
+    assert "move  t0p5: ral -> cam" in preview and "stays t0p2: step1 t0p2 at ral: done" in preview
+    assert (campaign_dir / "units.tsv").read_text() == table
+    _multisite("move", str(path), "--from", "ral", "--to", "cam,lancs")
+    assert "t0p5\t0\t5\tcam\t1" in (campaign_dir / "units.tsv").read_text()
+
+    planned = snakemake(campaign_dir, "-n").stdout
+    assert "wildcards: handoff=raws, site=cam, piece=t0p5" in planned
+    assert "site=ral, stage=step1" not in planned and "handoff=raws, site=ral" not in planned
+    snakemake(campaign_dir)
+    campaign = load_campaign(path)
+    assert read_marker(layout.qa_marker)  # the QA passed: equal to the single-site reference
+    assert {marker: marker.stat().st_mtime_ns for marker in done} == finished
+    assert not layout.chunk_marker("ral", "step1", "t0p5").exists()
+    assert read_marker(layout.chunk_marker("cam", "step1", "t0p5"))["quanta_run"] > 0
+    assert layout.handoff_marker("final", "cam", "t0p5").exists()
+    central = Butler.from_config(campaign.central.repo)
+    for dataset_type in ("single_visit_star", "deep_coadd"):
+        refs = central.query_datasets(
+            dataset_type, collections=campaign.handoff_chain("usdf"), find_first=False, limit=None
+        )
+        assert refs and len(refs) == len({ref.dataId for ref in refs}), dataset_type
+    cells = {(c.step, c.unit): c for c in campaign_status(campaign)}
+    assert cells[("step1", "t0p5")].site == "cam" and cells[("step1", "t0p5")].state == "done"
+    assert cells[("step1", "t0p2")].site == "ral"
 
 
 def test_chunks_per_handoff_coarsens_the_pieces(tmp_path):

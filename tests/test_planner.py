@@ -519,6 +519,9 @@ def test_chunk_units():
         "c0000",
         "c0001",
     ]
+    # Units moved in (multisite move) never share a chunk with the site's own.
+    moved = chunk_units(units[:4], max_quanta=100, quanta_per_unit=30, moves=[0, 0, 1, 1])
+    assert moved == {"c0000": ("t0", "t1"), "c0001": ("t2", "t3")}
 
 
 def test_plan_chunks_are_the_workflow_chunks(plan):

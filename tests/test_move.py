@@ -1,0 +1,162 @@
+"""Moving units in a running campaign: what may move, what stays, and what the move writes.
+
+On the demo's config with a small synthetic placement (raws and the patches they
+overlap) and marker files standing for work begun. The end-to-end move (a site drained
+in the middle of its step1 onto a fifth site, the campaign ending with the single-site
+reference's results) is in test_per_chunk, on its campaign.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+import pytest
+import yaml
+
+from multisite.config import load_campaign
+from multisite.errors import PlanChangedError
+from multisite.markers import read_marker, write_marker
+from multisite.move import MoveRefused, apply_move, drain, format_move, plan_move
+from multisite.placement import place_raws, read_placement, write_plan
+from multisite.plan_version import check_plan_unchanged, plan_version
+
+from .conftest import demo_config
+
+# (exposure, visit, detector, tract, patch): a raw and a patch it overlaps.
+ROWS = [
+    (1, 1, 0, 0, 2),  # ral's t0p2 and t0p5
+    (1, 1, 0, 0, 5),
+    (1, 1, 1, 0, 2),  # t0p2 (ral) and t0p3 (lancs): owned by ral
+    (1, 1, 1, 0, 3),
+    (2, 2, 0, 0, 5),  # t0p5 only
+    (3, 3, 0, 0, 1),  # t0p1 (in2p3) and t0p5: owned by in2p3
+    (3, 3, 0, 0, 5),
+    (4, 4, 0, 0, 4),  # t0p4 (in2p3) only
+    (5, 5, 0, 0, 0),  # t0p0 (usdf)
+]
+
+
+def _campaign(tmp_path, step1_units_per_chunk: int = 2, **site_cores: int):
+    path = demo_config(tmp_path)
+    config = yaml.safe_load(path.read_text())
+    config["stages"][0]["units_per_chunk"] = step1_units_per_chunk
+    for site, cores in site_cores.items():
+        config["sites"][site]["cores"] = cores
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return load_campaign(path)
+
+
+def _with_sites(campaign, **sites: str):
+    """Return the campaign with some units at other sites (as a hand-edited table would have them)."""
+    units = tuple(dataclasses.replace(u, site=sites.get(u.name, u.site)) for u in campaign.units)
+    return dataclasses.replace(campaign, units=units)
+
+
+def _planned(campaign) -> pd.DataFrame:
+    """Write the campaign's plan (placement, summary, plan marker) as its plan rule would."""
+    placement = place_raws(ROWS, campaign).assign(bytes=100)
+    layout = campaign.layout
+    layout.placement_table.parent.mkdir(parents=True, exist_ok=True)
+    record = write_plan(
+        campaign, placement, campaign.processing_sites, layout.placement_table, layout.placement_summary
+    )
+    write_marker(layout.placement_marker, record)
+    return placement
+
+
+def _place(placement: pd.DataFrame):
+    return lambda after: place_raws(ROWS, after, previous=placement).assign(bytes=100)
+
+
+def _done(path) -> None:
+    write_marker(path, {"done": True})
+
+
+def test_a_raw_keeps_its_owner_while_that_site_still_needs_it(tmp_path):
+    campaign = _campaign(tmp_path)
+    before = place_raws(ROWS, campaign)
+    owner = before.drop_duplicates(["exposure", "detector"]).set_index(["exposure", "detector"])["owner"]
+    assert owner[(1, 1)] == "ral" and owner[(3, 0)] == "in2p3"
+    # t0p3 moves from lancs to in2p3: raw (1, 1) is needed by in2p3 (first in order) and ral.
+    moved = _with_sites(campaign, t0p3="in2p3")
+    assert place_raws(ROWS, moved).query("exposure == 1 and detector == 1")["owner"].iloc[0] == "in2p3"
+    kept = place_raws(ROWS, moved, previous=before)
+    assert set(kept.query("exposure == 1 and detector == 1")["owner"]) == {"ral"}
+    assert set(kept.query("exposure == 1 and detector == 1")["site"]) == {"ral", "in2p3"}
+    # A raw whose owner no longer needs it goes to the first site that does.
+    gone = _with_sites(campaign, t0p1="lancs")
+    assert set(place_raws(ROWS, gone, previous=before).query("exposure == 3")["owner"]) == {"ral"}
+
+
+def test_a_move_that_changes_a_begun_chunk_is_refused_naming_it(tmp_path):
+    campaign = _campaign(tmp_path)  # step1: ral's one chunk c0000 holds t0p2 and t0p5
+    placement = _planned(campaign)
+    _done(campaign.layout.chunk_marker("ral", "step1", "c0000"))
+    with pytest.raises(MoveRefused, match=r"step1 c0000 at ral \(units t0p2, t0p5\): done; ") as refused:
+        plan_move(campaign, {"t0p5": "lancs"}, placement, _place(placement))
+    assert "multisite move --from SITE" in str(refused.value)
+    campaign.layout.chunk_marker("ral", "step1", "c0000").unlink()
+    _done(campaign.layout.handoff_marker("raws", "ral", "c0000"))
+    with pytest.raises(MoveRefused, match=r"hand-off raws/ral/c0000 \(units t0p2, t0p5\): arrived; "):
+        plan_move(campaign, {"t0p5": "lancs"}, placement, _place(placement))
+    with pytest.raises(MoveRefused, match="unit 't0p9' is not in the units table"):
+        plan_move(campaign, {"t0p9": "lancs"}, placement, _place(placement))
+    with pytest.raises(MoveRefused, match="site 'cam' is not in the config; add its block"):
+        plan_move(campaign, {"t0p5": "cam"}, placement, _place(placement))
+
+
+def test_a_move_of_units_not_begun_rewrites_the_plan_and_the_changed_chunks_yamls(tmp_path):
+    campaign = _campaign(tmp_path)
+    placement = _planned(campaign)
+    layout = campaign.layout
+    # ral's step1 YAML was written (not submitted); lancs's chunk ran.
+    yaml_path = layout.submit_yaml("ral", "step1", "c0000")
+    yaml_path.parent.mkdir(parents=True)
+    yaml_path.write_text("# chunk c0000: t0p2, t0p5\n")
+    _done(layout.chunk_marker("lancs", "step1", "c0000"))
+
+    move = plan_move(campaign, {"t0p5": "lancs"}, placement, _place(placement))
+    assert move.moves == {"t0p5": ("ral", "lancs")}
+    # lancs's t0p5 goes after its t0p3, in a chunk of its own: lancs's done chunk keeps its unit.
+    assert ("lancs", "step1", "c0001") in move.remade and ("ral", "step1", "c0000") in move.remade
+    assert ("lancs", "step1", "c0000") not in move.remade
+    preview = format_move(move)
+    assert "move  t0p5: ral -> lancs (its raws go from usdf)" in preview
+
+    apply_move(move)
+    after = load_campaign(tmp_path / "config.yaml")
+    assert [(u.name, u.site) for u in after.units_of("lancs")] == [("t0p3", "lancs"), ("t0p5", "lancs")]
+    check_plan_unchanged(after)  # the units table is the plan now
+    marker = read_marker(layout.placement_marker)
+    assert marker["plan_version"] == plan_version(after) != plan_version(campaign)
+    assert marker["moves"][0]["units"] == {"t0p5": ["ral", "lancs"]}
+    assert not yaml_path.exists()
+    written = read_placement(layout.placement_table)
+    assert set(written.query("exposure == 2")["site"]) == {"lancs"}
+    assert set(written.query("exposure == 1 and detector == 1")["owner"]) == {"ral"}
+
+
+def test_a_drain_moves_what_has_not_begun_and_shares_it_by_cores(tmp_path):
+    campaign = _campaign(tmp_path, step1_units_per_chunk=1, lancs=3000)
+    placement = _planned(campaign)
+    layout = campaign.layout
+    _done(layout.handoff_marker("raws", "in2p3", "t0p1"))  # t0p1's raws arrived: it stays
+    destinations, stays = drain(campaign, "in2p3", ["ral", "lancs"])
+    assert destinations == {"t0p4": "ral"} and stays == {"t0p1": "hand-off raws/in2p3/t0p1: arrived"}
+    layout.handoff_marker("raws", "in2p3", "t0p1").unlink()
+    destinations, _ = drain(campaign, "in2p3", ["ral", "lancs"])
+    assert destinations == {"t0p1": "ral", "t0p4": "lancs"}  # equal cores: one each, in order
+    move = plan_move(campaign, destinations, placement, _place(placement), stays)
+    assert set(move.moves) == {"t0p1", "t0p4"}
+
+
+def test_a_changed_units_table_is_refused_naming_the_units_and_the_move_command(tmp_path):
+    campaign = _campaign(tmp_path)
+    _planned(campaign)
+    table = campaign.units_table.read_text().replace("t0p5\t0\t5\tral", "t0p5\t0\t5\tlancs")
+    campaign.units_table.write_text(table)
+    with pytest.raises(PlanChangedError) as refused:
+        check_plan_unchanged(load_campaign(tmp_path / "config.yaml"))
+    assert "unit t0p5 moved from ral to lancs" in str(refused.value)
+    assert "multisite move <config> --unit U... --to SITE" in str(refused.value)
