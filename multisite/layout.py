@@ -111,6 +111,15 @@ class Layout:
         return self.markers / "placement" / "raws.tsv"
 
     @property
+    def move_in_progress(self) -> Path:
+        """Written by ``multisite move`` before it changes the plan, removed once the plan marker is."""
+        return self.markers / "placement" / "move.json"
+
+    def replaced_placement_table(self, plan_version: str) -> Path:
+        """Return the placement table of an earlier plan version, kept by the move that replaced it."""
+        return self.markers / "placement" / f"raws.{plan_version}.tsv"
+
+    @property
     def placement_summary(self) -> Path:
         return self.markers / "placement" / "summary.tsv"
 

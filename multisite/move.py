@@ -16,9 +16,20 @@ the chunks it left are no longer part of the campaign.
 
 from __future__ import annotations
 
-__all__ = ("Move", "MoveRefused", "apply_move", "drain", "format_move", "move_units", "plan_move")
+__all__ = (
+    "Move",
+    "MoveRefused",
+    "apply_move",
+    "drain",
+    "format_move",
+    "move_units",
+    "plan_move",
+    "recorded_placement",
+)
 
 import dataclasses
+import os
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,7 +43,7 @@ from .layout import Layout
 from .lock import InstanceHold
 from .markers import read_marker, write_marker
 from .placement import SiteSelection, compute_placement, read_placement, write_plan
-from .plan_version import check_plan_unchanged, plan_version
+from .plan_version import check_plan_unchanged, plan_version, recorded_plan
 
 
 class MoveRefused(ValueError):
@@ -56,6 +67,8 @@ class Move:
     remade : `list` [`tuple` [`str`, `str`, `str`]]
         (site, stage, chunk) of the chunks whose units or data change: their BPS
         submit YAMLs are made again.
+    notes : `tuple` [`str`, ...]
+        What the operator should know (the units table differed from the plan).
     """
 
     before: Campaign
@@ -64,6 +77,7 @@ class Move:
     stays: dict[str, str]
     placement: pd.DataFrame
     remade: list[tuple[str, str, str]]
+    notes: tuple[str, ...] = ()
 
 
 def _begun_chunk(layout: Layout, site: str, stage: str, chunk: str) -> str | None:
@@ -250,7 +264,7 @@ def plan_move(
 
 def format_move(move: Move) -> str:
     """Return the move's preview: unit by unit what moves, what stays and why, what is made again."""
-    lines = [f"Plan {plan_version(move.before)} -> {plan_version(move.after)}:"]
+    lines = [*move.notes, f"Plan {plan_version(move.before)} -> {plan_version(move.after)}:"]
     for name, (old, new) in move.moves.items():
         lines.append(f"  move  {name}: {old} -> {new} (its raws go from {move.before.central.name})")
     for name, why in move.stays.items():
@@ -273,16 +287,38 @@ def _write_units_table(move: Move) -> None:
     table["site"] = names.map({unit.name: unit.site for unit in move.after.units})
     table["move"] = names.map({unit.name: str(unit.move) if unit.move else "" for unit in move.after.units})
     table = table.iloc[sorted(range(len(table)), key=lambda row: order[table["unit"].iloc[row].strip()])]
-    table.to_csv(path, sep="\t", index=False)
+    temporary = path.with_name(f".{path.name}.move")
+    table.to_csv(temporary, sep="\t", index=False)
+    os.replace(temporary, path)
+
+
+def recorded_placement(campaign: Campaign) -> pd.DataFrame:
+    """Return the placement table of the campaign's recorded plan (kept aside by a move begun on it)."""
+    layout = campaign.layout
+    kept = layout.replaced_placement_table(plan_version(campaign))
+    return read_placement(kept if kept.is_file() else layout.placement_table)
 
 
 def apply_move(move: Move) -> None:
-    """Write the moved plan: placement, plan marker (with the move's record), units table.
+    """Write the moved plan; the plan marker last, so that a move cut short is done again whole.
 
-    The submit YAMLs of the chunks made again are removed, so the workflow writes them
-    for the new plan.
+    The placement table of the plan it replaces is kept aside (what the same move, run
+    again after an interruption, starts from). The submit YAMLs of the chunks made again
+    are removed first, so the workflow writes them for the new plan; the units table,
+    the placement and the plan marker (with the move's record) follow. Until the marker
+    is written, the workflow refuses to run (`multisite.plan_version.check_plan_unchanged`
+    finds the move in progress).
     """
     layout = move.before.layout
+    write_marker(layout.move_in_progress, {"units": {name: list(pair) for name, pair in move.moves.items()}})
+    kept = layout.replaced_placement_table(plan_version(move.before))
+    if not kept.is_file():
+        temporary = kept.with_name(f".{kept.name}.copy")
+        shutil.copyfile(layout.placement_table, temporary)
+        os.replace(temporary, kept)
+    for site, stage, chunk in move.remade:
+        layout.submit_yaml(site, stage, chunk).unlink(missing_ok=True)
+    _write_units_table(move)
     marker = read_marker(layout.placement_marker)
     record = write_plan(
         move.after,
@@ -300,9 +336,7 @@ def apply_move(move: Move) -> None:
         },
     ]
     write_marker(layout.placement_marker, marker | record | {"moves": history})
-    _write_units_table(move)
-    for site, stage, chunk in move.remade:
-        layout.submit_yaml(site, stage, chunk).unlink(missing_ok=True)
+    layout.move_in_progress.unlink()
 
 
 def move_units(
@@ -319,7 +353,7 @@ def move_units(
     Parameters
     ----------
     campaign : `Campaign`
-        The campaign, its units table as its plan marker records it.
+        The campaign; the move starts from the units its plan marker records.
     config : `str`
         The campaign config (named in messages).
     units : `list` [`str`], optional
@@ -338,7 +372,8 @@ def move_units(
         instances, a running workflow, unknown units or sites, or a move that would
         change work that has begun.
     PlanChangedError
-        Raised when the units table already differs from the recorded plan.
+        Raised when the units table has other units or cells than the recorded plan
+        (one that differs only in its units' sites is rewritten from the plan).
     """
     layout = campaign.layout
     if not layout.placement_marker.is_file():
@@ -346,7 +381,18 @@ def move_units(
             f"{config}: the campaign has no plan yet ({layout.placement_marker}); change its units table "
             "instead, moves are for a campaign that has begun"
         )
-    check_plan_unchanged(campaign, config)
+    recorded = recorded_plan(campaign)
+    if recorded is None:
+        check_plan_unchanged(campaign, config)  # other units or fields: no move, refused
+        recorded = campaign
+    notes = ()
+    if recorded.units != campaign.units:
+        notes = (
+            f"The units table {campaign.units_table} differs from the plan the campaign runs in its "
+            "units' sites (an interrupted move, or an edit): this move starts from the plan and "
+            "rewrites the table.",
+        )
+    campaign = recorded
     if (layout.markers / "sent").exists():
         raise MoveRefused(
             f"{config}: this campaign runs as site instances ({layout.markers / 'sent'}); moving units "
@@ -360,7 +406,7 @@ def move_units(
         raise MoveRefused("--unit U... --to SITE moves units to one site; --from SITE --to A,B drains a site")
     else:
         destinations, stays = dict.fromkeys(units, to[0]), {}
-    placement = read_placement(layout.placement_table)
+    placement = recorded_placement(campaign)
     sizes = placement.drop_duplicates(["exposure", "detector"]).set_index(["exposure", "detector"])["bytes"]
 
     def place(after: Campaign) -> pd.DataFrame:
@@ -372,7 +418,7 @@ def move_units(
     hold = InstanceHold(layout.instance_lock, config)
     hold.acquire("move")  # a running workflow holds it: refused
     try:
-        move = plan_move(campaign, destinations, placement, place, stays)
+        move = dataclasses.replace(plan_move(campaign, destinations, placement, place, stays), notes=notes)
         if move.moves and not dry_run:
             apply_move(move)
     finally:

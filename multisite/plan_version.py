@@ -11,15 +11,16 @@ running it would redo delivered work, and mark done at one site what another sit
 
 from __future__ import annotations
 
-__all__ = ("check_plan_unchanged", "plan_record", "plan_version")
+__all__ = ("check_plan_unchanged", "plan_record", "plan_version", "recorded_plan")
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-from .config import Campaign
-from .errors import PlanChangedError
+from .config import Campaign, Unit
+from .errors import CampaignConfigError, PlanChangedError
 
 
 def _shape(campaign: Campaign) -> dict[str, Any]:
@@ -89,7 +90,22 @@ def check_plan_unchanged(campaign: Campaign, source: str = "config") -> None:
     PlanChangedError
         Raised naming each unit moved, added or removed and each changed field, and
         how to go on.
+    CampaignConfigError
+        Raised while a ``multisite move`` cut short has not been run again.
     """
+    moving = campaign.layout.move_in_progress
+    if moving.is_file():
+        units = json.loads(moving.read_text())["units"]
+        commands = sorted({f"--unit {name} --to {to}" for name, (_, to) in units.items()})
+        raise CampaignConfigError(
+            source,
+            [
+                f"a `multisite move` was cut short before it wrote the plan ({moving}: "
+                + ", ".join(f"{name} {old} -> {to}" for name, (old, to) in units.items())
+                + "): nothing runs on a half-written plan. Run the move again, e.g. "
+                + "; ".join(f"`multisite move <config> {command}`" for command in commands)
+            ],
+        )
     marker = campaign.layout.placement_marker
     if not marker.is_file():
         return
@@ -100,3 +116,26 @@ def check_plan_unchanged(campaign: Campaign, source: str = "config") -> None:
     if recorded == current:
         return
     raise PlanChangedError(source, str(marker), _differences(recorded, current))
+
+
+def recorded_plan(campaign: Campaign) -> Campaign | None:
+    """Return the campaign with the units its plan marker records, if only their sites or order differ.
+
+    What ``multisite move`` starts from: the plan the campaign runs, whatever the units
+    table says (a move interrupted after rewriting the table, or a table edited by hand
+    to move units). `None` when there is no recorded plan, or when the table has other
+    units or cells, or another field differs: that is no move.
+    """
+    marker = campaign.layout.placement_marker
+    recorded = json.loads(Path(marker).read_text()).get("plan") if marker.is_file() else None
+    if recorded is None:
+        return None
+    units = tuple(
+        Unit(name, tuple((tract, patch) for tract, patch in cells), site, sum(move))
+        for name, cells, site, *move in recorded["units"]
+    )
+    same_cells = {u.name: u.cells for u in units} == {u.name: u.cells for u in campaign.units}
+    others = {key: value for key, value in _shape(campaign).items() if key != "units"}
+    if not same_cells or any(recorded.get(key) != value for key, value in others.items()):
+        return None
+    return dataclasses.replace(campaign, units=units)

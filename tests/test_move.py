@@ -9,17 +9,18 @@ reference's results) is in test_per_chunk, on its campaign.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
 from multisite.config import load_campaign
-from multisite.errors import PlanChangedError
+from multisite.errors import CampaignConfigError, PlanChangedError
 from multisite.markers import read_marker, write_marker
-from multisite.move import MoveRefused, apply_move, drain, format_move, plan_move
+from multisite.move import MoveRefused, apply_move, drain, format_move, plan_move, recorded_placement
 from multisite.placement import place_raws, read_placement, write_plan
-from multisite.plan_version import check_plan_unchanged, plan_version
+from multisite.plan_version import check_plan_unchanged, plan_version, recorded_plan
 
 from .conftest import demo_config
 
@@ -160,3 +161,39 @@ def test_a_changed_units_table_is_refused_naming_the_units_and_the_move_command(
         check_plan_unchanged(load_campaign(tmp_path / "config.yaml"))
     assert "unit t0p5 moved from ral to lancs" in str(refused.value)
     assert "multisite move <config> --unit U... --to SITE" in str(refused.value)
+
+
+def test_a_move_cut_short_before_its_plan_marker_is_done_again_whole(tmp_path, monkeypatch):
+    campaign = _campaign(tmp_path)
+    placement = _planned(campaign)
+    move = plan_move(campaign, {"t0p5": "lancs"}, placement, _place(placement))
+
+    def full_disk_at_the_plan_marker(path, content):
+        if Path(path) == campaign.layout.placement_marker:
+            raise OSError(28, "No space left on device")
+        write_marker(path, content)
+
+    monkeypatch.setattr("multisite.move.write_marker", full_disk_at_the_plan_marker)
+    with pytest.raises(OSError, match="No space left"):
+        apply_move(move)
+    monkeypatch.undo()
+    # The table and the placement were rewritten, the plan marker was not: the workflow refuses.
+    edited = load_campaign(tmp_path / "config.yaml")
+    with pytest.raises(CampaignConfigError, match="cut short before it wrote the plan") as refused:
+        check_plan_unchanged(edited)
+    assert "t0p5 ral -> lancs" in str(refused.value)
+    assert "`multisite move <config> --unit t0p5 --to lancs`" in str(refused.value)
+    # The move starts again from the recorded plan and its placement, kept aside.
+    recorded = recorded_plan(edited)
+    assert recorded is not None and recorded.units == campaign.units
+    assert recorded_placement(recorded).equals(placement)
+    again = plan_move(recorded, {"t0p5": "lancs"}, recorded_placement(recorded), _place(placement))
+    assert again.moves == move.moves and again.placement.equals(move.placement)
+    apply_move(again)
+    assert not campaign.layout.move_in_progress.exists()
+    check_plan_unchanged(load_campaign(tmp_path / "config.yaml"))
+    assert read_marker(campaign.layout.placement_marker)["plan_version"] == plan_version(move.after)
+    # A table with other units is no move: nothing to start from.
+    table = campaign.units_table.read_text().replace("t0p5\t0\t5", "t0p9\t0\t5")
+    campaign.units_table.write_text(table)
+    assert recorded_plan(load_campaign(tmp_path / "config.yaml")) is None
