@@ -439,13 +439,15 @@ class RucioBackend(TransferBackend):
         from rucio.common.exception import DataIdentifierNotFound
 
         scope, container = self.settings.scope, self.names(label)["handoff"]
-        try:
-            did = self.client.get_did(scope, container)
-        except DataIdentifierNotFound:
-            return False
-        except Exception:
-            did = self._call(f"read {scope}:{container}", self.client.get_did, scope, container)
-        return not did.get("open", True)
+
+        def get_did() -> dict[str, Any] | None:
+            try:
+                return self.client.get_did(scope, container)
+            except DataIdentifierNotFound:
+                return None  # not sent yet
+
+        did = self._call(f"read {scope}:{container}", get_did)
+        return did is not None and not did.get("open", True)
 
     def receive(self, source: Site, destination: Site, label: str) -> tuple[dict[str, Any], list[str]]:
         started = time.monotonic()
@@ -715,35 +717,32 @@ class RucioBackend(TransferBackend):
     def _ensure_did(self, add: Callable[..., Any], name: str) -> None:
         from rucio.common.exception import DataIdentifierAlreadyExists
 
-        try:
-            add(self.settings.scope, name)
-        except DataIdentifierAlreadyExists:
-            pass
-        except Exception:
-            self._call(f"create {self.settings.scope}:{name}", add, self.settings.scope, name)
+        def add_once() -> None:
+            try:
+                add(self.settings.scope, name)
+            except DataIdentifierAlreadyExists:
+                pass  # made before, or by an attempt whose reply an outage lost
+
+        self._call(f"create {self.settings.scope}:{name}", add_once)
 
     def _attach(self, parent: str, children: list[str]) -> None:
-        from rucio.common.exception import DuplicateContent, FileAlreadyExists, RucioException
+        from rucio.common.exception import DuplicateContent, FileAlreadyExists
 
         scope = self.settings.scope
         present = {
             d["name"] for d in self._call(f"list {scope}:{parent}", self.client.list_content, scope, parent)
         }
-        missing = [name for name in children if name not in present]
+        missing = [{"scope": scope, "name": name} for name in children if name not in present]
         if not missing:
             return
-        try:
-            self.client.attach_dids(scope, parent, [{"scope": scope, "name": name} for name in missing])
-        except (DuplicateContent, FileAlreadyExists):
-            pass
-        except RucioException:
-            self._call(
-                f"attach to {scope}:{parent}",
-                self.client.attach_dids,
-                scope,
-                parent,
-                [{"scope": scope, "name": name} for name in missing],
-            )
+
+        def attach_once() -> None:
+            try:
+                self.client.attach_dids(scope, parent, missing)
+            except (DuplicateContent, FileAlreadyExists):
+                pass  # attached by an attempt whose reply an outage lost
+
+        self._call(f"attach to {scope}:{parent}", attach_once)
 
     # ------------------------------------------------------------------ rule
     def _account(self) -> str | None:
@@ -779,27 +778,24 @@ class RucioBackend(TransferBackend):
             "activity": self.settings.activity,
             "comment": f"multisite {self.campaign} hand-off {label}",
         }
-        try:
-            rule_ids = client.add_replication_rule(**rule)
-        except DuplicateRule:
+
+        def add_once() -> str | None:
+            try:
+                return client.add_replication_rule(**rule)[0]
+            except DuplicateRule:
+                return None  # made by an attempt whose reply an outage lost
+
+        rule_id = self._call(f"add a rule of {scope}:{dataset} to {dst_rse}", add_once)
+        if rule_id is None:
             rule_id = self._find_rule(dataset, dst_rse)
             if rule_id is None:
                 raise RucioHandoffError(
                     f"Rucio reports a rule of {scope}:{dataset} to {dst_rse} but none is listed for account "
                     f"{account}; check transfer.rucio.account"
-                ) from None
-            return rule_id, False
-        except Exception:
-            # The real failure, scrubbed (a second attempt raises it again or finds the rule).
-            rule_id = self._find_rule(dataset, dst_rse)
-            if rule_id is None:
-                rule_ids = self._call(
-                    f"add a rule of {scope}:{dataset} to {dst_rse}", client.add_replication_rule, **rule
                 )
-            else:
-                return rule_id, False
-        _LOG.info("Rucio %s: created rule %s of %s:%s to %s.", label, rule_ids[0], scope, dataset, dst_rse)
-        return rule_ids[0], True
+            return rule_id, False
+        _LOG.info("Rucio %s: created rule %s of %s:%s to %s.", label, rule_id, scope, dataset, dst_rse)
+        return rule_id, True
 
     def _wait(
         self,

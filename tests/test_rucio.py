@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 from lsst.daf.butler import Butler, DatasetRef
 from lsst.daf.butler.datastores.file_datastore.retrieve_artifacts import ZipIndex
@@ -44,7 +45,7 @@ from multisite.rucio_backend import RucioBackend
 from multisite.sites import prepare_repo
 from multisite.status import campaign_status
 
-from .conftest import SCOPE, rucio_config
+from .conftest import RSES, SCOPE, rucio_config
 from .rucio_harness.ingester import StandInIngester
 
 MAX_FILES = 8  # files per Rucio dataset: the demo's hand-offs take several
@@ -500,3 +501,55 @@ def test_8_the_facility_ingests_what_arrives_and_the_rule_waits_for_it(setup):
         assert "handoff_exports/demo/facility/ral/all/" in str(dest.getURI(ref))
         got, sent = dest.get(ref), butler.get(ref)
         assert (got.as_array() == sent.as_array()).all() if hasattr(got, "as_array") else got == sent
+
+
+def _reply_lost(function):
+    """Return ``function``, doing its work on the server but losing its first reply (a server restart)."""
+    calls = []
+
+    def call(*args, **kwargs):
+        result = function(*args, **kwargs)
+        calls.append(args)
+        if len(calls) == 1:
+            raise requests.exceptions.ConnectionError("('Connection aborted.', RemoteDisconnected())")
+        return result
+
+    return call
+
+
+def _down_once(function):
+    """Return ``function``, failing its first call as an unreachable server does."""
+    calls = []
+
+    def call(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise requests.exceptions.ConnectionError("Connection refused")
+        return function(*args, **kwargs)
+
+    return call
+
+
+def test_9_a_call_whose_reply_an_outage_lost_finds_its_work_done_when_retried(setup, monkeypatch):
+    """Retried after a lost reply, a creation that had happened is taken as done, not as a failure.
+
+    As when the server stops in the middle of a call (test_instances met it): the DID,
+    the attachment and the rule exist once; and a hand-off not sent yet, looked up again
+    once the server is back, reads as not sent.
+    """
+    campaign, _, _ = setup
+    backend = RucioBackend(campaign.name, campaign.rucio)
+    c = backend.client
+    container, dataset = "multisite.demo.lost_reply.lancs.t0p3", "multisite.demo.lost_reply.lancs.t0p3.00000"
+    backend._ensure_did(_reply_lost(c.add_container), container)
+    backend._ensure_did(_reply_lost(c.add_dataset), dataset)
+    monkeypatch.setattr(c, "attach_dids", _reply_lost(c.attach_dids))
+    backend._attach(container, [dataset])
+    assert [d["name"] for d in c.list_content(SCOPE, container)] == [dataset]
+    monkeypatch.setattr(c, "add_replication_rule", _reply_lost(c.add_replication_rule))
+    rule_id, created = backend._ensure_rule(dataset, RSES["usdf"], RSES["lancs"], "lost_reply/lancs/t0p3")
+    assert not created and [r["id"] for r in c.list_did_rules(SCOPE, dataset)] == [rule_id]
+    monkeypatch.setattr(c, "get_did", _down_once(c.get_did))
+    central, lancs = campaign.central, campaign.sites["lancs"]
+    assert not backend.published(central, lancs, "lost_reply/lancs/t0p9")
+    c.delete_replication_rule(rule_id, purge_replicas=False)
