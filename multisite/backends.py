@@ -659,7 +659,10 @@ def ingest_zips(
     if not zips:
         return 0
     new = 0
-    with repo_write_lock(destination.repo), open_butler(destination.repo, writeable=True) as dest:
+    with (
+        repo_write_lock(destination.repo, imports=True),
+        open_butler(destination.repo, writeable=True) as dest,
+    ):
         for record, path in zips:
             # Asked zip by zip, so that only one zip's refs are held.
             present = len(dest.get_many_datasets(record.zipped))
@@ -724,7 +727,10 @@ def import_export(
     loses at most the batch in flight, and a rerun goes on from there.
     """
     new = 0
-    with repo_write_lock(destination.repo), open_butler(destination.repo, writeable=True) as dest:
+    with (
+        repo_write_lock(destination.repo, imports=True),
+        open_butler(destination.repo, writeable=True) as dest,
+    ):
         for part, export in enumerate(exports, 1):
             content = _read_export(export)
             ids = _dataset_ids(content)

@@ -82,17 +82,21 @@ def ensure_in_chain(butler: Butler, chain: str, children: Iterable[str]) -> None
 
 
 @contextlib.contextmanager
-def repo_write_lock(repo: str) -> Iterator[None]:
-    """Serialise writers of a local SQLite repository across processes.
+def repo_write_lock(repo: str, *, imports: bool = False) -> Iterator[None]:
+    """Serialise writers of a local repository across processes.
 
-    SQLite allows one writer at a time; campaign rules that write the same
-    repository (hand-offs arriving together at the central site) take turns.
-    Repositories behind a database server need no lock and get none.
+    SQLite allows one writer at a time; campaign rules that write the same local
+    SQLite repository (hand-offs arriving together at the central site) take turns.
+    Imports (``imports``) take turns in a local repository of any registry:
+    hand-off pieces can carry the same datasets (the fan-out pieces of neighbouring
+    patches), and two receives that looked up what is present at the same moment
+    would both insert it. Other writers behind a database server get no lock.
     """
     root = Path(repo)
     if root.name == "butler.yaml":
         root = root.parent
-    if "://" in repo or not (root / "gen3.sqlite3").exists():
+    sqlite = (root / "gen3.sqlite3").exists()
+    if "://" in repo or not (sqlite or (imports and (root / "butler.yaml").exists())):
         yield
         return
     with open(root / ".campaign-write.lock", "w") as lock:

@@ -216,7 +216,10 @@ def _arrived(campaign: Campaign, label: str, destination: Site, dataset_ids: lis
     runs: set[str] = set()
     counts: Counter[str] = Counter()
     files: dict[str, ResourcePath] = {}
-    with repo_write_lock(destination.repo), open_butler(destination.repo, writeable=True) as dest:
+    with (
+        repo_write_lock(destination.repo, imports=True),
+        open_butler(destination.repo, writeable=True) as dest,
+    ):
         for page in itertools.batched(dataset_ids, ARRIVAL_PAGE):
             known = {str(ref.id): ref for ref in dest.get_many_datasets(page)}
             stored = dest.stored_many(known.values())
