@@ -4,17 +4,17 @@ Four instances (usdf, in2p3, ral, lancs), started together with their site profi
 (the executor set to local: the batch paths are proven in test_slurm and
 test_htcondor), run the demo campaign through the test Rucio. Each instance's config
 names only its own repository: the other sites' repositories are paths that lead
-nowhere, so an instance that reached into another site's files would fail. In a first
-campaign, the Rucio server is stopped for a minute while USDF's rule for a fan-in is
-pending (transfers held back), then started again on the same port with its data: the
-instances ride the outage out, the campaign ends with the final outputs of a
-single-instance run (test_faults' campaign, shared through the session fixture
-``demo_through_faults``), every hand-off in one Rucio rule on its container of closed
-datasets of at most ``MAX_FILES`` files, and a forced rerun of the fan-in registers,
-rules and imports nothing. In a second, RAL's instance is killed in the
-middle, the others wait and say so; restarted with one of its step3 chunks failing, the
-final products of its other chunk reach USDF on their own; and the campaign completes
-once it is restarted again, with nothing that was finished done again. A third, with one unit a step1 chunk,
+nowhere, so an instance that reached into another site's files would fail. In one
+campaign, RAL's instance is killed in the middle of its step1 and the others wait and say
+so; RAL's instance is restarted with one of its step3 chunks failing while transfers are
+held back, and the Rucio server is stopped for a minute while USDF's rule for a fan-in is
+pending, then started again on the same port with its data: the instances ride the outage
+out, the final products of RAL's other chunk reach USDF on their own, and once RAL is
+restarted again the campaign ends with the final outputs of a single-instance run
+(test_faults' campaign, shared through the session fixture ``demo_through_faults``),
+nothing that was finished done again, every hand-off in one Rucio rule on its container
+of closed datasets of at most ``MAX_FILES`` files, and a forced rerun of the fan-in
+registers, rules and imports nothing. A second campaign, with one unit a step1 chunk,
 shows the per-chunk flow between instances: a chunk runs on its own raws piece and
 its fan-in leaves before the next chunk's raws are sent.
 """
@@ -236,7 +236,7 @@ def test_profiles_by_name_run_their_site_share():
         assert stages and all(name.endswith(f"_{site}") for name in stages), (site, stages)
 
 
-def test_four_instances_ride_out_a_rucio_outage_during_a_fanin_and_end_like_one_instance(
+def test_four_instances_ride_out_a_killed_instance_and_a_rucio_outage_and_end_like_one_instance(
     local_rucio, tmp_path_factory, demo_through_faults
 ):
     rucio, storage = local_rucio
@@ -245,28 +245,72 @@ def test_four_instances_ride_out_a_rucio_outage_during_a_fanin_and_end_like_one_
     configs = instance_configs(tmp_path_factory.mktemp("instances"), rucio, storage, scope, timeout_s=600)
     client = rucio_client(rucio, scope)
     processes = {site: start(site, config) for site, config in configs.items()}
+    ral_work = configs["ral"].parent / "work"
     try:
-        # Transfers held back as soon as a fan-in is registered, so that USDF's rule for it stays pending.
-        wait_for("a fan-in registered", lambda: fanins(client, scope), processes, interval=0.5)
+        # Killed while its step1 is with BPS: nothing of step1 reaches the others.
+        wait_for(
+            "ral's step1 submission",
+            lambda: any((ral_work / "qgraph" / "ral" / "step1").glob("*/*.bps.log")),
+            processes,
+        )
+        os.killpg(processes["ral"].pid, signal.SIGKILL)
+        assert processes.pop("ral").wait() == -signal.SIGKILL
+        finished = {path: path.stat().st_mtime_ns for path in (ral_work / "markers").rglob("*.json")}
+        events_at_kill = {site: event_lines(config) for site, config in configs.items()}
+
+        # The others wait and say what for, from whom and since when: USDF for RAL's fan-in,
+        # the other sites for USDF's fan-out (which needs RAL's fan-in).
+        waits = {
+            "usdf": ("fanin_step2", "ral", "c0000", "ral"),
+            "in2p3": ("fanout_step3", "in2p3", r"t0p[14]", "usdf"),
+            "lancs": ("fanout_step3", "lancs", "t0p3", "usdf"),
+        }
+        for site, (handoff, at, piece, sender) in waits.items():
+            said = re.compile(
+                rf"WAITING: handoff {handoff} {at} {piece} at {at} since \S+: "
+                rf"waiting for {handoff} from {sender} since "
+            )
+            wait_for(
+                f"{site} saying it waits", lambda s=site, r=said: r.search(status(configs[s])), processes
+            )
+        assert all(process.poll() is None for process in processes.values())
+        assert not (configs["usdf"].parent / "work" / "markers" / "stage" / "usdf" / "step2.json").exists()
+
+        subprocess.run(
+            [*command("ral", configs["ral"]), "--unlock"], check=True, capture_output=True, env=ENV
+        )
+        # Transfers held back before RAL comes back, so that USDF's rule for RAL's fan-in (or
+        # one still in flight) stays pending; then the Rucio server stops for OUTAGE_S.
         rucio.pause_daemons()
         try:
+            # Restarted with its step3 chunk t0p5 failing: the final products of its other
+            # chunk (t0p2) still reach USDF, through Rucio, on their own.
+            failing = start("ral", configs["ral"], "--keep-going", env={FAILURE_ENV: "makeCoadd:patch=5"})
             pending = []  # what each poll found; the last one is the rule
             wait_for(
                 "USDF's rule for a fan-in",
                 lambda: pending.append(pending_fanin_rule(client, scope)) or pending[-1],
-                processes,
+                processes | {"ral": failing},
                 interval=0.5,
             )
             sender, rule_id = pending[-1]
             rucio.stop_server()
             try:
                 time.sleep(OUTAGE_S)
-                stopped = {site: process.poll() for site, process in processes.items()}
+                stopped = {site: process.poll() for site, process in (processes | {"ral": failing}).items()}
             finally:
                 rucio.start_server()  # on the same port, with its data
         finally:
             rucio.resume_daemons()
         assert set(stopped.values()) == {None}, f"instances stopped during the outage: {stopped}"
+        assert failing.wait(timeout=2400) != 0
+        usdf_layout = load_campaign(configs["usdf"]).layout
+        wait_for(
+            "ral's final t0p2 at usdf", usdf_layout.handoff_marker("final", "ral", "t0p2").exists, processes
+        )
+        assert not (ral_work / "markers" / "stage" / "ral" / "step3" / "t0p5.json").exists()
+        assert not usdf_layout.handoff_marker("final", "ral", "t0p5").exists()
+        processes["ral"] = start("ral", configs["ral"])
         finish(processes, configs)
     finally:
         for process in processes.values():
@@ -292,6 +336,22 @@ def test_four_instances_ride_out_a_rucio_outage_during_a_fanin_and_end_like_one_
     assert len(parts) == 3 and all(len(names) > 1 for names in parts.values()), parts
     sizes = [len(list(client.list_files(scope, part))) for names in parts.values() for part in names]
     assert max(sizes) == MAX_FILES, sizes
+
+    # Nothing finished before the kill was done again: RAL's markers are untouched, and no
+    # instance started again a step it had done (its event log, after the kill).
+    assert {path: path.stat().st_mtime_ns for path in finished} == finished
+    for site, before in events_at_kill.items():
+        done = {event["step"] for event in before if event["kind"] == "done"}
+        assert done, site
+        after = event_lines(configs[site])[len(before) :]
+        assert after, site
+        assert not [e["step"] for e in after if e["kind"] == "started" and e["step"] in done], site
+    # The killed chunk ran again without duplicating a dataset.
+    ral = load_campaign(configs["ral"])
+    butler = Butler.from_config(ral.sites["ral"].repo)
+    runs = butler.collections.query(ral.stage_chain("ral", "step1"), flatten_chains=True)
+    stars = butler.query_datasets("single_visit_star", collections=runs, find_first=False)
+    assert stars and len(stars) == len({ref.dataId for ref in stars})
 
     # A forced rerun of the finished fan-in, both halves, sends what it sent before (its event
     # snapshot included): Rucio's dataset matches, nothing is registered, ruled or imported again.
@@ -370,74 +430,3 @@ def test_a_site_instances_step1_chunk_runs_and_sends_its_fanin_before_the_next_c
     assert not layout["usdf"].sent_marker("raws", "in2p3", "t0p4").exists()
     containers = set(client.list_dids(scope, {"name": "multisite.demo.*.*"}, did_type="container"))
     assert containers == {"multisite.demo.raws.in2p3.t0p1", "multisite.demo.fanin_step2.in2p3.t0p1"}
-
-
-def test_killed_instance_is_waited_for_and_restarted_without_redoing_anything(local_rucio, tmp_path_factory):
-    rucio, storage = local_rucio
-    configs = instance_configs(tmp_path_factory.mktemp("killed"), rucio, storage, "killed")
-    processes = {site: start(site, config) for site, config in configs.items()}
-    ral_work = configs["ral"].parent / "work"
-    try:
-        # Killed while its step1 is with BPS: nothing of step1 reaches the others.
-        wait_for(
-            "ral's step1 submission",
-            lambda: any((ral_work / "qgraph" / "ral" / "step1").glob("*/*.bps.log")),
-            processes,
-        )
-        os.killpg(processes["ral"].pid, signal.SIGKILL)
-        assert processes.pop("ral").wait() == -signal.SIGKILL
-        finished = {path: path.stat().st_mtime_ns for path in (ral_work / "markers").rglob("*.json")}
-        events_at_kill = {site: event_lines(config) for site, config in configs.items()}
-
-        # The others wait and say what for, from whom and since when: USDF for RAL's fan-in,
-        # the other sites for USDF's fan-out (which needs RAL's fan-in).
-        waits = {
-            "usdf": ("fanin_step2", "ral", "c0000", "ral"),
-            "in2p3": ("fanout_step3", "in2p3", r"t0p[14]", "usdf"),
-            "lancs": ("fanout_step3", "lancs", "t0p3", "usdf"),
-        }
-        for site, (handoff, at, piece, sender) in waits.items():
-            said = re.compile(
-                rf"WAITING: handoff {handoff} {at} {piece} at {at} since \S+: "
-                rf"waiting for {handoff} from {sender} since "
-            )
-            wait_for(
-                f"{site} saying it waits", lambda s=site, r=said: r.search(status(configs[s])), processes
-            )
-        assert all(process.poll() is None for process in processes.values())
-        assert not (configs["usdf"].parent / "work" / "markers" / "stage" / "usdf" / "step2.json").exists()
-
-        subprocess.run(
-            [*command("ral", configs["ral"]), "--unlock"], check=True, capture_output=True, env=ENV
-        )
-        # Restarted with its step3 chunk t0p5 failing: the final products of its other chunk
-        # (t0p2) still reach USDF, through Rucio, on their own.
-        failing = start("ral", configs["ral"], "--keep-going", env={FAILURE_ENV: "makeCoadd:patch=5"})
-        assert failing.wait(timeout=2400) != 0
-        usdf = load_campaign(configs["usdf"]).layout
-        wait_for("ral's final t0p2 at usdf", usdf.handoff_marker("final", "ral", "t0p2").exists, processes)
-        assert not (ral_work / "markers" / "stage" / "ral" / "step3" / "t0p5.json").exists()
-        assert not usdf.handoff_marker("final", "ral", "t0p5").exists()
-        processes["ral"] = start("ral", configs["ral"])
-        finish(processes, configs)
-    finally:
-        for process in processes.values():
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-
-    # Nothing finished before the kill was done again: RAL's markers are untouched, and no
-    # instance started again a step it had done (its event log, after the kill).
-    assert {path: path.stat().st_mtime_ns for path in finished} == finished
-    for site, before in events_at_kill.items():
-        done = {event["step"] for event in before if event["kind"] == "done"}
-        assert done, site
-        after = event_lines(configs[site])[len(before) :]
-        assert after, site
-        assert not [e["step"] for e in after if e["kind"] == "started" and e["step"] in done], site
-    check_campaign(configs)
-    # The killed chunk ran again without duplicating a dataset.
-    ral = load_campaign(configs["ral"])
-    butler = Butler.from_config(ral.sites["ral"].repo)
-    runs = butler.collections.query(ral.stage_chain("ral", "step1"), flatten_chains=True)
-    stars = butler.query_datasets("single_visit_star", collections=runs, find_first=False)
-    assert stars and len(stars) == len({ref.dataId for ref in stars})
