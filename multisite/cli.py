@@ -97,13 +97,18 @@ def _move(campaign: Campaign, args: argparse.Namespace) -> int:
 
 def _add_move_parser(commands: argparse._SubParsersAction) -> None:
     move = commands.add_parser(
-        "move", help="move units to another site, or drain a site, in a running campaign (units not begun)"
+        "move",
+        help="move units to another site, or drain a site, in a running campaign "
+        "(units whose data has not left their site; begun chunks are retired)",
     )
     move.add_argument("config", type=Path, help="campaign config YAML")
     which = move.add_mutually_exclusive_group(required=True)
     which.add_argument("--unit", nargs="+", help="the units to move (to the one site of --to)")
     which.add_argument(
-        "--from", dest="from_site", metavar="SITE", help="drain SITE: move its units not begun"
+        "--from",
+        dest="from_site",
+        metavar="SITE",
+        help="drain SITE: move its units whose data has not left it",
     )
     move.add_argument("--to", required=True, help="the new site; for --from, SITE,SITE,... shared by cores")
     move.add_argument("-n", "--dry-run", action="store_true", help="print the move, write nothing")

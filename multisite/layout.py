@@ -115,6 +115,10 @@ class Layout:
         """Written by ``multisite move`` before it changes the plan, removed once the plan marker is."""
         return self.markers / "placement" / "move.json"
 
+    def retired_dir(self, plan_version: str) -> Path:
+        """Where a move puts the files of the chunks it retires from plan ``plan_version``."""
+        return self.workdir / "retired" / plan_version
+
     def replaced_placement_table(self, plan_version: str) -> Path:
         """Return the placement table of an earlier plan version, kept by the move that replaced it."""
         return self.markers / "placement" / f"raws.{plan_version}.tsv"

@@ -2,12 +2,20 @@
 
 A move changes the plan: the units table, the placement and the plan marker. Markers
 mean what the plan says (``stage/ral/step1/c0000.json`` is ral's units of that chunk,
-and a fan-in piece carries the data its site owns), so a move may change nothing that
-has begun: every chunk and hand-off piece whose content differs between the two plans
-must not have started (no marker, no submission, no attempt's log). What has begun
-keeps its meaning: a raw keeps its owner while that site still needs it, so a fan-in
-already delivered is never sent again by another site, and moved units go after the
-last unit of their new site, so its earlier chunks keep their units.
+and a fan-in piece carries the data its site owns), so nothing that has left a site
+may change: every hand-off piece whose content differs between the two plans must not
+have begun (no marker, no attempt's log), except a raws piece that arrived with more
+raws than its site now needs. What has begun keeps its meaning: a raw keeps its owner
+while that site still needs it, so a fan-in already delivered is never sent again by
+another site, and moved units go after the last unit of their new site, so its
+earlier chunks keep their units.
+
+A chunk whose content changes though it has begun (done or submitted at a site being
+drained) is retired: its RUNs leave the chunk's chain for one under
+``<root>/<site>/retired/<plan_version>/``, so no hand-off ever sends them, and its
+markers, logs and BPS directories go under ``<workdir>/retired/<plan_version>/``;
+nothing is deleted. A unit whose final products reached the central site stays where
+it ran: there is nothing left to move.
 
 What a moved unit needs then follows from the new plan: its raws go from the central
 site (which holds them all) in new pieces, it runs in new chunks at its new site, and
@@ -36,7 +44,7 @@ from datetime import UTC, datetime
 
 import pandas as pd
 
-from .butler_utils import open_butler
+from .butler_utils import collection_exists, ensure_in_chain, open_butler
 from .config import Campaign, Unit
 from .flow import HandoffPiece, stage_chunks, workflow_pieces
 from .layout import Layout
@@ -67,6 +75,9 @@ class Move:
     remade : `list` [`tuple` [`str`, `str`, `str`]]
         (site, stage, chunk) of the chunks whose units or data change: their BPS
         submit YAMLs are made again.
+    retired : `dict` [`tuple` [`str`, `str`, `str`], `str`]
+        (site, stage, chunk) of the begun chunks whose content changes, to how they
+        had begun: taken out of the campaign, their units run again.
     notes : `tuple` [`str`, ...]
         What the operator should know (the units table differed from the plan).
     """
@@ -77,6 +88,7 @@ class Move:
     stays: dict[str, str]
     placement: pd.DataFrame
     remade: list[tuple[str, str, str]]
+    retired: dict[tuple[str, str, str], str] = dataclasses.field(default_factory=dict)
     notes: tuple[str, ...] = ()
 
 
@@ -123,31 +135,45 @@ def _moved_campaign(campaign: Campaign, destinations: Mapping[str, str]) -> Camp
     return dataclasses.replace(campaign, units=tuple(units))
 
 
-def _units_begun(campaign: Campaign) -> dict[str, str]:
-    """Return, for each unit with something begun at its site, what (a chunk or a raws piece)."""
-    layout, begun = campaign.layout, {}
-    for stage in campaign.stages:
-        if stage.is_central:
-            continue
-        for site in campaign.stage_sites(stage):
-            for chunk, units in stage_chunks(campaign, site.name, stage).items():
-                if how := _begun_chunk(layout, site.name, stage.name, chunk):
-                    for unit in units:
-                        begun.setdefault(unit, f"{stage.name} {chunk} at {site.name}: {how}")
+def _units_held(campaign: Campaign) -> dict[str, str]:
+    """Return, for each unit that must stay at its site, why: a piece carrying it has begun.
+
+    A unit stays once its data has begun to leave its site (a fan-in or final piece) or
+    to come to it from the central site (a fan-out piece, or a raws piece on its way);
+    raws that arrived, and chunks begun, do not hold it (a chunk is retired).
+    Delivered units say so.
+    """
+    held = _units_delivered(campaign)
     for piece in workflow_pieces(campaign):
-        if piece.handoff.name == "raws" and (how := _begun_piece(layout, piece)):
+        how = _begun_piece(campaign.layout, piece)
+        if how and not (piece.handoff.name == "raws" and how == "arrived"):
             for unit in piece.units:
-                begun.setdefault(unit, f"hand-off {piece.label}: {how}")
-    return begun
+                held.setdefault(unit, f"hand-off {piece.label}: {how}")
+    return held
+
+
+def _units_delivered(campaign: Campaign) -> dict[str, str]:
+    """Return the units whose final products are at the central site, each with where that shows.
+
+    Every site's final products travel in pieces of the ``final`` hand-off, the
+    central site's own included.
+    """
+    delivered = {}
+    for piece in workflow_pieces(campaign):
+        if piece.handoff.name == "final" and campaign.layout.piece_marker(piece).exists():
+            delivered |= dict.fromkeys(piece.units, f"delivered (hand-off {piece.label} arrived)")
+    return delivered
 
 
 def drain(campaign: Campaign, site: str, to: list[str]) -> tuple[dict[str, str], dict[str, str]]:
     """Return the units of ``site`` that can leave it, each with its new site, and those that stay.
 
-    A unit whose work at ``site`` has begun stays; the others are shared among ``to``
-    in proportion to their ``cores`` (equal shares when a site gives none), in order.
+    A unit whose data has begun to leave ``site``, or to come to it from the central
+    site beyond its raws, stays (`_units_held`); the others, their chunks begun or
+    not, are shared among ``to`` in proportion to their ``cores`` (equal shares when a
+    site gives none), in order.
     """
-    begun = _units_begun(campaign)
+    begun = _units_held(campaign)
     weights = {name: float(campaign.sites[name].cores or 1) for name in to}
     given = dict.fromkeys(to, 0)
     destinations, stays = {}, {}
@@ -222,8 +248,16 @@ def plan_move(
     ]
     if problems:
         raise MoveRefused("\n".join(problems))
+    delivered = _units_delivered(campaign)
+    stays = dict(stays or {}) | {name: delivered[name] for name in destinations if name in delivered}
     old_site = {unit.name: unit.site for unit in campaign.units}
-    moves = {name: (old_site[name], site) for name, site in destinations.items() if old_site[name] != site}
+    moves = {
+        name: (old_site[name], site)
+        for name, site in destinations.items()
+        if old_site[name] != site and name not in delivered
+    }
+    if not moves:
+        return Move(campaign, campaign, {}, stays, placement, [])
     after = _moved_campaign(campaign, {name: to for name, (_, to) in moves.items()})
     new_placement = place(after)
 
@@ -236,22 +270,27 @@ def plan_move(
     changed = [key for key, content in before_contents.items() if after_contents.get(key) != content]
     layout = campaign.layout
     pieces = {("piece", p.handoff.name, p.site, p.name): p for p in workflow_pieces(campaign)}
-    begun = []
+    begun, retired = [], {}
     for key in changed:
         if key[0] == "chunk":
-            _, site, stage, chunk = key
-            how, what = _begun_chunk(layout, site, stage, chunk), f"{stage} {chunk} at {site}"
-        else:
-            piece = pieces[key]
-            how, what = _begun_piece(layout, piece), f"hand-off {piece.label}"
+            if how := _begun_chunk(layout, *key[1:]):
+                retired[key[1:]] = how
+            continue
+        piece = pieces[key]
+        how = _begun_piece(layout, piece)
+        left = after_contents.get(key, ((),))[0]
+        if how == "arrived" and piece.handoff.name == "raws" and set(left) <= set(piece.units):
+            continue  # raws its site no longer needs: they stay in its repository, unused
         if how:
             units = ", ".join(before_contents[key][0])
-            begun.append(f"{what} (units {units}): {how}; the move would change what it holds")
+            begun.append(
+                f"hand-off {piece.label} (units {units}): {how}; the move would change what it holds"
+            )
     if begun:
         raise MoveRefused(
-            "the move changes work that has begun:\n"
+            "the move changes data that has begun to move between sites:\n"
             + "\n".join(f"    {line}" for line in begun)
-            + "\n  Move only units none of whose chunks or raws pieces has begun at their site "
+            + "\n  Move only units none of whose data has left their site "
             "(`multisite move --from SITE --to ...` picks those)."
         )
     remade = sorted(
@@ -259,7 +298,7 @@ def plan_move(
         for key, content in after_contents.items()
         if key[0] == "chunk" and before_contents.get(key) != content
     )
-    return Move(campaign, after, moves, dict(stays or {}), new_placement, remade)
+    return Move(campaign, after, moves, stays, new_placement, remade, retired)
 
 
 def format_move(move: Move) -> str:
@@ -271,11 +310,56 @@ def format_move(move: Move) -> str:
         lines.append(f"  stays {name}: {why}")
     if not move.moves:
         lines.append("  nothing to move")
+    for (site, stage, chunk), how in move.retired.items():
+        lines.append(
+            f"  retire {stage} {chunk} at {site} ({how}): never sent; its RUNs go to "
+            f"{_retired_chain(move.before, site, stage, chunk)}"
+        )
     for site, stage, chunk in move.remade:
         lines.append(f"  new or changed chunk: {stage} {chunk} at {site}")
     kept = [u.name for u in move.before.units if u.name not in move.moves]
-    lines.append(f"  kept where they are: {len(kept)} units; nothing begun is redone")
+    lines.append(
+        f"  kept where they are: {len(kept)} units; nothing that left its site is redone"
+        + (", the retired chunks' units run again" if move.retired else "")
+    )
     return "\n".join(lines)
+
+
+def _retired_chain(campaign: Campaign, site: str, stage: str, chunk: str) -> str:
+    """Return the CHAINED collection that keeps the RUNs of a chunk retired from ``campaign``'s plan."""
+    return f"{campaign.root_collection}/{site}/retired/{plan_version(campaign)}/{stage}/{chunk}"
+
+
+def _retire_chunk(campaign: Campaign, site: str, stage: str, chunk: str) -> None:
+    """Take a begun chunk out of the campaign, deleting nothing.
+
+    Its RUNs move from the chunk's chain (which the stage's chain and the hand-offs
+    read) to `_retired_chain`; its marker, log, BPS directories and submit YAML, and
+    the stage's marker at the site, go under ``<workdir>/retired/<plan_version>/``.
+    Done again after an interruption, it finishes what is left.
+    """
+    chain = campaign.stage_chain(site, stage, chunk)
+    with open_butler(campaign.sites[site].repo, writeable=True) as butler:
+        if collection_exists(butler, chain):
+            info = butler.collections.get_info(chain, include_parents=True)
+            ensure_in_chain(butler, _retired_chain(campaign, site, stage, chunk), info.children)
+            for parent in info.parents:
+                butler.collections.remove_from_chain(parent, chain)
+            butler.collections.x_remove(chain)
+    layout = campaign.layout
+    aside = layout.retired_dir(plan_version(campaign))
+    for path in (
+        layout.chunk_marker(site, stage, chunk),
+        layout.stage_marker(site, stage),
+        layout.chunk_log(site, stage, chunk),
+        layout.qgraph_dir(site, stage, chunk),
+        layout.submit_dir(site, stage, chunk),
+        layout.submit_yaml(site, stage, chunk),
+    ):
+        if path.exists():
+            target = aside / path.relative_to(layout.workdir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
 
 
 def _write_units_table(move: Move) -> None:
@@ -303,9 +387,10 @@ def apply_move(move: Move) -> None:
     """Write the moved plan; the plan marker last, so that a move cut short is done again whole.
 
     The placement table of the plan it replaces is kept aside (what the same move, run
-    again after an interruption, starts from). The submit YAMLs of the chunks made again
-    are removed first, so the workflow writes them for the new plan; the units table,
-    the placement and the plan marker (with the move's record) follow. Until the marker
+    again after an interruption, starts from). The retired chunks are taken out of the
+    campaign (`_retire_chunk`), and the submit YAMLs of the chunks made again removed,
+    so the workflow writes them for the new plan; the units table, the placement and
+    the plan marker (with the move's record) follow. Until the marker
     is written, the workflow refuses to run (`multisite.plan_version.check_plan_unchanged`
     finds the move in progress).
     """
@@ -316,6 +401,8 @@ def apply_move(move: Move) -> None:
         temporary = kept.with_name(f".{kept.name}.copy")
         shutil.copyfile(layout.placement_table, temporary)
         os.replace(temporary, kept)
+    for site, stage, chunk in move.retired:
+        _retire_chunk(move.before, site, stage, chunk)
     for site, stage, chunk in move.remade:
         layout.submit_yaml(site, stage, chunk).unlink(missing_ok=True)
     _write_units_table(move)
@@ -333,6 +420,7 @@ def apply_move(move: Move) -> None:
             "at": datetime.now(UTC).isoformat(timespec="seconds"),
             "from_version": plan_version(move.before),
             "units": {name: list(pair) for name, pair in move.moves.items()},
+            "retired": [list(key) for key in move.retired],
         },
     ]
     write_marker(layout.placement_marker, marker | record | {"moves": history})

@@ -1,7 +1,8 @@
 """Moving units in a running campaign: what may move, what stays, and what the move writes.
 
 On the demo's config with a small synthetic placement (raws and the patches they
-overlap) and marker files standing for work begun. The end-to-end move (a site drained
+overlap), marker files standing for work begun, and a real repository where a chunk
+is retired. The end-to-end move (a site drained
 in the middle of its step1 onto a fifth site, the campaign ending with the single-site
 reference's results) is in test_per_chunk, on its campaign.
 """
@@ -14,7 +15,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from lsst.daf.butler import Butler
 
+from multisite.butler_utils import collection_exists, ensure_in_chain
 from multisite.config import load_campaign
 from multisite.errors import CampaignConfigError, PlanChangedError
 from multisite.markers import read_marker, write_marker
@@ -90,21 +93,88 @@ def test_a_raw_keeps_its_owner_while_that_site_still_needs_it(tmp_path):
     assert set(place_raws(ROWS, gone, previous=before).query("exposure == 3")["owner"]) == {"ral"}
 
 
-def test_a_move_that_changes_a_begun_chunk_is_refused_naming_it(tmp_path):
+def test_a_move_that_changes_data_that_left_its_site_is_refused_naming_it(tmp_path):
     campaign = _campaign(tmp_path)  # step1: ral's one chunk c0000 holds t0p2 and t0p5
     placement = _planned(campaign)
-    _done(campaign.layout.chunk_marker("ral", "step1", "c0000"))
-    with pytest.raises(MoveRefused, match=r"step1 c0000 at ral \(units t0p2, t0p5\): done; ") as refused:
+    layout = campaign.layout
+    # A chunk done, its raws arrived: it is retired, the raws stay (t0p2 still needs some).
+    _done(layout.chunk_marker("ral", "step1", "c0000"))
+    _done(layout.handoff_marker("raws", "ral", "c0000"))
+    move = plan_move(campaign, {"t0p5": "lancs"}, placement, _place(placement))
+    assert move.retired == {("ral", "step1", "c0000"): "done"}
+    assert ("ral", "step1", "c0000") in move.remade  # t0p2 runs again, alone
+    assert "retire step1 c0000 at ral (done): never sent; its RUNs go to DemoCam/runs/demo/ral/retired/" in (
+        format_move(move)
+    )
+    # Its fan-in sent: the data left ral, the move is refused naming the piece.
+    _done(layout.sent_marker("fanin_step2", "ral", "c0000"))
+    with pytest.raises(
+        MoveRefused, match=r"hand-off fanin_step2/ral/c0000 \(units t0p2, t0p5\): sent; "
+    ) as refused:
         plan_move(campaign, {"t0p5": "lancs"}, placement, _place(placement))
     assert "multisite move --from SITE" in str(refused.value)
-    campaign.layout.chunk_marker("ral", "step1", "c0000").unlink()
-    _done(campaign.layout.handoff_marker("raws", "ral", "c0000"))
-    with pytest.raises(MoveRefused, match=r"hand-off raws/ral/c0000 \(units t0p2, t0p5\): arrived; "):
-        plan_move(campaign, {"t0p5": "lancs"}, placement, _place(placement))
+    # Raws on their way to lancs (an attempt's log, no marker) would change: refused.
+    layout.sent_marker("fanin_step2", "ral", "c0000").unlink()
+    log = layout.handoff_log("raws", "lancs", "c0000")
+    log.parent.mkdir(parents=True)
+    log.write_text("importing\n")
+    with pytest.raises(MoveRefused, match=r"hand-off raws/lancs/c0000 \(units t0p3\): attempted; "):
+        plan_move(campaign, {"t0p3": "ral"}, placement, _place(placement))
     with pytest.raises(MoveRefused, match="unit 't0p9' is not in the units table"):
         plan_move(campaign, {"t0p9": "lancs"}, placement, _place(placement))
     with pytest.raises(MoveRefused, match="site 'cam' is not in the config; add its block"):
         plan_move(campaign, {"t0p5": "cam"}, placement, _place(placement))
+
+
+def test_a_unit_whose_final_products_were_delivered_stays_and_nothing_is_written(tmp_path):
+    campaign = _campaign(tmp_path)
+    placement = _planned(campaign)
+    _done(campaign.layout.handoff_marker("final", "ral", "t0p2"))
+    move = plan_move(campaign, {"t0p2": "lancs"}, placement, _place(placement))
+    assert not move.moves and not move.retired and move.after is campaign
+    assert move.stays == {"t0p2": "delivered (hand-off final/ral/t0p2 arrived)"}
+    assert "nothing to move" in format_move(move)
+    assert drain(campaign, "ral", ["lancs"]) == (
+        {"t0p5": "lancs"},
+        {"t0p2": "delivered (hand-off final/ral/t0p2 arrived)"},
+    )
+
+
+def test_a_retired_chunk_leaves_the_campaign_with_nothing_deleted(tmp_path):
+    """Its RUNs leave its chain (and the stage's) for the retired chain; its files go aside."""
+    campaign = _campaign(tmp_path)
+    placement = _planned(campaign)
+    layout = campaign.layout
+    repo = Butler.makeRepo(campaign.sites["ral"].repo)
+    chunk_chain, stage_chain = (
+        campaign.stage_chain("ral", "step1", "c0000"),
+        campaign.stage_chain("ral", "step1"),
+    )
+    run = f"{chunk_chain}/20261203T000000Z"
+    with Butler.from_config(repo, writeable=True) as butler:
+        butler.collections.register(run)
+        ensure_in_chain(butler, chunk_chain, [run])
+        ensure_in_chain(butler, stage_chain, [chunk_chain])
+    files = [
+        layout.chunk_marker("ral", "step1", "c0000"),
+        layout.stage_marker("ral", "step1"),
+        layout.submit_dir("ral", "step1", "c0000") / "attempt" / "job.log",
+    ]
+    for path in files:
+        _done(path)
+    version = plan_version(campaign)
+
+    move = plan_move(campaign, {"t0p5": "lancs"}, placement, _place(placement))
+    apply_move(move)
+    with Butler.from_config(repo) as butler:
+        assert not collection_exists(butler, chunk_chain)
+        assert butler.collections.get_info(stage_chain).children == ()
+        retired = f"{campaign.root_collection}/ral/retired/{version}/step1/c0000"
+        assert butler.collections.get_info(retired).children == (run,)
+    for path in files:
+        assert not path.exists()
+        assert (layout.retired_dir(version) / path.relative_to(layout.workdir)).is_file()
+    assert read_marker(layout.placement_marker)["moves"][0]["retired"] == [["ral", "step1", "c0000"]]
 
 
 def test_a_move_of_units_not_begun_rewrites_the_plan_and_the_changed_chunks_yamls(tmp_path):
@@ -142,14 +212,16 @@ def test_a_drain_moves_what_has_not_begun_and_shares_it_by_cores(tmp_path):
     campaign = _campaign(tmp_path, step1_units_per_chunk=1, lancs=3000)
     placement = _planned(campaign)
     layout = campaign.layout
-    _done(layout.handoff_marker("raws", "in2p3", "t0p1"))  # t0p1's raws arrived: it stays
+    _done(layout.sent_marker("fanin_step2", "in2p3", "t0p1"))  # t0p1's fan-in sent: it stays
     destinations, stays = drain(campaign, "in2p3", ["ral", "lancs"])
-    assert destinations == {"t0p4": "ral"} and stays == {"t0p1": "hand-off raws/in2p3/t0p1: arrived"}
-    layout.handoff_marker("raws", "in2p3", "t0p1").unlink()
+    assert destinations == {"t0p4": "ral"} and stays == {"t0p1": "hand-off fanin_step2/in2p3/t0p1: sent"}
+    layout.sent_marker("fanin_step2", "in2p3", "t0p1").unlink()
+    _done(layout.handoff_marker("raws", "in2p3", "t0p1"))  # arrived raws, a chunk done: they move
+    _done(layout.chunk_marker("in2p3", "step1", "t0p1"))
     destinations, _ = drain(campaign, "in2p3", ["ral", "lancs"])
     assert destinations == {"t0p1": "ral", "t0p4": "lancs"}  # equal cores: one each, in order
     move = plan_move(campaign, destinations, placement, _place(placement), stays)
-    assert set(move.moves) == {"t0p1", "t0p4"}
+    assert set(move.moves) == {"t0p1", "t0p4"} and set(move.retired) == {("in2p3", "step1", "t0p1")}
 
 
 def test_a_changed_units_table_is_refused_naming_the_units_and_the_move_command(tmp_path):

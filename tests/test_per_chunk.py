@@ -4,9 +4,10 @@ The demo with one unit per step1 chunk (and a fifth site, cam, with no units yet
 in2p3's two chunks (t0p1, t0p4) each get their own ``raws`` piece and their own
 ``fanin_step2`` piece. Asking Snakemake for one chunk's fan-in (t0p4's, the site's
 second) brings only that chunk's raws, runs that chunk and sends its products; the
-other chunk's come when asked for, and nothing moves twice. Then ral runs its first
-chunk, is drained with ``multisite move`` onto cam, and the campaign ends with the
-single-site reference's results.
+other chunk's come when asked for, and nothing moves twice. Then ral runs both its
+step1 chunks and sends the first one's fan-in, is drained with ``multisite move`` onto
+cam (its second chunk retired), and the campaign ends with the single-site reference's
+results; moving a delivered unit then changes nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from multisite.events import read_events
 from multisite.layout import Layout
 from multisite.markers import read_marker
 from multisite.placement import read_placement
+from multisite.plan_version import plan_version
 from multisite.status import campaign_status
 
 from .conftest import BIN, REPO, demo_config, snakemake
@@ -114,31 +116,40 @@ def _multisite(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def test_draining_a_site_in_the_middle_of_its_step1_onto_a_new_site_ends_like_the_reference(campaign_dir):
-    """Drained after its first step1 chunk sent its fan-in, ral's other unit goes to cam, a fifth site.
+    """Drained in the middle of its step1, ral's unit not sent yet goes to cam, a fifth site.
 
-    cam is a new site block (its own repository, the most cores) and nothing else: the
-    move sends t0p5's raws to it from USDF, it runs t0p5, and the campaign's QA passes
-    against the single-site reference, with nothing that ral had done redone and no
-    dataset twice at USDF.
+    ral ran both its step1 chunks and sent the first one's fan-in (t0p2). cam is a new
+    site block (its own repository, the most cores) and nothing else: the move retires
+    ral's chunk t0p5 (its RUNs out of every chain ral sends from), sends t0p5's raws to
+    cam from USDF, cam runs t0p5, and the campaign's QA passes against the single-site
+    reference, with nothing ral had sent redone and no dataset twice at USDF. Moving
+    t0p2 once delivered then changes nothing.
     """
     path = campaign_dir / "config.yaml"
-    layout = load_campaign(path).layout
+    campaign = load_campaign(path)
+    layout = campaign.layout
     fanin = layout.handoff_marker("fanin_step2", "ral", "t0p2")
-    snakemake(campaign_dir, str(fanin.relative_to(campaign_dir)))
+    begun = layout.chunk_marker("ral", "step1", "t0p5")
+    snakemake(campaign_dir, str(fanin.relative_to(campaign_dir)), str(begun.relative_to(campaign_dir)))
     done = [fanin, layout.chunk_marker("ral", "step1", "t0p2"), layout.handoff_marker("raws", "ral", "t0p2")]
     finished = {marker: marker.stat().st_mtime_ns for marker in done}
+    version = plan_version(campaign)
 
     refused = _multisite("move", str(path), "--unit", "t0p2", "--to", "cam", check=False)
     assert refused.returncode == 1
-    assert (
-        "step1 t0p2 at ral (units t0p2): done; " in refused.stderr and "Nothing was moved" in refused.stderr
-    )
+    assert "hand-off fanin_step2/ral/t0p2 (units t0p2): arrived; " in refused.stderr
+    assert "Nothing was moved" in refused.stderr
     table = (campaign_dir / "units.tsv").read_text()
     preview = _multisite("move", str(path), "--from", "ral", "--to", "cam,lancs", "--dry-run").stdout
-    assert "move  t0p5: ral -> cam" in preview and "stays t0p2: step1 t0p2 at ral: done" in preview
+    assert (
+        "move  t0p5: ral -> cam" in preview
+        and "stays t0p2: hand-off fanin_step2/ral/t0p2: arrived" in preview
+    )
+    assert "retire step1 t0p5 at ral (done): never sent" in preview
     assert (campaign_dir / "units.tsv").read_text() == table
     _multisite("move", str(path), "--from", "ral", "--to", "cam,lancs")
     assert "t0p5\t0\t5\tcam\t1" in (campaign_dir / "units.tsv").read_text()
+    assert (layout.retired_dir(version) / begun.relative_to(layout.workdir)).is_file()
 
     planned = snakemake(campaign_dir, "-n").stdout
     assert "wildcards: handoff=raws, site=cam, piece=t0p5" in planned
@@ -147,7 +158,7 @@ def test_draining_a_site_in_the_middle_of_its_step1_onto_a_new_site_ends_like_th
     campaign = load_campaign(path)
     assert read_marker(layout.qa_marker)  # the QA passed: equal to the single-site reference
     assert {marker: marker.stat().st_mtime_ns for marker in done} == finished
-    assert not layout.chunk_marker("ral", "step1", "t0p5").exists()
+    assert not begun.exists()
     assert read_marker(layout.chunk_marker("cam", "step1", "t0p5"))["quanta_run"] > 0
     assert layout.handoff_marker("final", "cam", "t0p5").exists()
     central = Butler.from_config(campaign.central.repo)
@@ -156,9 +167,22 @@ def test_draining_a_site_in_the_middle_of_its_step1_onto_a_new_site_ends_like_th
             dataset_type, collections=campaign.handoff_chain("usdf"), find_first=False, limit=None
         )
         assert refs and len(refs) == len({ref.dataId for ref in refs}), dataset_type
+    # ral's retired chunk kept its outputs, out of the chains it sends from.
+    ral = Butler.from_config(campaign.sites["ral"].repo)
+    retired = f"{campaign.root_collection}/ral/retired/{version}/step1/t0p5"
+    assert ral.query_datasets("single_visit_star", collections=retired, limit=None)
+    assert retired not in ral.collections.query(f"{campaign.root_collection}/ral/step1", flatten_chains=True)
     cells = {(c.step, c.unit): c for c in campaign_status(campaign)}
     assert cells[("step1", "t0p5")].site == "cam" and cells[("step1", "t0p5")].state == "done"
     assert cells[("step1", "t0p2")].site == "ral"
+
+    # Once delivered, a unit moved stays where it ran: nothing written, nothing to do.
+    table = (campaign_dir / "units.tsv").read_text()
+    again = _multisite("move", str(path), "--unit", "t0p2", "--to", "lancs").stdout
+    assert "stays t0p2: delivered (hand-off final/ral/t0p2 arrived)" in again and "nothing to move" in again
+    assert (campaign_dir / "units.tsv").read_text() == table
+    idle = snakemake(campaign_dir, "-n")
+    assert "Nothing to be done" in idle.stdout + idle.stderr
 
 
 def test_chunks_per_handoff_coarsens_the_pieces(tmp_path):
