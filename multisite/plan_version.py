@@ -54,21 +54,29 @@ def plan_record(campaign: Campaign) -> dict[str, Any]:
     return {"plan_version": plan_version(campaign), "plan": _shape(campaign)}
 
 
+def _recorded_units(shape: dict[str, Any]) -> tuple[Unit, ...]:
+    """Return the units of a plan's shape (`_shape`), as the plan marker records them."""
+    return tuple(
+        Unit(name, tuple((tract, patch) for tract, patch in cells), site, sum(move))
+        for name, cells, site, *move in shape["units"]
+    )
+
+
 def _differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Return, unit by unit and field by field, how the current plan differs from the recorded one."""
-    old = {name: (cells, site, sum(move)) for name, cells, site, *move in recorded["units"]}
-    new = {name: (cells, site, sum(move)) for name, cells, site, *move in current["units"]}
+    old = {unit.name: unit for unit in _recorded_units(recorded)}
+    new = {unit.name: unit for unit in _recorded_units(current)}
     changes = []
     for name in old.keys() & new.keys():
-        (old_cells, old_site, old_move), (new_cells, new_site, new_move) = old[name], new[name]
-        if old_site != new_site:
-            changes.append(f"unit {name} moved from {old_site} to {new_site}")
-        if old_cells != new_cells:
+        before, after = old[name], new[name]
+        if before.site != after.site:
+            changes.append(f"unit {name} moved from {before.site} to {after.site}")
+        if before.cells != after.cells:
             changes.append(f"unit {name} covers other tracts or patches")
-        if old_move != new_move:
-            changes.append(f"unit {name}'s move changed from {old_move} to {new_move}")
-    changes += [f"unit {name} removed (was at {old[name][1]})" for name in old.keys() - new.keys()]
-    changes += [f"unit {name} added (at {new[name][1]})" for name in new.keys() - old.keys()]
+        if before.move != after.move:
+            changes.append(f"unit {name}'s move changed from {before.move} to {after.move}")
+    changes += [f"unit {name} removed (was at {old[name].site})" for name in old.keys() - new.keys()]
+    changes += [f"unit {name} added (at {new[name].site})" for name in new.keys() - old.keys()]
     if not changes and [u[0] for u in recorded["units"]] != [u[0] for u in current["units"]]:
         changes.append("the units are in another order (which cuts each site's units into other chunks)")
     changes += [
@@ -130,10 +138,7 @@ def recorded_plan(campaign: Campaign) -> Campaign | None:
     recorded = json.loads(Path(marker).read_text()).get("plan") if marker.is_file() else None
     if recorded is None:
         return None
-    units = tuple(
-        Unit(name, tuple((tract, patch) for tract, patch in cells), site, sum(move))
-        for name, cells, site, *move in recorded["units"]
-    )
+    units = _recorded_units(recorded)
     same_cells = {u.name: u.cells for u in units} == {u.name: u.cells for u in campaign.units}
     others = {key: value for key, value in _shape(campaign).items() if key != "units"}
     if not same_cells or any(recorded.get(key) != value for key, value in others.items()):

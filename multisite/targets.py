@@ -237,11 +237,7 @@ class Targets:
 
     def sent_markers(self, handoff: str, site: str) -> list[Path]:
         """Return the sent markers of a hand-off's pieces for ``site`` that this instance still sends."""
-        return [
-            self.layout.piece_marker(piece, sent=True)
-            for piece in self.sent_pieces
-            if (piece.handoff.name, piece.site) == (handoff, site)
-        ]
+        return self.sent_handoffs.get((handoff, site), [])
 
     @cached_property
     def sent_pieces(self) -> list[HandoffPiece]:
@@ -262,9 +258,14 @@ class Targets:
         ]
 
     @cached_property
-    def sent_handoffs(self) -> list[tuple[str, str]]:
-        """(hand-off, processing site) of every `sent_pieces` piece, in campaign order."""
-        return list(dict.fromkeys((piece.handoff.name, piece.site) for piece in self.sent_pieces))
+    def sent_handoffs(self) -> dict[tuple[str, str], list[Path]]:
+        """(hand-off, processing site) of the `sent_pieces`, in campaign order, to their sent markers."""
+        markers: dict[tuple[str, str], list[Path]] = {}
+        for piece in self.sent_pieces:
+            markers.setdefault((piece.handoff.name, piece.site), []).append(
+                self.layout.piece_marker(piece, sent=True)
+            )
+        return markers
 
     def stage_markers(self) -> list[Path]:
         """Return the marker of every stage this instance runs, at each of its sites.

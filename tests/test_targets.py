@@ -46,7 +46,7 @@ def test_one_instance_sends_and_receives_everything(demo):
     final = one.handoff_inputs("final", "ral", "t0p2")["producers"]
     assert final == [LAYOUT.stage_marker("ral", "step1"), LAYOUT.chunk_marker("ral", "step3", "t0p2")]
     assert inputs["source_repo"] == LAYOUT.repo_marker("ral") and "own_work" not in inputs
-    assert one.sent_pieces == [] and one.sent_handoffs == []
+    assert one.sent_pieces == [] and one.sent_handoffs == {}
     assert LAYOUT.qa_marker in one.campaign_targets()
     assert one.plan_inputs() == {"survey": LAYOUT.survey_marker()}
 
