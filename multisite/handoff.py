@@ -54,6 +54,7 @@ from .pipeline import PipelineFlow
 from .placement import SiteSelection
 from .rucio_backend import RucioBackend
 from .states import EventKind
+from .targets import Targets
 
 _LOG = logging.getLogger(__name__)
 
@@ -118,21 +119,6 @@ def _site_records(butler: Butler, campaign: Campaign, selection: SiteSelection) 
             ]
         records[element] = found
     return records
-
-
-def _piece(campaign: Campaign, handoff_name: str, site: str, piece_name: str) -> HandoffPiece:
-    """Return a hand-off's piece for a site, by name; refuse a piece the plan does not have."""
-    pieces = {
-        piece.name: piece
-        for piece in workflow_pieces(campaign, site=site)
-        if piece.handoff.name == handoff_name
-    }
-    if piece_name not in pieces:
-        raise HandoffError(
-            f"Hand-off {handoff_name}/{site} has no piece {piece_name!r} in this campaign's plan "
-            f"(its pieces: {', '.join(pieces) or 'none'}); ask for one of them."
-        )
-    return pieces[piece_name]
 
 
 def _endpoints(campaign: Campaign, piece: HandoffPiece) -> tuple[Site, Site, list[str]]:
@@ -301,7 +287,7 @@ def run_handoff(
     """
     started = datetime.now(UTC)
     backend = backend or make_backend(campaign)
-    out = _outgoing(campaign, _piece(campaign, handoff_name, site, piece), placement)
+    out = _outgoing(campaign, Targets(campaign, campaign.layout).piece(handoff_name, site, piece), placement)
     same_repo = out.source.repo == out.destination.repo
     if same_repo:
         details = {}
@@ -332,7 +318,7 @@ def send_handoff(
     """
     started = datetime.now(UTC)
     backend = backend or make_backend(campaign)
-    out = _outgoing(campaign, _piece(campaign, handoff_name, site, piece), placement)
+    out = _outgoing(campaign, Targets(campaign, campaign.layout).piece(handoff_name, site, piece), placement)
     details = backend.send(out.source, out.destination, out.payload, out.label)
     return {
         **_identity(out.label, out.source, out.destination, backend),
@@ -361,7 +347,7 @@ def receive_handoff(
         Raised on timeout, naming the site to look at, or when a dataset is missing.
     """
     started = datetime.now(UTC)
-    wanted = _piece(campaign, handoff_name, site, piece)
+    wanted = Targets(campaign, campaign.layout).piece(handoff_name, site, piece)
     backend = backend or make_backend(campaign)
     source, destination, _ = _endpoints(campaign, wanted)
     label = wanted.label

@@ -135,34 +135,42 @@ def _moved_campaign(campaign: Campaign, destinations: Mapping[str, str]) -> Camp
     return dataclasses.replace(campaign, units=tuple(units))
 
 
-def _units_held(campaign: Campaign) -> dict[str, str]:
+def _begun_pieces(campaign: Campaign) -> dict[tuple[str, str, str], tuple[HandoffPiece, str]]:
+    """Return the hand-off pieces that have begun, by (hand-off, site, piece), each with how."""
+    begun = {}
+    for piece in workflow_pieces(campaign):
+        if how := _begun_piece(campaign.layout, piece):
+            begun[(piece.handoff.name, piece.site, piece.name)] = (piece, how)
+    return begun
+
+
+def _units_delivered(begun: Mapping[tuple[str, str, str], tuple[HandoffPiece, str]]) -> dict[str, str]:
+    """Return the units whose final products are at the central site, each with where that shows.
+
+    Every site's final products travel in pieces of the ``final`` hand-off, the
+    central site's own included; ``begun`` is `_begun_pieces`.
+    """
+    delivered = {}
+    for piece, how in begun.values():
+        if piece.handoff.name == "final" and how == "arrived":
+            delivered |= dict.fromkeys(piece.units, f"delivered (hand-off {piece.label} arrived)")
+    return delivered
+
+
+def _units_held(begun: Mapping[tuple[str, str, str], tuple[HandoffPiece, str]]) -> dict[str, str]:
     """Return, for each unit that must stay at its site, why: a piece carrying it has begun.
 
     A unit stays once its data has begun to leave its site (a fan-in or final piece) or
     to come to it from the central site (a fan-out piece, or a raws piece on its way);
     raws that arrived, and chunks begun, do not hold it (a chunk is retired).
-    Delivered units say so.
+    Delivered units say so. ``begun`` is `_begun_pieces`.
     """
-    held = _units_delivered(campaign)
-    for piece in workflow_pieces(campaign):
-        how = _begun_piece(campaign.layout, piece)
-        if how and not (piece.handoff.name == "raws" and how == "arrived"):
+    held = _units_delivered(begun)
+    for piece, how in begun.values():
+        if not (piece.handoff.name == "raws" and how == "arrived"):
             for unit in piece.units:
                 held.setdefault(unit, f"hand-off {piece.label}: {how}")
     return held
-
-
-def _units_delivered(campaign: Campaign) -> dict[str, str]:
-    """Return the units whose final products are at the central site, each with where that shows.
-
-    Every site's final products travel in pieces of the ``final`` hand-off, the
-    central site's own included.
-    """
-    delivered = {}
-    for piece in workflow_pieces(campaign):
-        if piece.handoff.name == "final" and campaign.layout.piece_marker(piece).exists():
-            delivered |= dict.fromkeys(piece.units, f"delivered (hand-off {piece.label} arrived)")
-    return delivered
 
 
 def drain(campaign: Campaign, site: str, to: list[str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -173,13 +181,13 @@ def drain(campaign: Campaign, site: str, to: list[str]) -> tuple[dict[str, str],
     not, are shared among ``to`` in proportion to their ``cores`` (equal shares when a
     site gives none), in order.
     """
-    begun = _units_held(campaign)
+    held = _units_held(_begun_pieces(campaign))
     weights = {name: float(campaign.sites[name].cores or 1) for name in to}
     given = dict.fromkeys(to, 0)
     destinations, stays = {}, {}
     for unit in campaign.units_of(site):
-        if unit.name in begun:
-            stays[unit.name] = begun[unit.name]
+        if unit.name in held:
+            stays[unit.name] = held[unit.name]
             continue
         target = min(to, key=lambda name: ((given[name] + 1) / weights[name], to.index(name)))
         given[target] += 1
@@ -248,7 +256,8 @@ def plan_move(
     ]
     if problems:
         raise MoveRefused("\n".join(problems))
-    delivered = _units_delivered(campaign)
+    begun_pieces = _begun_pieces(campaign)
+    delivered = _units_delivered(begun_pieces)
     stays = dict(stays or {}) | {name: delivered[name] for name in destinations if name in delivered}
     old_site = {unit.name: unit.site for unit in campaign.units}
     moves = {
@@ -268,24 +277,20 @@ def plan_move(
     before_contents = _contents(campaign, placement, touched)
     after_contents = _contents(after, new_placement, touched)
     changed = [key for key, content in before_contents.items() if after_contents.get(key) != content]
-    layout = campaign.layout
-    pieces = {("piece", p.handoff.name, p.site, p.name): p for p in workflow_pieces(campaign)}
     begun, retired = [], {}
     for key in changed:
         if key[0] == "chunk":
-            if how := _begun_chunk(layout, *key[1:]):
+            if how := _begun_chunk(campaign.layout, *key[1:]):
                 retired[key[1:]] = how
             continue
-        piece = pieces[key]
-        how = _begun_piece(layout, piece)
+        if key[1:] not in begun_pieces:
+            continue
+        piece, how = begun_pieces[key[1:]]
         left = after_contents.get(key, ((),))[0]
         if how == "arrived" and piece.handoff.name == "raws" and set(left) <= set(piece.units):
             continue  # raws its site no longer needs: they stay in its repository, unused
-        if how:
-            units = ", ".join(before_contents[key][0])
-            begun.append(
-                f"hand-off {piece.label} (units {units}): {how}; the move would change what it holds"
-            )
+        units = ", ".join(before_contents[key][0])
+        begun.append(f"hand-off {piece.label} (units {units}): {how}; the move would change what it holds")
     if begun:
         raise MoveRefused(
             "the move changes data that has begun to move between sites:\n"

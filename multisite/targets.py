@@ -16,6 +16,7 @@ from functools import cached_property
 from pathlib import Path
 
 from .config import Campaign
+from .errors import HandoffError
 from .flow import Handoff, HandoffPiece, handoffs, stage_chunks, stage_dependencies, workflow_pieces
 from .layout import Layout
 
@@ -120,9 +121,14 @@ class Targets:
 
     # ------------------------------------------------------------------ rule inputs
     def piece(self, handoff: str, site: str, name: str) -> HandoffPiece:
-        """Return a hand-off's piece for a processing site, by name."""
-        (found,) = [p for p in self.pieces[(handoff, site)] if p.name == name]
-        return found
+        """Return a hand-off's piece for a processing site, by name; refuse one the plan does not have."""
+        pieces = {piece.name: piece for piece in self.pieces.get((handoff, site), [])}
+        if name not in pieces:
+            raise HandoffError(
+                f"Hand-off {handoff}/{site} has no piece {name!r} in this campaign's plan "
+                f"(its pieces: {', '.join(pieces) or 'none'}); ask for one of them."
+            )
+        return pieces[name]
 
     def producers(self, piece: HandoffPiece) -> dict[str, Path]:
         """Return what a hand-off piece's data comes from (``<stage> [<chunk>] at <site>``), and its marker.

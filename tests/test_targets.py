@@ -15,6 +15,7 @@ import pytest
 from lsst.daf.butler import DataCoordinate, DimensionUniverse
 
 from multisite.config import load_campaign
+from multisite.errors import HandoffError
 from multisite.layout import Layout, step_id
 from multisite.placement import SiteSelection
 from multisite.targets import Targets
@@ -49,6 +50,9 @@ def test_one_instance_sends_and_receives_everything(demo):
     assert one.sent_pieces == [] and one.sent_handoffs == {}
     assert LAYOUT.qa_marker in one.campaign_targets()
     assert one.plan_inputs() == {"survey": LAYOUT.survey_marker()}
+    assert one.piece("final", "ral", "t0p2").units == ("t0p2",)
+    with pytest.raises(HandoffError, match=r"final/ral has no piece 't0p9' .*\(its pieces: t0p2, t0p5\)"):
+        one.piece("final", "ral", "t0p9")
 
 
 def test_a_site_instance_receives_what_others_send_after_its_own_work(demo):
