@@ -129,13 +129,16 @@ RSES = {
 }
 
 
+JOINING_RSES = {"cam": "CAM_BUTLER_DISK"}
+"""The RSE of a facility that joins a campaign while it runs (test_per_chunk's fifth site)."""
+
+
 @pytest.fixture(scope="session")
 def local_rucio(tmp_path_factory):
     """Run a local Rucio whose RSEs are ``<storage>/<site>/`` (Butler roots ``<storage>/<site>/demo``)."""
     storage = tmp_path_factory.mktemp("rucio-storage")
-    rucio = LocalRucio(
-        tmp_path_factory.mktemp("rucio"), {rse: str(storage / site) for site, rse in RSES.items()}, SCOPE
-    )
+    rses = {rse: str(storage / site) for site, rse in (RSES | JOINING_RSES).items()}
+    rucio = LocalRucio(tmp_path_factory.mktemp("rucio"), rses, SCOPE)
     rucio.start()
     try:
         yield rucio, storage

@@ -26,9 +26,10 @@ from multisite.layout import Layout
 from multisite.markers import read_marker
 from multisite.placement import read_placement
 from multisite.plan_version import plan_version
+from multisite.rucio_backend import RucioBackend
 from multisite.status import campaign_status
 
-from .conftest import BIN, REPO, demo_config, snakemake
+from .conftest import BIN, JOINING_RSES, REPO, RSES, SCOPE, demo_config, rucio_config, snakemake
 
 
 def _raws_at(campaign, site: str) -> list[tuple[int, int]]:
@@ -38,22 +39,43 @@ def _raws_at(campaign, site: str) -> list[tuple[int, int]]:
     return sorted((ref.dataId["exposure"], ref.dataId["detector"]) for ref in found)
 
 
-@pytest.fixture(scope="module")
-def campaign_dir(tmp_path_factory) -> Path:
-    """Return the demo with one unit a step1 chunk, and cam: a fifth site (own repository, most cores)."""
-    directory = tmp_path_factory.mktemp("per_chunk")
-    path = demo_config(directory)
+def _one_unit_a_chunk_and_cam(path: Path, cam: dict) -> Path:
+    """Give the demo config at ``path`` one unit a step1 chunk, and cam: a fifth site with the most cores."""
     config = yaml.safe_load(path.read_text())
     config["stages"][0]["units_per_chunk"] = 1
-    config["sites"]["cam"] = {
-        "role": "remote",
-        "repo": str(directory / "work" / "sites" / "cam" / "repo"),
-        "create_repo": True,
-        "bps": {},
-        "cores": 9000,
-    }
+    config["sites"]["cam"] = {"role": "remote", "create_repo": True, "bps": {}, "cores": 9000, **cam}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return directory
+    return path.parent
+
+
+@pytest.fixture(scope="module")
+def campaign_dir(tmp_path_factory) -> Path:
+    """Return the demo (butler backend) with one unit a step1 chunk, and cam (own repository)."""
+    directory = tmp_path_factory.mktemp("per_chunk")
+    return _one_unit_a_chunk_and_cam(
+        demo_config(directory), {"repo": str(directory / "work" / "sites" / "cam" / "repo")}
+    )
+
+
+@pytest.fixture(scope="module")
+def rucio_campaign_dir(local_rucio, tmp_path_factory) -> Path:
+    """Return the same campaign through the test Rucio, in its own scope; cam has its own RSE."""
+    rucio, storage = local_rucio
+    directory = tmp_path_factory.mktemp("per_chunk_rucio")
+    path = rucio_config(directory, rucio, storage)
+    config = yaml.safe_load(path.read_text())
+    scope = "move"
+    RucioBackend(
+        "demo", {"scope": SCOPE, "rses": RSES, "client_config": str(rucio.client_config)}
+    ).client.add_scope("root", scope)
+    config["transfer"]["rucio"]["scope"] = scope
+    config["transfer"]["rucio"]["rses"] |= JOINING_RSES
+    for name, site in config["sites"].items():
+        site["repo"] = str(storage / name / scope)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    usdf_registry = config["sites"]["usdf"]["registry"]
+    registry = dict(usdf_registry, namespace=usdf_registry["namespace"].removesuffix("usdf") + "cam")
+    return _one_unit_a_chunk_and_cam(path, {"repo": str(storage / "cam" / scope), "registry": registry})
 
 
 def test_a_step1_chunk_runs_and_sends_its_fanin_before_the_other_chunks_raws_arrive(campaign_dir):
@@ -115,8 +137,12 @@ def _multisite(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
-def test_draining_a_site_in_the_middle_of_its_step1_onto_a_new_site_ends_like_the_reference(campaign_dir):
+@pytest.mark.parametrize("backend", ["butler", "rucio"])
+def test_draining_a_site_in_the_middle_of_its_step1_onto_a_new_site_ends_like_the_reference(backend, request):
     """Drained in the middle of its step1, ral's unit not sent yet goes to cam, a fifth site.
+
+    Through either backend: with Rucio, cam's pieces are new datasets and rules to its
+    own RSE, and no name ral used is used again.
 
     ral ran both its step1 chunks and sent the first one's fan-in (t0p2). cam is a new
     site block (its own repository, the most cores) and nothing else: the move retires
@@ -125,6 +151,7 @@ def test_draining_a_site_in_the_middle_of_its_step1_onto_a_new_site_ends_like_th
     reference, with nothing ral had sent redone and no dataset twice at USDF. Moving
     t0p2 once delivered then changes nothing.
     """
+    campaign_dir = request.getfixturevalue({"butler": "campaign_dir", "rucio": "rucio_campaign_dir"}[backend])
     path = campaign_dir / "config.yaml"
     campaign = load_campaign(path)
     layout = campaign.layout
@@ -175,6 +202,8 @@ def test_draining_a_site_in_the_middle_of_its_step1_onto_a_new_site_ends_like_th
     cells = {(c.step, c.unit): c for c in campaign_status(campaign)}
     assert cells[("step1", "t0p5")].site == "cam" and cells[("step1", "t0p5")].state == "done"
     assert cells[("step1", "t0p2")].site == "ral"
+    if backend == "rucio":
+        _check_rucio_after_the_drain(campaign)
 
     # Once delivered, a unit moved stays where it ran: nothing written, nothing to do.
     table = (campaign_dir / "units.tsv").read_text()
@@ -183,6 +212,22 @@ def test_draining_a_site_in_the_middle_of_its_step1_onto_a_new_site_ends_like_th
     assert (campaign_dir / "units.tsv").read_text() == table
     idle = snakemake(campaign_dir, "-n")
     assert "Nothing to be done" in idle.stdout + idle.stderr
+
+
+def _check_rucio_after_the_drain(campaign) -> None:
+    """Check that cam's pieces are datasets of their own, replicated to its RSE; none has two rules."""
+    client = RucioBackend(campaign.name, campaign.rucio).client
+    scope = campaign.rucio["scope"]
+    containers = sorted(client.list_dids(scope, {"name": "multisite.demo.*.*"}, did_type="container"))
+    rules = {name: list(client.list_did_rules(scope, name)) for name in containers}
+    (to_cam,) = rules["multisite.demo.raws.cam.t0p5"]
+    assert to_cam["rse_expression"] == JOINING_RSES["cam"] and to_cam["state"] == "OK"
+    # ral's raws of t0p5 stay where they arrived, their dataset and rule untouched.
+    (to_ral,) = rules["multisite.demo.raws.ral.t0p5"]
+    assert to_ral["rse_expression"] == RSES["ral"]
+    assert "multisite.demo.fanin_step2.ral.t0p5" not in rules
+    assert "multisite.demo.fanin_step2.cam.t0p5" in rules and "multisite.demo.final.cam.t0p5" in rules
+    assert all(len(found) <= 1 for found in rules.values()), {n: len(r) for n, r in rules.items()}
 
 
 def test_chunks_per_handoff_coarsens_the_pieces(tmp_path):
