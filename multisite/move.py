@@ -367,17 +367,49 @@ def _retire_chunk(campaign: Campaign, site: str, stage: str, chunk: str) -> None
             os.replace(path, target)
 
 
+def _comments_by_row(lines: list[str]) -> tuple[list[str], list[list[str]], list[str], list[str]]:
+    """Return a units table's comments: lines before its header and before each row, inline, at the end.
+
+    Blank and ``#`` lines before the header stay at the top; those between rows go
+    with the row after them; a row's inline comment (from ``#``, after a space: a
+    tab would make it a field) stays on its row.
+    """
+    top: list[str] = []
+    before: list[list[str]] = []
+    inline: list[str] = []
+    pending: list[str] | None = None  # None until the header is read
+    for line in lines:
+        data, mark, comment = line.partition("#")
+        if not data.strip():
+            (top if pending is None else pending).append(line)
+        elif pending is None:
+            pending = []
+        else:
+            before.append(pending)
+            inline.append(f" {mark}{comment}" if mark else "")
+            pending = []
+    return top, before, inline, pending or []
+
+
 def _write_units_table(move: Move) -> None:
-    """Rewrite the units table in the new plan's order, with its sites and moves (other columns kept)."""
+    """Rewrite the units table in the new plan's order, with its sites and moves.
+
+    Other columns are kept, and so are its comments (`_comments_by_row`): a row's go
+    with it to its new place.
+    """
     path = move.before.units_table
     table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, comment="#")
+    top, before, inline, end = _comments_by_row(path.read_text().splitlines())
     order = {unit.name: index for index, unit in enumerate(move.after.units)}
     names = table["unit"].str.strip()
     table["site"] = names.map({unit.name: unit.site for unit in move.after.units})
     table["move"] = names.map({unit.name: str(unit.move) if unit.move else "" for unit in move.after.units})
-    table = table.iloc[sorted(range(len(table)), key=lambda row: order[table["unit"].iloc[row].strip()])]
+    header, *rows = table.to_csv(sep="\t", index=False).splitlines()
+    lines = [*top, header]
+    for row in sorted(range(len(rows)), key=lambda row: order[names.iloc[row]]):
+        lines += [*before[row], rows[row] + inline[row]]
     temporary = path.with_name(f".{path.name}.move")
-    table.to_csv(temporary, sep="\t", index=False)
+    temporary.write_text("\n".join([*lines, *end]) + "\n")
     os.replace(temporary, path)
 
 

@@ -187,6 +187,19 @@ def test_a_move_of_units_not_begun_rewrites_the_plan_and_the_changed_chunks_yaml
     yaml_path.write_text("# chunk c0000: t0p2, t0p5\n")
     _done(layout.chunk_marker("lancs", "step1", "c0000"))
 
+    # The table's comments: a preamble, one before t0p5's row and one on it, one at the end.
+    header, *rows = campaign.units_table.read_text().splitlines()
+    t0p5 = rows.pop()
+    lines = [
+        "# sky units of the demo",
+        header,
+        *rows,
+        "# the last patch",
+        f"{t0p5} # one of two at ral",
+        "# end",
+    ]
+    campaign.units_table.write_text("\n".join(lines) + "\n")
+
     move = plan_move(campaign, {"t0p5": "lancs"}, placement, _place(placement))
     assert move.moves == {"t0p5": ("ral", "lancs")}
     # lancs's t0p5 goes after its t0p3, in a chunk of its own: lancs's done chunk keeps its unit.
@@ -199,6 +212,11 @@ def test_a_move_of_units_not_begun_rewrites_the_plan_and_the_changed_chunks_yaml
     after = load_campaign(tmp_path / "config.yaml")
     assert [(u.name, u.site) for u in after.units_of("lancs")] == [("t0p3", "lancs"), ("t0p5", "lancs")]
     check_plan_unchanged(after)  # the units table is the plan now
+    written_lines = campaign.units_table.read_text().splitlines()
+    assert written_lines[:2] == ["# sky units of the demo", "unit\ttract\tpatch\tsite\tmove"]
+    at = written_lines.index("t0p5\t0\t5\tlancs\t1 # one of two at ral")
+    assert written_lines[at - 2 : at] == ["t0p3\t0\t3\tlancs\t", "# the last patch"]
+    assert written_lines[-2:] == ["t0p4\t0\t4\tin2p3\t", "# end"]
     marker = read_marker(layout.placement_marker)
     assert marker["plan_version"] == plan_version(after) != plan_version(campaign)
     assert marker["moves"][0]["units"] == {"t0p5": ["ral", "lancs"]}
