@@ -1,7 +1,9 @@
 # Multi-site data-release production campaign: placement, transfers, BPS stages, QA.
 import os
 
+from multisite.errors import CampaignConfigError, HandoffError
 from multisite.lock import HoldRefused, InstanceHold
+from multisite.move import MoveRefused, adopt_published_plan, format_move
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
@@ -47,6 +49,19 @@ onstart:
         raise WorkflowError(str(err)) from None
     if stale is not None:
         print(f"Took over the hold of {campaign.workdir} from {stale}: that process is gone.")
+    # A site's instance first adopts a plan the central site's instance published (a move),
+    # then stops: this run's jobs were planned on the old one.
+    try:
+        adopted = adopt_published_plan(campaign)
+    except (CampaignConfigError, HandoffError, MoveRefused) as err:
+        INSTANCE_HOLD.release()
+        raise WorkflowError(str(err)) from None
+    if adopted is not None:
+        INSTANCE_HOLD.release()
+        raise WorkflowError(
+            f"{format_move(adopted)}\nThis instance adopted the plan {campaign.central.name}'s instance "
+            "published, and nothing ran: run it again to go on with the new plan."
+        )
 
 
 # Refresh the campaign report after every run, successful or not; then give the hold back.

@@ -48,6 +48,7 @@ import contextlib
 import itertools
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -88,6 +89,9 @@ EXPORT_DIR = "handoff_exports"
 
 MANIFEST_SUFFIX = ".manifest.json"
 """Suffix of a hand-off's manifest, beside its export file (``<site>.yaml``)."""
+
+_PIECE_FILE = re.compile(r"(\.manifest\.json|(\.\d{5})?\.yaml)$")
+"""What follows a piece's name in the names of its export parts and manifest."""
 
 
 def handoff_file_name(campaign: str, label: str, suffix: str) -> str:
@@ -197,6 +201,13 @@ class TransferBackend(abc.ABC):
     @abc.abstractmethod
     def published(self, source: Site, destination: Site, label: str) -> bool:
         """Whether the sending half of the hand-off is complete."""
+
+    @abc.abstractmethod
+    def begun_pieces(self, source: Site, handoff: str, site: str) -> set[str]:
+        """Return the pieces of ``handoff`` for ``site`` whose sending half has begun at ``source``.
+
+        What a site's instance has begun to send, as the other instances see it.
+        """
 
     @abc.abstractmethod
     def receive(self, source: Site, destination: Site, label: str) -> tuple[dict[str, Any], list[str]]:
@@ -334,6 +345,15 @@ class ButlerBackend(TransferBackend):
 
     def published(self, source: Site, destination: Site, label: str) -> bool:
         return (datastore_root(open_butler(source.repo)) / self.export_name(label)).exists()
+
+    def begun_pieces(self, source: Site, handoff: str, site: str) -> set[str]:
+        """Return the pieces with a file or zip directory in the source's export area."""
+        folder = datastore_root(open_butler(source.repo)) / handoff_file_name(
+            self.campaign, handoff, f"/{site}"
+        )
+        if not folder.is_dir():
+            return set()
+        return {_PIECE_FILE.sub("", entry.name) for entry in folder.iterdir()}
 
     def receive(self, source: Site, destination: Site, label: str) -> tuple[dict[str, Any], list[str]]:
         root = datastore_root(open_butler(source.repo))

@@ -86,11 +86,14 @@ def _move(campaign: Campaign, args: argparse.Namespace) -> int:
         print(f"Nothing was moved: {err}", file=sys.stderr)
         return 1
     print(format_move(move))
-    if move.moves:
+    if move.moves and args.dry_run:
+        print("Preview only: nothing written.")
+    elif move.moves:
+        profile = f" --profile {move.after.instance}" if move.after.instance else ""
         print(
-            "Preview only: nothing written."
-            if args.dry_run
-            else f"Written: {campaign.units_table} and the plan. Go on: snakemake -n, then snakemake."
+            f"Written: {campaign.units_table} and the plan. Go on: snakemake{profile} -n, then "
+            f"snakemake{profile}."
+            + (" Each other site's instance adopts the plan when it starts." if move.published else "")
         )
     return 0
 

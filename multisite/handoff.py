@@ -20,6 +20,8 @@ backend carries.
 from __future__ import annotations
 
 __all__ = (
+    "arrived",
+    "bring_handoff",
     "make_backend",
     "receive_handoff",
     "received_handoffs",
@@ -51,7 +53,7 @@ from .layout import Layout
 from .markers import provenance
 from .metadata import store_events_snapshot, store_placement_share
 from .pipeline import PipelineFlow
-from .placement import SiteSelection
+from .placement import SiteSelection, read_placement
 from .rucio_backend import RucioBackend
 from .states import EventKind
 from .targets import Targets
@@ -193,7 +195,7 @@ def _outgoing(campaign: Campaign, piece: HandoffPiece, placement: pd.DataFrame) 
     return _Outgoing(piece.label, source, destination, collections, payload)
 
 
-def _arrived(campaign: Campaign, label: str, destination: Site, dataset_ids: list[str]) -> dict[str, Any]:
+def arrived(campaign: Campaign, label: str, destination: Site, dataset_ids: list[str]) -> dict[str, Any]:
     """Check every dataset of a hand-off is stored at the destination; chain its RUNs there.
 
     The datasets are looked up a page at a time, so that a large hand-off's refs are never all held.
@@ -285,9 +287,16 @@ def run_handoff(
     HandoffError
         Raised when a dataset is missing at the destination after the transfer.
     """
+    wanted = Targets(campaign, campaign.layout).piece(handoff_name, site, piece)
+    return _deliver(campaign, wanted, placement, backend or make_backend(campaign))
+
+
+def _deliver(
+    campaign: Campaign, piece: HandoffPiece, placement: pd.DataFrame, backend: TransferBackend
+) -> dict[str, Any]:
+    """Do both halves of a hand-off piece (`run_handoff`)."""
     started = datetime.now(UTC)
-    backend = backend or make_backend(campaign)
-    out = _outgoing(campaign, Targets(campaign, campaign.layout).piece(handoff_name, site, piece), placement)
+    out = _outgoing(campaign, piece, placement)
     same_repo = out.source.repo == out.destination.repo
     if same_repo:
         details = {}
@@ -299,7 +308,7 @@ def run_handoff(
         "backend_details": details,
         "source_collections": out.collections,
         "dimension_records": {element: len(records) for element, records in out.payload.records.items()},
-        **_arrived(campaign, out.label, out.destination, dataset_ids),
+        **arrived(campaign, out.label, out.destination, dataset_ids),
         **provenance(started),
     }
 
@@ -346,9 +355,31 @@ def receive_handoff(
     HandoffError
         Raised on timeout, naming the site to look at, or when a dataset is missing.
     """
-    started = datetime.now(UTC)
     wanted = Targets(campaign, campaign.layout).piece(handoff_name, site, piece)
-    backend = backend or make_backend(campaign)
+    return _receive(campaign, wanted, backend or make_backend(campaign))
+
+
+def bring_handoff(
+    campaign: Campaign, handoff_name: str, site: str, piece: str, placement_table: str | None
+) -> dict[str, Any]:
+    """Bring a hand-off piece here: both halves when this instance sends it too, else the receiving one.
+
+    The hand-off rule's step. Parameters are those of `run_handoff`, but the
+    placement table's path (read only to send; `None` for a piece this instance
+    only receives).
+    """
+    targets = Targets(campaign, campaign.layout)
+    wanted = targets.piece(handoff_name, site, piece)
+    if targets.sends(handoff_name, site):
+        if placement_table is None:
+            raise ValueError(f"Hand-off {wanted.label}: sending it needs the placement table")
+        return _deliver(campaign, wanted, read_placement(placement_table), make_backend(campaign))
+    return _receive(campaign, wanted, make_backend(campaign))
+
+
+def _receive(campaign: Campaign, wanted: HandoffPiece, backend: TransferBackend) -> dict[str, Any]:
+    """Do the receiving half of a hand-off piece (`receive_handoff`)."""
+    started = datetime.now(UTC)
     source, destination, _ = _endpoints(campaign, wanted)
     label = wanted.label
     if not backend.published(source, destination, label):
@@ -357,7 +388,7 @@ def receive_handoff(
     return {
         **_identity(label, source, destination, backend),
         "backend_details": details,
-        **_arrived(campaign, label, destination, dataset_ids),
+        **arrived(campaign, label, destination, dataset_ids),
         **provenance(started),
     }
 

@@ -1,7 +1,8 @@
-"""Campaign metadata that travels as Butler datasets: a site's placement share and event logs.
+"""Campaign metadata that travels as Butler datasets: placement shares, moved plans and event logs.
 
 The central site sends each site's instance the rows of the placement table it
-needs (dataset ``campaign_placement``) with its raws; every instance sends its
+needs (dataset ``campaign_placement``) with its raws, and after a move the moved
+plan (dataset ``campaign_plan``) with its new share; every instance sends its
 event log (dataset ``campaign_events``) with its hand-offs to the central site, so
 the central status and report show the whole campaign. Both are stored once per
 content or per hand-off: what a hand-off moves must not change when it is rerun.
@@ -12,15 +13,20 @@ from __future__ import annotations
 __all__ = (
     "EVENTS_DATASET_TYPE",
     "PLACEMENT_DATASET_TYPE",
+    "PLAN_DATASET_TYPE",
     "carried_events",
     "read_placement_share",
+    "read_plan_record",
     "store_events_snapshot",
     "store_placement_share",
+    "store_plan_record",
 )
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from lsst.daf.butler import DatasetRef, DatasetType
@@ -29,13 +35,16 @@ from .butler_utils import open_butler, repo_write_lock
 from .config import Campaign, Site
 from .errors import CampaignConfigError
 from .events import Event, read_events
-from .plan_version import plan_version
+from .plan_version import plan_record, plan_version
 
 EVENTS_DATASET_TYPE = "campaign_events"
 """Dataset type of an instance's event log, carried to the central site by hand-offs."""
 
 PLACEMENT_DATASET_TYPE = "campaign_placement"
 """Dataset type of a site's share of the placement table, carried to the site with its raws."""
+
+PLAN_DATASET_TYPE = "campaign_plan"
+"""Dataset type of a moved plan's record, carried with its placement share to every site instance."""
 
 
 def store_events_snapshot(campaign: Campaign, site: Site, handoff: str) -> DatasetRef:
@@ -47,14 +56,26 @@ def store_events_snapshot(campaign: Campaign, site: Site, handoff: str) -> Datas
     one would change a hand-off that may already be registered (and closed) in Rucio.
     """
     run = f"{campaign.root_collection}/{site.name}/events/{handoff}"
-    with repo_write_lock(site.repo), open_butler(site.repo, writeable=True) as butler:
-        dataset_type = DatasetType(EVENTS_DATASET_TYPE, (), "StructuredDataDict", universe=butler.dimensions)
+
+    def snapshot() -> dict:
+        return {"events": [asdict(e) for e in read_events(sorted(campaign.layout.events.glob("*.jsonl")))]}
+
+    return _store_once(site.repo, run, EVENTS_DATASET_TYPE, "StructuredDataDict", snapshot)
+
+
+def _store_once(
+    repo: str, run: str, dataset_type_name: str, storage_class: str, content: Callable[[], Any]
+) -> DatasetRef:
+    """Store a dataset with no dimensions in ``run`` of ``repo``, unless the RUN has one already.
+
+    ``content`` is called only to store it.
+    """
+    with repo_write_lock(repo), open_butler(repo, writeable=True) as butler:
+        dataset_type = DatasetType(dataset_type_name, (), storage_class, universe=butler.dimensions)
         butler.registry.registerDatasetType(dataset_type)
         butler.registry.registerRun(run)
-        if existing := butler.find_dataset(dataset_type, collections=run):
-            return existing
-        events = [asdict(event) for event in read_events(sorted(campaign.layout.events.glob("*.jsonl")))]
-        return butler.put({"events": events}, dataset_type, run=run)
+        existing = butler.find_dataset(dataset_type, collections=run)
+        return existing or butler.put(content(), dataset_type, run=run)
 
 
 def carried_events(campaign: Campaign) -> list[Event]:
@@ -87,39 +108,58 @@ def store_placement_share(
     rows = rows.reset_index(drop=True)
     digest = hashlib.sha256(rows.to_csv(index=False).encode()).hexdigest()[:12]
     run = f"{campaign.root_collection}/{site}/placement/{plan_version(campaign)}/{digest}"
-    with repo_write_lock(central.repo), open_butler(central.repo, writeable=True) as butler:
-        dataset_type = DatasetType(PLACEMENT_DATASET_TYPE, (), "DataFrame", universe=butler.dimensions)
-        butler.registry.registerDatasetType(dataset_type)
-        butler.registry.registerRun(run)
-        existing = butler.find_dataset(dataset_type, collections=run)
-        return existing or butler.put(rows, dataset_type, run=run)
+    return _store_once(central.repo, run, PLACEMENT_DATASET_TYPE, "DataFrame", lambda: rows)
 
 
 def read_placement_share(campaign: Campaign, site: str) -> pd.DataFrame:
-    """Read the placement share the central site sent to ``site`` with its raws.
+    """Read the placement share of this instance's plan, which the central site sent to ``site``.
+
+    The raws hand-off brings the first share, a published plan (`store_plan_record`)
+    the share of each moved plan.
 
     Raises
     ------
     CampaignConfigError
-        Raised when the share belongs to another plan than this instance's
-        configuration makes (the instances' units tables or stages differ).
+        Raised when no share belongs to the plan this instance's configuration makes
+        (the instances' units tables or stages differ).
     """
     butler = open_butler(campaign.sites[site].repo)
-    ref = butler.find_dataset(PLACEMENT_DATASET_TYPE, collections=campaign.handoff_chain(site))
-    if ref is None:
+    chain = campaign.handoff_chain(site)
+    refs = butler.query_datasets(PLACEMENT_DATASET_TYPE, collections=chain, find_first=False, explain=False)
+    if not refs:
         raise LookupError(
-            f"{site}: no {PLACEMENT_DATASET_TYPE} in {campaign.handoff_chain(site)}; the raws hand-off "
-            "from the central site brings it"
+            f"{site}: no {PLACEMENT_DATASET_TYPE} in {chain}; the raws hand-off from the central site "
+            "brings it"
         )
-    central_version, own_version = ref.run.split("/")[-2], plan_version(campaign)
+    own_version = plan_version(campaign)
     # A share sent before plans were versioned (``.../placement/<digest>``) is not checked.
-    if central_version not in ("placement", own_version):
+    mine = [ref for ref in refs if ref.run.split("/")[-2] in ("placement", own_version)]
+    if not mine:
+        versions = sorted({ref.run.split("/")[-2] for ref in refs})
         raise CampaignConfigError(
             f"instance {site}",
             [
-                f"units / stages: the central site's plan is version {central_version} ({ref.run}), this "
+                f"units / stages: the central site's plan is version {', '.join(versions)}, this "
                 f"instance's config makes version {own_version}: the two configs' units tables or stages "
                 f"differ. Give {site}'s instance the central site's units table and stages, then run again."
             ],
         )
-    return butler.get(ref)
+    return butler.get(mine[0])
+
+
+def store_plan_record(campaign: Campaign, central: Site, site: str, piece: str) -> DatasetRef:
+    """Store the campaign's plan record (`multisite.plan_version.plan_record`) for ``site``'s instance.
+
+    In the central repository, RUN ``<root>/<site>/plan/<piece>``: what a published
+    plan (``plan/<site>/<piece>``) carries, with the site's placement share.
+    """
+    run = f"{campaign.root_collection}/{site}/plan/{piece}"
+    return _store_once(
+        central.repo, run, PLAN_DATASET_TYPE, "StructuredDataDict", lambda: plan_record(campaign)
+    )
+
+
+def read_plan_record(campaign: Campaign, site: str, piece: str) -> dict:
+    """Read the plan record a published plan ``plan/<site>/<piece>`` brought to ``site``."""
+    butler = open_butler(campaign.sites[site].repo)
+    return butler.get(PLAN_DATASET_TYPE, collections=f"{campaign.root_collection}/{site}/plan/{piece}")

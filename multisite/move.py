@@ -20,6 +20,11 @@ it ran: there is nothing left to move.
 What a moved unit needs then follows from the new plan: its raws go from the central
 site (which holds them all) in new pieces, it runs in new chunks at its new site, and
 the chunks it left are no longer part of the campaign.
+
+A campaign run as site instances is moved at the central site's instance. What the
+other instances have begun to send it sees in the transfer backend, and it publishes
+the moved plan to them (`multisite.plan_channel`); each adopts it when it starts
+(`adopt_published_plan`), retiring its own begun chunks the plan changes.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 __all__ = (
     "Move",
     "MoveRefused",
+    "adopt_published_plan",
     "apply_move",
     "drain",
     "format_move",
@@ -46,12 +52,23 @@ import pandas as pd
 
 from .butler_utils import collection_exists, ensure_in_chain, open_butler
 from .config import Campaign, Unit
+from .errors import CampaignConfigError
 from .flow import HandoffPiece, stage_chunks, workflow_pieces
+from .handoff import make_backend
 from .layout import Layout
 from .lock import InstanceHold
 from .markers import read_marker, write_marker
+from .metadata import read_placement_share, read_plan_record
 from .placement import SiteSelection, compute_placement, read_placement, write_plan
-from .plan_version import check_plan_unchanged, plan_version, recorded_plan
+from .plan_channel import (
+    PLAN_HANDOFF,
+    in_backend,
+    newest_published_plan,
+    publish_plan,
+    receive_plan,
+)
+from .plan_version import check_plan_unchanged, plan_version, recorded_plan, recorded_units
+from .sites import prepare_repo
 
 
 class MoveRefused(ValueError):
@@ -80,6 +97,8 @@ class Move:
         had begun: taken out of the campaign, their units run again.
     notes : `tuple` [`str`, ...]
         What the operator should know (the units table differed from the plan).
+    published : `tuple` [`str`, ...]
+        The plan's publications to other sites' instances sent now (``plan/<site>/<piece>``).
     """
 
     before: Campaign
@@ -90,6 +109,7 @@ class Move:
     remade: list[tuple[str, str, str]]
     retired: dict[tuple[str, str, str], str] = dataclasses.field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    published: tuple[str, ...] = ()
 
 
 def _begun_chunk(layout: Layout, site: str, stage: str, chunk: str) -> str | None:
@@ -135,13 +155,28 @@ def _moved_campaign(campaign: Campaign, destinations: Mapping[str, str]) -> Camp
     return dataclasses.replace(campaign, units=tuple(units))
 
 
-def _begun_pieces(campaign: Campaign) -> dict[tuple[str, str, str], tuple[HandoffPiece, str]]:
-    """Return the hand-off pieces that have begun, by (hand-off, site, piece), each with how."""
+def _begun_pieces(
+    campaign: Campaign, sent: Callable[[HandoffPiece], bool] | None = None
+) -> dict[tuple[str, str, str], tuple[HandoffPiece, str]]:
+    """Return the hand-off pieces that have begun, by (hand-off, site, piece), each with how.
+
+    Site instances see only their own markers: ``sent`` (`multisite.plan_channel.in_backend`)
+    says whether the transfer backend holds a piece another instance sent, or one only
+    attempted here (a receive that waited, a send refused) began to move.
+    """
     begun = {}
     for piece in workflow_pieces(campaign):
-        if how := _begun_piece(campaign.layout, piece):
+        how = _begun_piece(campaign.layout, piece)
+        if sent is not None and how in (None, "attempted"):
+            how = "sent (in the transfer backend)" if sent(piece) else None
+        if how:
             begun[(piece.handoff.name, piece.site, piece.name)] = (piece, how)
     return begun
+
+
+def _raws_delivered(piece: HandoffPiece, how: str) -> bool:
+    """Whether a piece is raws that left the central site: more raws than its site needs stay unused."""
+    return piece.handoff.name == "raws" and how in ("arrived", "sent")
 
 
 def _units_delivered(begun: Mapping[tuple[str, str, str], tuple[HandoffPiece, str]]) -> dict[str, str]:
@@ -162,26 +197,32 @@ def _units_held(begun: Mapping[tuple[str, str, str], tuple[HandoffPiece, str]]) 
 
     A unit stays once its data has begun to leave its site (a fan-in or final piece) or
     to come to it from the central site (a fan-out piece, or a raws piece on its way);
-    raws that arrived, and chunks begun, do not hold it (a chunk is retired).
+    raws that arrived or were sent to another instance, and chunks begun, do not hold
+    it (a chunk is retired).
     Delivered units say so. ``begun`` is `_begun_pieces`.
     """
     held = _units_delivered(begun)
     for piece, how in begun.values():
-        if not (piece.handoff.name == "raws" and how == "arrived"):
+        if not _raws_delivered(piece, how):
             for unit in piece.units:
                 held.setdefault(unit, f"hand-off {piece.label}: {how}")
     return held
 
 
-def drain(campaign: Campaign, site: str, to: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+def drain(
+    campaign: Campaign,
+    site: str,
+    to: list[str],
+    sent: Callable[[HandoffPiece], bool] | None = None,
+) -> tuple[dict[str, str], dict[str, str]]:
     """Return the units of ``site`` that can leave it, each with its new site, and those that stay.
 
     A unit whose data has begun to leave ``site``, or to come to it from the central
     site beyond its raws, stays (`_units_held`); the others, their chunks begun or
     not, are shared among ``to`` in proportion to their ``cores`` (equal shares when a
-    site gives none), in order.
+    site gives none), in order. ``sent`` is `_begun_pieces`'.
     """
-    held = _units_held(_begun_pieces(campaign))
+    held = _units_held(_begun_pieces(campaign, sent))
     weights = {name: float(campaign.sites[name].cores or 1) for name in to}
     given = dict.fromkeys(to, 0)
     destinations, stays = {}, {}
@@ -225,6 +266,7 @@ def plan_move(
     placement: pd.DataFrame,
     place: Callable[[Campaign], pd.DataFrame],
     stays: Mapping[str, str] | None = None,
+    sent: Callable[[HandoffPiece], bool] | None = None,
 ) -> Move:
     """Check a move of units against what has begun, and return it.
 
@@ -241,6 +283,8 @@ def plan_move(
         (`multisite.placement.compute_placement` with ``previous=placement``).
     stays : `~collections.abc.Mapping` [`str`, `str`], optional
         Units a drain leaves where they are, and why (for the preview).
+    sent : `~collections.abc.Callable`, optional
+        Whether the transfer backend holds a piece, for site instances (`_begun_pieces`).
 
     Raises
     ------
@@ -256,7 +300,7 @@ def plan_move(
     ]
     if problems:
         raise MoveRefused("\n".join(problems))
-    begun_pieces = _begun_pieces(campaign)
+    begun_pieces = _begun_pieces(campaign, sent)
     delivered = _units_delivered(begun_pieces)
     stays = dict(stays or {}) | {name: delivered[name] for name in destinations if name in delivered}
     old_site = {unit.name: unit.site for unit in campaign.units}
@@ -274,27 +318,47 @@ def plan_move(
     columns = ["exposure", "detector", "site", "owner", "unit"]
     rows = pd.concat([placement[columns], new_placement[columns]]).drop_duplicates(keep=False)
     touched = set(rows["site"]) | {site for pair in moves.values() for site in pair}
-    before_contents = _contents(campaign, placement, touched)
-    after_contents = _contents(after, new_placement, touched)
+    remade, retired = _changes(campaign, after, placement, new_placement, touched, begun_pieces)
+    return Move(campaign, after, moves, stays, new_placement, remade, retired)
+
+
+def _changes(
+    before: Campaign,
+    after: Campaign,
+    placement: pd.DataFrame,
+    new_placement: pd.DataFrame,
+    sites: set[str],
+    begun_pieces: Mapping[tuple[str, str, str], tuple[HandoffPiece, str]],
+) -> tuple[list[tuple[str, str, str]], dict[tuple[str, str, str], str]]:
+    """Return the chunks at ``sites`` a new plan changes (made again), and those of them begun (retired).
+
+    Raises
+    ------
+    MoveRefused
+        Raised naming each hand-off piece at ``sites`` whose content changes though it
+        has begun (``begun_pieces``, `_begun_pieces`), but raws more than their site needs.
+    """
+    before_contents = _contents(before, placement, sites)
+    after_contents = _contents(after, new_placement, sites)
     changed = [key for key, content in before_contents.items() if after_contents.get(key) != content]
-    begun, retired = [], {}
+    refusals, retired = [], {}
     for key in changed:
         if key[0] == "chunk":
-            if how := _begun_chunk(campaign.layout, *key[1:]):
+            if how := _begun_chunk(before.layout, *key[1:]):
                 retired[key[1:]] = how
             continue
         if key[1:] not in begun_pieces:
             continue
         piece, how = begun_pieces[key[1:]]
         left = after_contents.get(key, ((),))[0]
-        if how == "arrived" and piece.handoff.name == "raws" and set(left) <= set(piece.units):
+        if _raws_delivered(piece, how) and set(left) <= set(piece.units):
             continue  # raws its site no longer needs: they stay in its repository, unused
         units = ", ".join(before_contents[key][0])
-        begun.append(f"hand-off {piece.label} (units {units}): {how}; the move would change what it holds")
-    if begun:
+        refusals.append(f"hand-off {piece.label} (units {units}): {how}; the move would change what it holds")
+    if refusals:
         raise MoveRefused(
             "the move changes data that has begun to move between sites:\n"
-            + "\n".join(f"    {line}" for line in begun)
+            + "\n".join(f"    {line}" for line in refusals)
             + "\n  Move only units none of whose data has left their site "
             "(`multisite move --from SITE --to ...` picks those)."
         )
@@ -303,7 +367,7 @@ def plan_move(
         for key, content in after_contents.items()
         if key[0] == "chunk" and before_contents.get(key) != content
     )
-    return Move(campaign, after, moves, stays, new_placement, remade, retired)
+    return remade, retired
 
 
 def format_move(move: Move) -> str:
@@ -322,6 +386,8 @@ def format_move(move: Move) -> str:
         )
     for site, stage, chunk in move.remade:
         lines.append(f"  new or changed chunk: {stage} {chunk} at {site}")
+    for label in move.published:
+        lines.append(f"  published {label}: that site's instance adopts the plan when it starts")
     kept = [u.name for u in move.before.units if u.name not in move.moves]
     lines.append(
         f"  kept where they are: {len(kept)} units; nothing that left its site is redone"
@@ -420,7 +486,7 @@ def recorded_placement(campaign: Campaign) -> pd.DataFrame:
     return read_placement(kept if kept.is_file() else layout.placement_table)
 
 
-def apply_move(move: Move) -> None:
+def apply_move(move: Move, adopted: str | None = None) -> None:
     """Write the moved plan; the plan marker last, so that a move cut short is done again whole.
 
     The placement table of the plan it replaces is kept aside (what the same move, run
@@ -430,11 +496,16 @@ def apply_move(move: Move) -> None:
     the plan marker (with the move's record) follow. Until the marker
     is written, the workflow refuses to run (`multisite.plan_version.check_plan_unchanged`
     finds the move in progress).
+
+    ``adopted`` names the published plan (``plan/<site>/<piece>``) a site's instance
+    adopts (`multisite.plan_channel.adopt_published_plan`): its placement is its site's
+    share, and an adoption cut short is done again when the instance starts again.
     """
     layout = move.before.layout
-    write_marker(layout.move_in_progress, {"units": {name: list(pair) for name, pair in move.moves.items()}})
+    moving = {"units": {name: list(pair) for name, pair in move.moves.items()}}
+    write_marker(layout.move_in_progress, moving | ({"adopting": adopted} if adopted else {}))
     kept = layout.replaced_placement_table(plan_version(move.before))
-    if not kept.is_file():
+    if layout.placement_table.is_file() and not kept.is_file():
         temporary = kept.with_name(f".{kept.name}.copy")
         shutil.copyfile(layout.placement_table, temporary)
         os.replace(temporary, kept)
@@ -443,11 +514,11 @@ def apply_move(move: Move) -> None:
     for site, stage, chunk in move.remade:
         layout.submit_yaml(site, stage, chunk).unlink(missing_ok=True)
     _write_units_table(move)
-    marker = read_marker(layout.placement_marker)
+    marker = read_marker(layout.placement_marker) if layout.placement_marker.is_file() else {}
     record = write_plan(
         move.after,
         move.placement,
-        move.after.processing_sites,
+        [move.after.sites[move.after.instance]] if adopted else move.after.processing_sites,
         layout.placement_table,
         layout.placement_summary,
     )
@@ -458,6 +529,7 @@ def apply_move(move: Move) -> None:
             "from_version": plan_version(move.before),
             "units": {name: list(pair) for name, pair in move.moves.items()},
             "retired": [list(key) for key in move.retired],
+            **({"adopted": adopted} if adopted else {}),
         },
     ]
     write_marker(layout.placement_marker, marker | record | {"moves": history})
@@ -493,9 +565,9 @@ def move_units(
     Raises
     ------
     MoveRefused
-        Raised, with nothing written, for a campaign with no plan yet or run as site
-        instances, a running workflow, unknown units or sites, or a move that would
-        change work that has begun.
+        Raised, with nothing written, for a campaign with no plan yet or at a site
+        instance other than the central site's, a running workflow, unknown units or
+        sites, or a move that would change work that has begun.
     PlanChangedError
         Raised when the units table has other units or cells than the recorded plan
         (one that differs only in its units' sites is rewritten from the plan).
@@ -506,6 +578,8 @@ def move_units(
             f"{config}: the campaign has no plan yet ({layout.placement_marker}); change its units table "
             "instead, moves are for a campaign that has begun"
         )
+    # The plan marker names the site of the instance that runs the work directory.
+    campaign = dataclasses.replace(campaign, instance=read_marker(layout.placement_marker).get("instance"))
     recorded = recorded_plan(campaign)
     if recorded is None:
         check_plan_unchanged(campaign, config)  # other units or fields: no move, refused
@@ -518,15 +592,18 @@ def move_units(
             "rewrites the table.",
         )
     campaign = recorded
-    if (layout.markers / "sent").exists():
-        raise MoveRefused(
-            f"{config}: this campaign runs as site instances ({layout.markers / 'sent'}); moving units "
-            "between site instances is not supported yet"
-        )
+    sent = None
+    if campaign.instance is not None:
+        if not campaign.runs_here(campaign.central.name):
+            raise MoveRefused(
+                f"{config}: a move is made at the central site's instance ({campaign.central.name}); "
+                f"{campaign.instance}'s instance learns the moved plan when it starts"
+            )
+        sent = in_backend(campaign)
     if from_site is not None:
         if from_site not in campaign.sites or from_site in to:
             raise MoveRefused(f"--from {from_site}: name a site of the campaign that is not in --to")
-        destinations, stays = drain(campaign, from_site, to)
+        destinations, stays = drain(campaign, from_site, to, sent)
     elif len(to) != 1 or not units:
         raise MoveRefused("--unit U... --to SITE moves units to one site; --from SITE --to A,B drains a site")
     else:
@@ -543,9 +620,73 @@ def move_units(
     hold = InstanceHold(layout.instance_lock, config)
     hold.acquire("move")  # a running workflow holds it: refused
     try:
-        move = dataclasses.replace(plan_move(campaign, destinations, placement, place, stays), notes=notes)
-        if move.moves and not dry_run:
-            apply_move(move)
+        move = plan_move(campaign, destinations, placement, place, stays, sent)
+        move = dataclasses.replace(move, notes=notes)
+        if not dry_run:
+            if move.moves:
+                apply_move(move)
+            if campaign.instance is not None and any(unit.move for unit in move.after.units):
+                # Also a plan whose publication an outage cut short.
+                move = dataclasses.replace(move, published=tuple(publish_plan(move.after)))
     finally:
         hold.release()
+    return move
+
+
+def adopt_published_plan(campaign: Campaign) -> Move | None:
+    """Adopt the newest plan the central site's instance published for this site's instance, if newer.
+
+    What the plan changes at this site is done as a move does it (`apply_move`): its
+    begun chunks the plan changes are retired, the submit YAMLs of changed chunks
+    removed, and its units table, placement share and plan marker written. Run at the
+    instance's start, before any job.
+
+    Returns
+    -------
+    move : `Move` or `None`
+        What changed here, `None` when the instance runs the newest plan (or is the
+        central site's, or the only one).
+
+    Raises
+    ------
+    MoveRefused
+        Raised when a piece this site has begun to send would change (the central
+        site moved units whose data had left this site), naming it.
+    CampaignConfigError
+        Raised when the published plan and this instance's config differ in more
+        than their units' sites and order.
+    """
+    site = campaign.instance
+    if site is None or campaign.runs_here(campaign.central.name):
+        return None
+    backend = make_backend(campaign)
+    before = recorded_plan(campaign) or campaign
+    newest = newest_published_plan(campaign, backend)
+    if newest is None or newest[1] == plan_version(before):
+        return None
+    piece, version = newest
+    if not campaign.layout.repo_marker(site).exists():
+        prepare_repo(campaign, site)  # an instance that had not begun: the plan arrives in its repository
+    receive_plan(campaign, piece, backend)
+    record = read_plan_record(campaign, site, piece)
+    after = dataclasses.replace(before, units=recorded_units(record["plan"]))
+    if plan_version(after) != version:
+        raise CampaignConfigError(
+            f"instance {site}",
+            [
+                f"plan {piece} published by {campaign.central.name}'s instance differs from this instance's "
+                "config in more than its units' sites: give this instance the central site's stages and "
+                "units table, then run it again"
+            ],
+        )
+    placement = recorded_placement(before) if campaign.layout.placement_table.is_file() else None
+    share = read_placement_share(after, site)
+    remade, retired = [], {}
+    if placement is not None:
+        begun = _begun_pieces(before, in_backend(campaign, backend))
+        remade, retired = _changes(before, after, placement, share, {site}, begun)
+    old_sites = {unit.name: unit.site for unit in before.units}
+    moves = {u.name: (old_sites[u.name], u.site) for u in after.units if old_sites.get(u.name) != u.site}
+    move = Move(before, after, moves, {}, share, remade, retired)
+    apply_move(move, adopted=f"{PLAN_HANDOFF}/{site}/{piece}")
     return move

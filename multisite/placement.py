@@ -358,7 +358,8 @@ def write_plan(
     Returns
     -------
     record : `dict`
-        The per-site summary, the totals and the plan's version and shape, for the plan marker.
+        The per-site summary, the totals, the instance's site and the plan's version and
+        shape, for the plan marker.
     """
     write_placement(placement, Path(placement_path))
     rows = []
@@ -382,6 +383,8 @@ def write_plan(
         "duplication_factor": round(float(placement["bytes"].sum()) / unique_bytes, 4)
         if unique_bytes
         else None,
+        # The site of the instance that runs this work directory (None: one instance runs every site).
+        "instance": campaign.instance,
         **plan_record(campaign),
     }
 

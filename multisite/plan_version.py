@@ -11,7 +11,7 @@ running it would redo delivered work, and mark done at one site what another sit
 
 from __future__ import annotations
 
-__all__ = ("check_plan_unchanged", "plan_record", "plan_version", "recorded_plan")
+__all__ = ("check_plan_unchanged", "plan_record", "plan_version", "recorded_plan", "recorded_units")
 
 import dataclasses
 import hashlib
@@ -54,7 +54,7 @@ def plan_record(campaign: Campaign) -> dict[str, Any]:
     return {"plan_version": plan_version(campaign), "plan": _shape(campaign)}
 
 
-def _recorded_units(shape: dict[str, Any]) -> tuple[Unit, ...]:
+def recorded_units(shape: dict[str, Any]) -> tuple[Unit, ...]:
     """Return the units of a plan's shape (`_shape`), as the plan marker records them."""
     return tuple(
         Unit(name, tuple((tract, patch) for tract, patch in cells), site, sum(move))
@@ -64,8 +64,8 @@ def _recorded_units(shape: dict[str, Any]) -> tuple[Unit, ...]:
 
 def _differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Return, unit by unit and field by field, how the current plan differs from the recorded one."""
-    old = {unit.name: unit for unit in _recorded_units(recorded)}
-    new = {unit.name: unit for unit in _recorded_units(current)}
+    old = {unit.name: unit for unit in recorded_units(recorded)}
+    new = {unit.name: unit for unit in recorded_units(current)}
     changes = []
     for name in old.keys() & new.keys():
         before, after = old[name], new[name]
@@ -103,7 +103,10 @@ def check_plan_unchanged(campaign: Campaign, source: str = "config") -> None:
     """
     moving = campaign.layout.move_in_progress
     if moving.is_file():
-        units = json.loads(moving.read_text())["units"]
+        record = json.loads(moving.read_text())
+        if "adopting" in record:
+            return  # a site's instance adopting a published plan: done again when it starts
+        units = record["units"]
         commands = sorted({f"--unit {name} --to {to}" for name, (_, to) in units.items()})
         raise CampaignConfigError(
             source,
@@ -138,7 +141,7 @@ def recorded_plan(campaign: Campaign) -> Campaign | None:
     recorded = json.loads(Path(marker).read_text()).get("plan") if marker.is_file() else None
     if recorded is None:
         return None
-    units = _recorded_units(recorded)
+    units = recorded_units(recorded)
     same_cells = {u.name: u.cells for u in units} == {u.name: u.cells for u in campaign.units}
     others = {key: value for key, value in _shape(campaign).items() if key != "units"}
     if not same_cells or any(recorded.get(key) != value for key, value in others.items()):

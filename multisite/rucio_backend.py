@@ -449,6 +449,19 @@ class RucioBackend(TransferBackend):
         did = self._call(f"read {scope}:{container}", get_did)
         return did is not None and not did.get("open", True)
 
+    def begun_pieces(self, source: Site, handoff: str, site: str) -> set[str]:
+        """Return the pieces whose Rucio container exists, closed or not."""
+        scope, prefix = self.settings.scope, self.names(f"{handoff}/{site}/")["handoff"]
+        found = self._call(
+            f"list {scope}:{prefix}*",
+            self.client.list_dids,
+            scope,
+            {"name": f"{prefix}*"},
+            did_type="container",
+        )
+        # Rucio's name filter is an SQL LIKE, where an underscore matches any character.
+        return {name.removeprefix(prefix) for name in found if name.startswith(prefix)}
+
     def receive(self, source: Site, destination: Site, label: str) -> tuple[dict[str, Any], list[str]]:
         started = time.monotonic()
         names = self.names(label)

@@ -87,13 +87,21 @@ def _latest(events: Iterable[Event]) -> dict[tuple[str, str], Event]:
 
 
 def _state(layout: Layout, marker: Path, step: str, site: str, latest: dict) -> Cell | None:
-    """State from the marker (done), or the last event (running, failed, waiting) and the heartbeat (dead)."""
+    """State from the marker (done), or the last event (running, failed, waiting) and the heartbeat (dead).
+
+    Another site instance's step is done by its last event, carried here by a hand-off.
+    """
     if marker.exists():
         content = read_marker(marker)
         return Cell(site, "", step, StepState.DONE, content.get("finished", ""), content.get("backend", ""))
     event = latest.get((step, site))
-    if event is None or event.kind == EventKind.DONE:
+    if event is None:
         return None
+    if event.kind == EventKind.DONE:
+        if (layout.events / f"{event.instance}.jsonl").exists():
+            return None  # this work directory's own step, its marker removed since
+        # Another site instance's step (its event carried by a hand-off): its marker is there.
+        return Cell(site, "", step, StepState.DONE, event.time, f"at {event.instance}'s instance")
     state = STATE_OF_EVENT[event.kind]
     log = event.details.get("log", "")
     if event.kind in LIVE_EVENT_KINDS and (dead := stale_heartbeat(layout.heartbeat(event.instance, step))):

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from multisite.rucio_backend import RucioBackend
+
 from .demo_config import relocate_config
 from .rucio_harness.local_rucio import LocalRucio
 
@@ -166,6 +168,7 @@ def rucio_config(
     storage: Path,
     max_files_per_dataset: int = 10_000,
     import_batch: int = 10_000,
+    scope: str = SCOPE,
     **poll,
 ) -> Path:
     """Demo campaign config with the rucio backend and the repositories at the RSEs' roots.
@@ -173,16 +176,21 @@ def rucio_config(
     The repositories' registries are PostgreSQL, as at the facilities: the test Rucio's
     cluster, one namespace per repository (named after ``directory`` and the site). A
     small ``max_files_per_dataset`` splits the demo's hand-offs into several Rucio datasets,
-    a small ``import_batch`` their raws' Butler exports into several parts.
+    a small ``import_batch`` their raws' Butler exports into several parts. A campaign
+    in a ``scope`` of its own (added here) has its repositories at ``<storage>/<site>/<scope>``,
+    its RSEs' roots for that scope.
     """
     client_config = rucio.write_client_config(directory / "rucio.cfg", directory / "rucio-token")
+    if scope != SCOPE:
+        settings = {"scope": SCOPE, "rses": RSES, "client_config": str(rucio.client_config)}
+        RucioBackend(SCOPE, settings).client.add_scope("root", scope)
     path = demo_config(
         directory,
         transfer={
             "backend": "rucio",
             "import_batch": import_batch,
             "rucio": {
-                "scope": SCOPE,
+                "scope": scope,
                 "account": "root",
                 "activity": "Data Consolidation",
                 "grouping": "DATASET",
@@ -196,7 +204,7 @@ def rucio_config(
     config = yaml.safe_load(path.read_text())
     prefix = re.sub(r"[^a-z0-9_]", "_", directory.name.lower())
     for name, site in config["sites"].items():
-        site["repo"] = str(storage / name / SCOPE)
+        site["repo"] = str(storage / name / scope)
         site["registry"] = {"db": rucio.butler_db, "namespace": f"{prefix}_{name}"}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from multisite.events import EventLog, notify, read_events
+from multisite.events import Event, EventLog, notify, read_events
 from multisite.layout import Layout, step_id
 
 from .conftest import Webhook
@@ -92,3 +92,21 @@ def test_running_step_shows_its_live_log_line_and_stuck_transfers_are_flagged(tm
     assert cells[at_ral].state == "failed"
     assert cells[at_ral].detail == "stuck transfer: rule r2 is STUCK"
     assert notify({"webhook": "http://127.0.0.1:9/none"}, stuck, "demo", timeout=1) is False
+
+
+def test_another_instances_chunk_is_done_by_its_carried_event_and_this_ones_by_its_marker(tmp_path):
+    """At the central site's work directory: in2p3's instance's chunk done, and its own without a marker."""
+    from multisite.config import load_campaign
+    from multisite.status import campaign_status
+
+    from .conftest import demo_config
+
+    campaign = load_campaign(demo_config(tmp_path))
+    theirs, ours = Layout.chunk_step("in2p3", "step1", "c0000"), Layout.chunk_step("usdf", "step1", "c0000")
+    carried = Event("done", theirs, "in2p3", "in2p3", "2026-12-04T05:00:00+00:00", "12 quanta")
+    own = EventLog(campaign.layout.events, "usdf").record("done", ours, "usdf", "3 quanta")
+    cells = {(c.site, c.step, c.unit): c for c in campaign_status(campaign, [carried, own])}
+    for unit in ("t0p1", "t0p4"):  # in2p3's chunk c0000
+        cell = cells[("in2p3", "step1", unit)]
+        assert (cell.state, cell.since, cell.detail) == ("done", carried.time, "at in2p3's instance")
+    assert cells[("usdf", "step1", "t0p0")].state == "waiting"  # here, its marker says done

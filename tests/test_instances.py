@@ -37,9 +37,11 @@ from lsst.daf.butler import Butler
 from multisite.config import load_campaign
 from multisite.demo.tasks import FAILURE_ENV
 from multisite.markers import read_marker
+from multisite.plan_version import plan_version
 from multisite.rucio_backend import RucioBackend
+from multisite.status import campaign_status
 
-from .conftest import BIN, REPO, RSES, SCOPE, rucio_config, scheduled_jobs
+from .conftest import BIN, REPO, RSES, rucio_config, scheduled_jobs
 
 SITES = ("usdf", "in2p3", "ral", "lancs")
 ENV = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
@@ -54,16 +56,16 @@ def rucio_client(rucio, scope: str):
     ).client
 
 
-def instance_configs(base: Path, rucio, storage: Path, scope: str, **poll) -> dict[str, Path]:
-    """One config per instance: its own work area, its own repository only (at ``<RSE>/<scope>``).
+def instance_configs(
+    base: Path, rucio, storage: Path, scope: str, step1_units_per_chunk: int | None = None, **poll
+) -> dict[str, Path]:
+    """One config per instance: its own work area, units table and repository only (at ``<RSE>/<scope>``).
 
     Rucio datasets hold at most `MAX_FILES` files, so the larger hand-offs take several.
     """
-    rucio_client(rucio, SCOPE).add_scope("root", scope)
     template = yaml.safe_load(
-        rucio_config(base, rucio, storage, max_files_per_dataset=MAX_FILES, **poll).read_text()
+        rucio_config(base, rucio, storage, max_files_per_dataset=MAX_FILES, scope=scope, **poll).read_text()
     )
-    template["transfer"]["rucio"]["scope"] = scope
     template["transfer"]["wait"] = {"timeout_s": 1800, "interval_s": 2}
     paths = {}
     for site in SITES:
@@ -71,10 +73,15 @@ def instance_configs(base: Path, rucio, storage: Path, scope: str, **poll) -> di
         directory.mkdir()
         config = copy.deepcopy(template)
         config["workdir"] = str(directory / "work")
+        units = directory / "units.tsv"
+        units.write_text(Path(template["units"]).read_text())
+        config["units"] = str(units)
+        if step1_units_per_chunk:
+            config["stages"][0]["units_per_chunk"] = step1_units_per_chunk
         for name, entry in config["sites"].items():
-            mine = name == site
-            entry["repo"] = str(storage / name / scope) if mine else str(directory / "nowhere" / name)
-            entry["create_repo"] = mine
+            if name != site:
+                entry["repo"] = str(directory / "nowhere" / name)
+            entry["create_repo"] = name == site
         paths[site] = directory / "config.yaml"
         paths[site].write_text(yaml.safe_dump(config, sort_keys=False))
     return paths
@@ -380,11 +387,7 @@ def test_a_site_instances_step1_chunk_runs_and_sends_its_fanin_before_the_next_c
     """
     rucio, storage = local_rucio
     scope = "perchunk"
-    configs = instance_configs(tmp_path_factory.mktemp("perchunk"), rucio, storage, scope)
-    for path in configs.values():
-        config = yaml.safe_load(path.read_text())
-        config["stages"][0]["units_per_chunk"] = 1
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
+    configs = instance_configs(tmp_path_factory.mktemp("perchunk"), rucio, storage, scope, 1)
     layout = {site: load_campaign(configs[site]).layout for site in ("usdf", "in2p3")}
 
     raws = layout["usdf"].sent_marker("raws", "in2p3", "t0p1")
@@ -430,3 +433,90 @@ def test_a_site_instances_step1_chunk_runs_and_sends_its_fanin_before_the_next_c
     assert not layout["usdf"].sent_marker("raws", "in2p3", "t0p4").exists()
     containers = set(client.list_dids(scope, {"name": "multisite.demo.*.*"}, did_type="container"))
     assert containers == {"multisite.demo.raws.in2p3.t0p1", "multisite.demo.fanin_step2.in2p3.t0p1"}
+
+
+def test_a_site_drained_in_the_middle_of_its_step1_between_site_instances_ends_like_one_instance(
+    local_rucio, tmp_path_factory
+):
+    """A site drained onto two others by a move at USDF's instance, the others learning it through Rucio.
+
+    One unit a step1 chunk, each facility with its own copy of the units table. ral's
+    instance ran both its step1 chunks and sent t0p2's fan-in, which USDF has not
+    received: the move sees it in Rucio and keeps t0p2 at ral, moves t0p5 and
+    publishes the plan. ral's instance, started before the move, refuses to send
+    t0p5's fan-in; started again, each site's instance adopts the plan (ral retires
+    its t0p5 chunk) and stops, and the campaign then ends with the QA equal to the
+    single-site reference, nothing ral sent redone and no dataset twice at USDF.
+    """
+    rucio, storage = local_rucio
+    scope = "drain"
+    configs = instance_configs(tmp_path_factory.mktemp("drain"), rucio, storage, scope, 1)
+    layout = {site: load_campaign(configs[site]).layout for site in SITES}
+    raws = [layout["usdf"].sent_marker("raws", "ral", chunk) for chunk in ("t0p2", "t0p5")]
+    run_to("usdf", configs["usdf"], raws[0], str(raws[1].relative_to(configs["usdf"].parent)))
+    fanin = layout["ral"].sent_marker("fanin_step2", "ral", "t0p2")
+    begun = layout["ral"].chunk_marker("ral", "step1", "t0p5")
+    run_to("ral", configs["ral"], fanin, str(begun.relative_to(configs["ral"].parent)))
+    sent_at = fanin.stat().st_mtime_ns
+    version = plan_version(load_campaign(configs["ral"]))
+
+    def move(site: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "multisite"), "move", str(configs[site]), "--from", "ral", "--to", "in2p3,lancs"]
+            + list(args),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    elsewhere = move("ral")
+    assert elsewhere.returncode == 1 and "a move is made at the central site's instance" in elsewhere.stderr
+    preview = move("usdf", "--dry-run")
+    assert "stays t0p2: hand-off fanin_step2/ral/t0p2: sent (in the transfer backend)" in preview.stdout, (
+        preview
+    )
+    moved = move("usdf")
+    assert moved.returncode == 0, moved.stderr
+    (to,) = re.findall(r"move  t0p5: ral -> (\w+)", moved.stdout)
+    assert {f"published plan/{site}/m0001-" in moved.stdout for site in ("in2p3", "ral", "lancs")} == {True}
+
+    # ral's instance as it was when the move was made (started before it: no start hook) sends nothing.
+    unsent = layout["ral"].sent_marker("fanin_step2", "ral", "t0p5").relative_to(configs["ral"].parent)
+    late = subprocess.run(
+        [*command("ral", configs["ral"]), "--no-hooks", str(unsent)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        check=False,
+    )
+    assert late.returncode != 0 and "nothing is sent on a plan that changed" in late.stdout + late.stderr
+    client = rucio_client(rucio, scope)
+    assert "multisite.demo.fanin_step2.ral.t0p5" not in rules_by_handoff(client, scope)
+
+    # Started again, each instance adopts the plan and stops; then the campaign runs to its end.
+    processes = {site: start(site, configs[site]) for site in SITES}
+    for site in ("in2p3", "ral", "lancs"):
+        assert processes[site].wait(timeout=600) == 1
+        log = (configs[site].parent / "snakemake.log").read_text()
+        assert "This instance adopted the plan usdf's instance published" in log, log[-3000:]
+        processes[site] = start(site, configs[site])
+    finish(processes, configs)
+    usdf = check_campaign(configs)
+
+    assert (layout["ral"].retired_dir(version) / begun.relative_to(layout["ral"].workdir)).is_file()
+    assert fanin.stat().st_mtime_ns == sent_at
+    assert f"t0p5\t0\t5\t{to}\t1" in (configs["ral"].parent / "units.tsv").read_text()
+    assert read_marker(layout[to].chunk_marker(to, "step1", "t0p5"))["quanta_run"] > 0
+    rules = rules_by_handoff(client, scope)
+    assert f"multisite.demo.raws.{to}.t0p5" in rules and "multisite.demo.fanin_step2.ral.t0p5" not in rules
+    assert all(len(found) == 1 for found in rules.values()), rules
+    central = load_campaign(configs["usdf"])
+    butler = Butler.from_config(central.central.repo)
+    for dataset_type in ("single_visit_star", "deep_coadd"):
+        refs = butler.query_datasets(
+            dataset_type, collections=central.handoff_chain("usdf"), find_first=False, limit=None
+        )
+        assert refs and len(refs) == len({ref.dataId for ref in refs}), dataset_type
+    cells = {(cell.step, cell.unit): cell for cell in campaign_status(central)}
+    assert cells[("step1", "t0p5")].site == to and cells[("step1", "t0p5")].state == "done"
+    assert cells[("step1", "t0p2")].site == "ral" and (usdf / "markers" / "qa" / "qa.json").is_file()

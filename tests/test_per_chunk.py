@@ -29,7 +29,7 @@ from multisite.plan_version import plan_version
 from multisite.rucio_backend import RucioBackend
 from multisite.status import campaign_status
 
-from .conftest import BIN, JOINING_RSES, REPO, RSES, SCOPE, demo_config, rucio_config, snakemake
+from .conftest import BIN, JOINING_RSES, REPO, RSES, demo_config, rucio_config, snakemake
 
 
 def _raws_at(campaign, site: str) -> list[tuple[int, int]]:
@@ -62,16 +62,10 @@ def rucio_campaign_dir(local_rucio, tmp_path_factory) -> Path:
     """Return the same campaign through the test Rucio, in its own scope; cam has its own RSE."""
     rucio, storage = local_rucio
     directory = tmp_path_factory.mktemp("per_chunk_rucio")
-    path = rucio_config(directory, rucio, storage)
-    config = yaml.safe_load(path.read_text())
     scope = "move"
-    RucioBackend(
-        "demo", {"scope": SCOPE, "rses": RSES, "client_config": str(rucio.client_config)}
-    ).client.add_scope("root", scope)
-    config["transfer"]["rucio"]["scope"] = scope
+    path = rucio_config(directory, rucio, storage, scope=scope)
+    config = yaml.safe_load(path.read_text())
     config["transfer"]["rucio"]["rses"] |= JOINING_RSES
-    for name, site in config["sites"].items():
-        site["repo"] = str(storage / name / scope)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     usdf_registry = config["sites"]["usdf"]["registry"]
     registry = dict(usdf_registry, namespace=usdf_registry["namespace"].removesuffix("usdf") + "cam")

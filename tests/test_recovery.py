@@ -366,6 +366,9 @@ def test_products_travel_in_zips_and_a_damaged_zip_is_refused_before_any_of_it_i
         streamed.counts()
     sent = backend.send(central, ral, streamed, label)
     assert (sent["files"], sent["zips"]) == (2, 3)
+    # What a site instance's move sees of the send: the piece, from its export, manifest and zips.
+    assert backend.begun_pieces(central, "zips", "ral") == {"all"}
+    assert not backend.begun_pieces(central, "zips", "lancs")
     assert streamed.counts() == dict(Counter(ref.datasetType.name for ref in [*raws, *products, *truths]))
     zips = [root / f"handoff_exports/demo/zips/ral/all/{i:05d}.zip" for i in range(3)]
     assert all(path.is_file() for path in zips)
