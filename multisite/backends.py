@@ -664,7 +664,10 @@ def ingest_zips(
     Each zip keeps the name it had at the source, under the destination's
     datastore root, whichever backend brought it there, and carries its datasets'
     dimension records. A zip whose datasets the destination already has (a rerun)
-    is left out. Each zip is one transaction: a crash loses at most the zip in flight.
+    is left out, and of a zip whose datasets it has in part (two pieces of a fan-out
+    to one site both carry what both chunks read) only the others are ingested
+    (`_ingest_new_of_zip`). Each zip is one transaction: a crash loses at most the
+    zip in flight.
 
     Parameters
     ----------
@@ -689,12 +692,36 @@ def ingest_zips(
             if present < len(record.zipped):
                 if fetch is not None:
                     fetch(record, path)
-                dest.ingest_zip(
-                    ResourcePath(path), transfer=None, transfer_dimensions=True, skip_existing=True
-                )
+                if present:
+                    _ingest_new_of_zip(dest, path)
+                else:
+                    dest.ingest_zip(ResourcePath(path), transfer=None, transfer_dimensions=True)
                 _LOG.info("Ingested %s into %s.", record.name, destination.name)
                 new += len(record.zipped) - present
     return new
+
+
+def _ingest_new_of_zip(dest: Butler, path: Path) -> None:
+    """Ingest the datasets of a zip that ``dest`` does not have, though it has some of the others.
+
+    Butler ingests no zip whose datasets it knows in part, so Butler makes one of
+    the new ones: the zip goes into a scratch repository beside it, which zips
+    them again (`lsst.daf.butler.Butler.retrieve_artifacts_zip`), and that zip is
+    ingested. The zip as it arrived stays where it is, as its manifest lists it.
+    """
+    refs = ZipIndex.from_zip_file(ResourcePath(path)).refs.to_refs(universe=dest.dimensions)
+    known = {ref.id for ref in dest.get_many_datasets([ref.id for ref in refs])}
+    with tempfile.TemporaryDirectory(prefix=".scratch-", dir=path.parent) as scratch:
+        # The destination's dimension universe: a facility's repository may have an older one.
+        repo = Butler.makeRepo(os.path.join(scratch, "repo"), dimensionConfig=dest.dimensions.dimensionConfig)
+        with Butler.from_config(repo, writeable=True) as butler:
+            for dataset_type in {ref.datasetType for ref in refs}:
+                butler.registry.registerDatasetType(dataset_type)
+            butler.ingest_zip(ResourcePath(path), transfer="copy", transfer_dimensions=True)
+            new = [ref for ref in refs if ref.id not in known]
+            made = butler.retrieve_artifacts_zip(_expanded(butler, new), os.path.join(scratch, "zip"))
+        dest.ingest_zip(made, transfer="copy", transfer_dimensions=True)
+    _LOG.info("Ingested %d datasets of %s; %d were there already.", len(new), path.name, len(known))
 
 
 def _dataset_ids(content: dict[str, Any]) -> list[str]:

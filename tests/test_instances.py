@@ -442,11 +442,12 @@ def test_a_site_drained_in_the_middle_of_its_step1_between_site_instances_ends_l
 
     One unit a step1 chunk, each facility with its own copy of the units table. ral's
     instance ran both its step1 chunks and sent t0p2's fan-in, which USDF has not
-    received: the move sees it in Rucio and keeps t0p2 at ral, moves t0p5 and
-    publishes the plan. ral's instance, started before the move, refuses to send
-    t0p5's fan-in; started again, each site's instance adopts the plan (ral retires
-    its t0p5 chunk) and stops, and the campaign then ends with the QA equal to the
-    single-site reference, nothing ral sent redone and no dataset twice at USDF.
+    received: the move sees it in Rucio (a move of t0p2 is refused, naming it), and the
+    drain keeps t0p2 at ral, moves t0p5 and publishes the plan. ral's instance, started
+    before the move, refuses to send t0p5's fan-in; started again, each site's instance
+    adopts the plan (ral retires its t0p5 chunk) and stops, and the campaign then ends
+    with the QA equal to the single-site reference, nothing ral sent redone and no
+    dataset twice at USDF.
     """
     rucio, storage = local_rucio
     scope = "drain"
@@ -461,21 +462,20 @@ def test_a_site_drained_in_the_middle_of_its_step1_between_site_instances_ends_l
     version = plan_version(load_campaign(configs["ral"]))
 
     def move(site: str, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(BIN / "multisite"), "move", str(configs[site]), "--from", "ral", "--to", "in2p3,lancs"]
-            + list(args),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        command = [str(BIN / "multisite"), "move", str(configs[site]), *args]
+        return subprocess.run(command, capture_output=True, text=True, check=False)
 
-    elsewhere = move("ral")
+    drain = ("--from", "ral", "--to", "in2p3,lancs")
+    elsewhere = move("ral", *drain)
     assert elsewhere.returncode == 1 and "a move is made at the central site's instance" in elsewhere.stderr
-    preview = move("usdf", "--dry-run")
+    refused = move("usdf", "--unit", "t0p2", "--to", "lancs")
+    assert refused.returncode == 1 and refused.stderr.startswith("Nothing was moved"), refused.stderr
+    assert "hand-off fanin_step2/ral/t0p2 (units t0p2): sent (in the transfer backend); " in refused.stderr
+    preview = move("usdf", *drain, "--dry-run")
     assert "stays t0p2: hand-off fanin_step2/ral/t0p2: sent (in the transfer backend)" in preview.stdout, (
         preview
     )
-    moved = move("usdf")
+    moved = move("usdf", *drain)
     assert moved.returncode == 0, moved.stderr
     (to,) = re.findall(r"move  t0p5: ral -> (\w+)", moved.stdout)
     assert {f"published plan/{site}/m0001-" in moved.stdout for site in ("in2p3", "ral", "lancs")} == {True}

@@ -5,9 +5,9 @@ in2p3's two chunks (t0p1, t0p4) each get their own ``raws`` piece and their own
 ``fanin_step2`` piece. Asking Snakemake for one chunk's fan-in (t0p4's, the site's
 second) brings only that chunk's raws, runs that chunk and sends its products; the
 other chunk's come when asked for, and nothing moves twice. Then ral runs both its
-step1 chunks and sends the first one's fan-in, is drained with ``multisite move`` onto
-cam (its second chunk retired), and the campaign ends with the single-site reference's
-results; moving a delivered unit then changes nothing.
+step1 chunks, is drained with ``multisite move`` onto cam and lancs (both its chunks
+retired), and the campaign ends with the single-site reference's results; moving a
+delivered unit then changes nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import pytest
 import yaml
 from lsst.daf.butler import Butler
 
+from multisite.butler_utils import collection_exists
 from multisite.config import load_campaign
 from multisite.events import read_events
 from multisite.layout import Layout
@@ -40,10 +41,10 @@ def _raws_at(campaign, site: str) -> list[tuple[int, int]]:
 
 
 def _one_unit_a_chunk_and_cam(path: Path, cam: dict) -> Path:
-    """Give the demo config at ``path`` one unit a step1 chunk, and cam: a fifth site with the most cores."""
+    """Give the demo config at ``path`` one unit a step1 chunk, and cam: a fifth site, with lancs' cores."""
     config = yaml.safe_load(path.read_text())
     config["stages"][0]["units_per_chunk"] = 1
-    config["sites"]["cam"] = {"role": "remote", "create_repo": True, "bps": {}, "cores": 9000, **cam}
+    config["sites"]["cam"] = {"role": "remote", "create_repo": True, "bps": {}, "cores": 1000, **cam}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path.parent
 
@@ -132,95 +133,100 @@ def _multisite(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("backend", ["butler", "rucio"])
-def test_draining_a_site_in_the_middle_of_its_step1_onto_a_new_site_ends_like_the_reference(backend, request):
-    """Drained in the middle of its step1, ral's unit not sent yet goes to cam, a fifth site.
+def test_a_site_drained_in_the_middle_of_its_step1_onto_a_new_site_and_another_ends_like_the_reference(
+    backend, request
+):
+    """Drained in the middle of its step1, ral's units go to cam, a fifth site, and to lancs.
 
     Through either backend: with Rucio, cam's pieces are new datasets and rules to its
     own RSE, and no name ral used is used again.
 
-    ral ran both its step1 chunks and sent the first one's fan-in (t0p2). cam is a new
-    site block (its own repository, the most cores) and nothing else: the move retires
-    ral's chunk t0p5 (its RUNs out of every chain ral sends from), sends t0p5's raws to
-    cam from USDF, cam runs t0p5, and the campaign's QA passes against the single-site
-    reference, with nothing ral had sent redone and no dataset twice at USDF. Moving
-    t0p2 once delivered then changes nothing.
+    ral ran both its step1 chunks and sent nothing (a site that goes down). cam is a
+    new site block (its own repository, as many cores as lancs) and nothing else: the
+    drain shares ral's two units between cam and lancs by cores, retires both ral's
+    chunks (their RUNs out of every chain ral sends from), sends their raws from USDF,
+    and the campaign's QA passes against the single-site reference, with the raws ral
+    received left as they were and no dataset twice at USDF. Moving a unit once
+    delivered then changes nothing.
     """
     campaign_dir = request.getfixturevalue({"butler": "campaign_dir", "rucio": "rucio_campaign_dir"}[backend])
     path = campaign_dir / "config.yaml"
     campaign = load_campaign(path)
     layout = campaign.layout
-    fanin = layout.handoff_marker("fanin_step2", "ral", "t0p2")
-    begun = layout.chunk_marker("ral", "step1", "t0p5")
-    snakemake(campaign_dir, str(fanin.relative_to(campaign_dir)), str(begun.relative_to(campaign_dir)))
-    done = [fanin, layout.chunk_marker("ral", "step1", "t0p2"), layout.handoff_marker("raws", "ral", "t0p2")]
-    finished = {marker: marker.stat().st_mtime_ns for marker in done}
+    begun = [layout.chunk_marker("ral", "step1", unit) for unit in ("t0p2", "t0p5")]
+    snakemake(campaign_dir, *(str(marker.relative_to(campaign_dir)) for marker in begun))
+    arrived = [layout.handoff_marker("raws", "ral", unit) for unit in ("t0p2", "t0p5")]
+    finished = {marker: marker.stat().st_mtime_ns for marker in arrived}
     version = plan_version(campaign)
 
-    refused = _multisite("move", str(path), "--unit", "t0p2", "--to", "cam", check=False)
-    assert refused.returncode == 1
-    assert "hand-off fanin_step2/ral/t0p2 (units t0p2): arrived; " in refused.stderr
-    assert "Nothing was moved" in refused.stderr
     table = (campaign_dir / "units.tsv").read_text()
     preview = _multisite("move", str(path), "--from", "ral", "--to", "cam,lancs", "--dry-run").stdout
-    assert (
-        "move  t0p5: ral -> cam" in preview
-        and "stays t0p2: hand-off fanin_step2/ral/t0p2: arrived" in preview
-    )
+    assert "move  t0p2: ral -> cam" in preview and "move  t0p5: ral -> lancs" in preview, preview
+    assert "retire step1 t0p2 at ral (done): never sent" in preview
     assert "retire step1 t0p5 at ral (done): never sent" in preview
     assert (campaign_dir / "units.tsv").read_text() == table
     _multisite("move", str(path), "--from", "ral", "--to", "cam,lancs")
-    assert "t0p5\t0\t5\tcam\t1" in (campaign_dir / "units.tsv").read_text()
-    assert (layout.retired_dir(version) / begun.relative_to(layout.workdir)).is_file()
+    moved = (campaign_dir / "units.tsv").read_text()
+    assert "t0p2\t0\t2\tcam\t1" in moved and "t0p5\t0\t5\tlancs\t1" in moved
+    assert all((layout.retired_dir(version) / m.relative_to(layout.workdir)).is_file() for m in begun)
 
     planned = snakemake(campaign_dir, "-n").stdout
-    assert "wildcards: handoff=raws, site=cam, piece=t0p5" in planned
-    assert "site=ral, stage=step1" not in planned and "handoff=raws, site=ral" not in planned
+    assert "wildcards: handoff=raws, site=cam, piece=t0p2" in planned
+    assert "wildcards: handoff=raws, site=lancs, piece=t0p5" in planned
+    assert "site=ral" not in planned
     snakemake(campaign_dir)
     campaign = load_campaign(path)
     assert read_marker(layout.qa_marker)  # the QA passed: equal to the single-site reference
-    assert {marker: marker.stat().st_mtime_ns for marker in done} == finished
-    assert not begun.exists()
-    assert read_marker(layout.chunk_marker("cam", "step1", "t0p5"))["quanta_run"] > 0
-    assert layout.handoff_marker("final", "cam", "t0p5").exists()
+    assert {marker: marker.stat().st_mtime_ns for marker in arrived} == finished
+    assert not any(marker.exists() for marker in begun)
+    for site, unit in (("cam", "t0p2"), ("lancs", "t0p5")):
+        assert read_marker(layout.chunk_marker(site, "step1", unit))["quanta_run"] > 0
+        assert layout.handoff_marker("final", site, unit).exists()
     central = Butler.from_config(campaign.central.repo)
     for dataset_type in ("single_visit_star", "deep_coadd"):
         refs = central.query_datasets(
             dataset_type, collections=campaign.handoff_chain("usdf"), find_first=False, limit=None
         )
         assert refs and len(refs) == len({ref.dataId for ref in refs}), dataset_type
-    # ral's retired chunk kept its outputs, out of the chains it sends from.
+    # ral's retired chunks kept their outputs, out of the chains it sends from (gone).
     ral = Butler.from_config(campaign.sites["ral"].repo)
-    retired = f"{campaign.root_collection}/ral/retired/{version}/step1/t0p5"
-    assert ral.query_datasets("single_visit_star", collections=retired, limit=None)
-    assert retired not in ral.collections.query(f"{campaign.root_collection}/ral/step1", flatten_chains=True)
+    for unit in ("t0p2", "t0p5"):
+        retired = f"{campaign.root_collection}/ral/retired/{version}/step1/{unit}"
+        assert ral.query_datasets("single_visit_star", collections=retired, limit=None)
+        assert not collection_exists(ral, campaign.stage_chain("ral", "step1", unit))
     cells = {(c.step, c.unit): c for c in campaign_status(campaign)}
-    assert cells[("step1", "t0p5")].site == "cam" and cells[("step1", "t0p5")].state == "done"
-    assert cells[("step1", "t0p2")].site == "ral"
+    assert (cells[("step1", "t0p2")].site, cells[("step1", "t0p2")].state) == ("cam", "done")
+    assert (cells[("step1", "t0p5")].site, cells[("step1", "t0p5")].state) == ("lancs", "done")
+    assert not any(cell.site == "ral" for cell in cells.values())
     if backend == "rucio":
         _check_rucio_after_the_drain(campaign)
 
     # Once delivered, a unit moved stays where it ran: nothing written, nothing to do.
     table = (campaign_dir / "units.tsv").read_text()
-    again = _multisite("move", str(path), "--unit", "t0p2", "--to", "lancs").stdout
-    assert "stays t0p2: delivered (hand-off final/ral/t0p2 arrived)" in again and "nothing to move" in again
+    again = _multisite("move", str(path), "--unit", "t0p2", "--to", "ral").stdout
+    assert "stays t0p2: delivered (hand-off final/cam/t0p2 arrived)" in again and "nothing to move" in again
     assert (campaign_dir / "units.tsv").read_text() == table
     idle = snakemake(campaign_dir, "-n")
     assert "Nothing to be done" in idle.stdout + idle.stderr
 
 
 def _check_rucio_after_the_drain(campaign) -> None:
-    """Check that cam's pieces are datasets of their own, replicated to its RSE; none has two rules."""
+    """Check that the moved units' pieces are datasets of their own, to their new sites' RSEs."""
     client = RucioBackend(campaign.name, campaign.rucio).client
     scope = campaign.rucio["scope"]
     containers = sorted(client.list_dids(scope, {"name": "multisite.demo.*.*"}, did_type="container"))
     rules = {name: list(client.list_did_rules(scope, name)) for name in containers}
-    (to_cam,) = rules["multisite.demo.raws.cam.t0p5"]
+    (to_cam,) = rules["multisite.demo.raws.cam.t0p2"]
     assert to_cam["rse_expression"] == JOINING_RSES["cam"] and to_cam["state"] == "OK"
-    # ral's raws of t0p5 stay where they arrived, their dataset and rule untouched.
-    (to_ral,) = rules["multisite.demo.raws.ral.t0p5"]
-    assert to_ral["rse_expression"] == RSES["ral"]
-    assert "multisite.demo.fanin_step2.ral.t0p5" not in rules
-    assert "multisite.demo.fanin_step2.cam.t0p5" in rules and "multisite.demo.final.cam.t0p5" in rules
+    (to_lancs,) = rules["multisite.demo.raws.lancs.t0p5"]
+    assert to_lancs["rse_expression"] == RSES["lancs"] and to_lancs["state"] == "OK"
+    # The raws ral received stay where they arrived, their datasets and rules untouched.
+    for unit in ("t0p2", "t0p5"):
+        (to_ral,) = rules[f"multisite.demo.raws.ral.{unit}"]
+        assert to_ral["rse_expression"] == RSES["ral"]
+    assert not [name for name in rules if name.split(".")[2] != "raws" and ".ral." in name]
+    for name in ("fanin_step2.cam.t0p2", "final.cam.t0p2", "fanin_step2.lancs.t0p5", "final.lancs.t0p5"):
+        assert f"multisite.demo.{name}" in rules
     assert all(len(found) <= 1 for found in rules.values()), {n: len(r) for n, r in rules.items()}
 
 

@@ -409,3 +409,21 @@ def test_products_travel_in_zips_and_a_damaged_zip_is_refused_before_any_of_it_i
     backend.send(central, ral, payload, label)
     assert (root / backend.manifest_name(label)).read_bytes() == manifest
     assert backend.receive(central, ral, label)[0]["verified_files"] == 5
+
+    # Another piece's zip holds two datasets RAL has and two it has not (two chunks' fan-out pieces
+    # both carry what both read): only the new ones are ingested, in a zip Butler makes of them.
+    with Butler.from_config(central.repo, writeable=True) as butler:
+        butler.collections.register("probes/more")
+        more = [
+            butler.put({"detector": d}, blob, instrument=campaign.instrument, detector=d, run="probes/more")
+            for d in range(2)
+        ]
+    both = ButlerBackend(campaign.name, datasets_per_zip=10)
+    both.send(central, ral, HandoffPayload([], [*products[:2], *more]), "zips/ral/more")
+    details, dataset_ids = both.receive(central, ral, "zips/ral/more")
+    at_ral = Butler.from_config(ral.repo)
+    assert len(at_ral.get_many_datasets(dataset_ids)) == 4, details
+    assert [at_ral.get(ref) for ref in more] == [{"detector": 0}, {"detector": 1}]
+    assert "handoff_exports" not in str(at_ral.getURI(more[0]))  # in the zip made of the new ones
+    assert "handoff_exports/demo/zips/ral/all/0000" in str(at_ral.getURI(products[0]))  # where it was
+    assert both.receive(central, ral, "zips/ral/more")[0]["transferred"] == 0
