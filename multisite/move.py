@@ -579,7 +579,14 @@ def move_units(
             "instead, moves are for a campaign that has begun"
         )
     # The plan marker names the site of the instance that runs the work directory.
-    campaign = dataclasses.replace(campaign, instance=read_marker(layout.placement_marker).get("instance"))
+    marker = read_marker(layout.placement_marker)
+    if "instance" not in marker and (layout.markers / "sent").exists():
+        raise MoveRefused(
+            f"{config}: this work directory sends to other site instances, and its plan marker "
+            f"{layout.placement_marker} was made before plan markers named their instance: add "
+            f'"instance": "<this instance\'s site>" to it, then move again'
+        )
+    campaign = dataclasses.replace(campaign, instance=marker.get("instance"))
     recorded = recorded_plan(campaign)
     if recorded is None:
         check_plan_unchanged(campaign, config)  # other units or fields: no move, refused

@@ -121,12 +121,23 @@ def start(site: str, config: Path, *args: str, env: dict[str, str] | None = None
         )
 
 
-def finish(processes: dict[str, subprocess.Popen], configs: dict[str, Path]) -> None:
-    """Wait for every instance to end; each must succeed (any still running is killed on failure)."""
+def finish(processes: dict[str, subprocess.Popen], configs: dict[str, Path], timeout: float = 2400) -> None:
+    """Wait for every instance to end; each must succeed.
+
+    The first that fails fails the test at once (the others, waiting for what it would
+    have sent, would wait out their timeouts); any still running is killed.
+    """
+    deadline = time.monotonic() + timeout
     try:
-        for site, process in processes.items():
-            code = process.wait(timeout=2400)
-            assert code == 0, f"{site}: {(configs[site].parent / 'snakemake.log').read_text()[-4000:]}"
+        while True:
+            for site, process in processes.items():
+                code = process.poll()
+                log = configs[site].parent / "snakemake.log"
+                assert code in (None, 0), f"{site}: {log.read_text()[-4000:]}"
+            if all(process.returncode == 0 for process in processes.values()):
+                return
+            assert time.monotonic() < deadline, f"instances still running after {timeout} s"
+            time.sleep(2)
     finally:
         for process in processes.values():
             if process.poll() is None:

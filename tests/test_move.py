@@ -21,7 +21,15 @@ from multisite.butler_utils import collection_exists, ensure_in_chain
 from multisite.config import load_campaign
 from multisite.errors import CampaignConfigError, PlanChangedError
 from multisite.markers import read_marker, write_marker
-from multisite.move import MoveRefused, apply_move, drain, format_move, plan_move, recorded_placement
+from multisite.move import (
+    MoveRefused,
+    apply_move,
+    drain,
+    format_move,
+    move_units,
+    plan_move,
+    recorded_placement,
+)
 from multisite.placement import place_raws, read_placement, write_plan
 from multisite.plan_version import check_plan_unchanged, plan_version, recorded_plan
 
@@ -287,3 +295,19 @@ def test_a_move_cut_short_before_its_plan_marker_is_done_again_whole(tmp_path, m
     table = campaign.units_table.read_text().replace("t0p5\t0\t5", "t0p9\t0\t5")
     campaign.units_table.write_text(table)
     assert recorded_plan(load_campaign(tmp_path / "config.yaml")) is None
+
+
+def test_a_move_is_made_at_the_central_sites_instance_only(tmp_path):
+    """The plan marker names the instance of its work directory; another site's instance is refused."""
+    campaign = _campaign(tmp_path)
+    _planned(campaign)
+    layout = campaign.layout
+    marker = read_marker(layout.placement_marker)
+    write_marker(layout.placement_marker, marker | {"instance": "ral"})
+    with pytest.raises(MoveRefused, match="a move is made at the central site's instance \\(usdf\\)"):
+        move_units(campaign, "ral.yaml", from_site="ral", to=["lancs"])
+    # A plan marker made before markers named their instance, in a work directory that sends to others.
+    write_marker(layout.placement_marker, {k: v for k, v in marker.items() if k != "instance"})
+    (layout.markers / "sent").mkdir()
+    with pytest.raises(MoveRefused, match='add "instance": "<this instance\'s site>" to it'):
+        move_units(campaign, "usdf.yaml", from_site="ral", to=["lancs"])
