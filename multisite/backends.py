@@ -347,7 +347,12 @@ class ButlerBackend(TransferBackend):
         return (datastore_root(open_butler(source.repo)) / self.export_name(label)).exists()
 
     def begun_pieces(self, source: Site, handoff: str, site: str) -> set[str]:
-        """Return the pieces with a file or zip directory in the source's export area."""
+        """Return the pieces with a file or zip directory in the source's export area.
+
+        A source whose repository does not exist yet (its instance has not started) has sent nothing.
+        """
+        if not ResourcePath(source.repo).exists():
+            return set()
         folder = datastore_root(open_butler(source.repo)) / handoff_file_name(
             self.campaign, handoff, f"/{site}"
         )
@@ -696,7 +701,13 @@ def ingest_zips(
                     _ingest_new_of_zip(dest, path)
                 else:
                     dest.ingest_zip(ResourcePath(path), transfer=None, transfer_dimensions=True)
-                _LOG.info("Ingested %s into %s.", record.name, destination.name)
+                _LOG.info(
+                    "Ingested %s into %s: %d datasets new, %d there already.",
+                    record.name,
+                    destination.name,
+                    len(record.zipped) - present,
+                    present,
+                )
                 new += len(record.zipped) - present
     return new
 
@@ -721,7 +732,6 @@ def _ingest_new_of_zip(dest: Butler, path: Path) -> None:
             new = [ref for ref in refs if ref.id not in known]
             made = butler.retrieve_artifacts_zip(_expanded(butler, new), os.path.join(scratch, "zip"))
         dest.ingest_zip(made, transfer="copy", transfer_dimensions=True)
-    _LOG.info("Ingested %d datasets of %s; %d were there already.", len(new), path.name, len(known))
 
 
 def _dataset_ids(content: dict[str, Any]) -> list[str]:

@@ -60,13 +60,7 @@ from .lock import InstanceHold
 from .markers import read_marker, write_marker
 from .metadata import read_placement_share, read_plan_record
 from .placement import SiteSelection, compute_placement, read_placement, write_plan
-from .plan_channel import (
-    PLAN_HANDOFF,
-    in_backend,
-    newest_published_plan,
-    publish_plan,
-    receive_plan,
-)
+from .plan_channel import in_backend, newest_published_plan, plan_label, publish_plan, receive_plan
 from .plan_version import check_plan_unchanged, plan_version, recorded_plan, recorded_units
 from .sites import prepare_repo
 
@@ -156,16 +150,19 @@ def _moved_campaign(campaign: Campaign, destinations: Mapping[str, str]) -> Camp
 
 
 def _begun_pieces(
-    campaign: Campaign, sent: Callable[[HandoffPiece], bool] | None = None
+    campaign: Campaign, sent: Callable[[HandoffPiece], bool] | None = None, site: str | None = None
 ) -> dict[tuple[str, str, str], tuple[HandoffPiece, str]]:
     """Return the hand-off pieces that have begun, by (hand-off, site, piece), each with how.
 
     Site instances see only their own markers: ``sent`` (`multisite.plan_channel.in_backend`)
     says whether the transfer backend holds a piece another instance sent, or one only
-    attempted here (a receive that waited, a send refused) began to move.
+    attempted here (a receive that waited, a send refused) began to move. With
+    ``site``, only the pieces to or from it.
     """
     begun = {}
     for piece in workflow_pieces(campaign):
+        if site is not None and piece.site != site:
+            continue
         how = _begun_piece(campaign.layout, piece)
         if sent is not None and how in (None, "attempted"):
             how = "sent (in the transfer backend)" if sent(piece) else None
@@ -529,6 +526,7 @@ def apply_move(move: Move, adopted: str | None = None) -> None:
             "from_version": plan_version(move.before),
             "units": {name: list(pair) for name, pair in move.moves.items()},
             "retired": [list(key) for key in move.retired],
+            "remade": [list(key) for key in move.remade],
             **({"adopted": adopted} if adopted else {}),
         },
     ]
@@ -690,10 +688,10 @@ def adopt_published_plan(campaign: Campaign) -> Move | None:
     share = read_placement_share(after, site)
     remade, retired = [], {}
     if placement is not None:
-        begun = _begun_pieces(before, in_backend(campaign, backend))
+        begun = _begun_pieces(before, in_backend(campaign, backend), site)
         remade, retired = _changes(before, after, placement, share, {site}, begun)
     old_sites = {unit.name: unit.site for unit in before.units}
     moves = {u.name: (old_sites[u.name], u.site) for u in after.units if old_sites.get(u.name) != u.site}
     move = Move(before, after, moves, {}, share, remade, retired)
-    apply_move(move, adopted=f"{PLAN_HANDOFF}/{site}/{piece}")
+    apply_move(move, adopted=plan_label(site, piece))
     return move

@@ -14,9 +14,10 @@ from __future__ import annotations
 __all__ = (
     "PLAN_HANDOFF",
     "check_plan_current",
-    "newest_published_plan",
-    "publish_plan",
     "in_backend",
+    "newest_published_plan",
+    "plan_label",
+    "publish_plan",
     "receive_plan",
 )
 
@@ -38,6 +39,11 @@ PLAN_HANDOFF = "plan"
 """The hand-off that carries a moved plan to a site's instance."""
 
 _PIECE = re.compile(r"m(\d{4,})-([0-9a-f]{16})")
+
+
+def plan_label(site: str, piece: str) -> str:
+    """Return the hand-off label of a plan published to ``site``'s instance."""
+    return f"{PLAN_HANDOFF}/{site}/{piece}"
 
 
 def _piece(campaign: Campaign) -> str:
@@ -80,7 +86,7 @@ def publish_plan(campaign: Campaign, backend: TransferBackend | None = None) -> 
             store_placement_share(campaign, central, site.name, placement),
             store_plan_record(campaign, central, site.name, piece),
         ]
-        label = f"{PLAN_HANDOFF}/{site.name}/{piece}"
+        label = plan_label(site.name, piece)
         details = backend.send(central, site, HandoffPayload([], refs), label)
         write_marker(
             marker,
@@ -98,7 +104,7 @@ def receive_plan(campaign: Campaign, piece: str, backend: TransferBackend) -> No
     if marker.exists():
         return
     started = datetime.now(UTC)
-    label = f"{PLAN_HANDOFF}/{site.name}/{piece}"
+    label = plan_label(site.name, piece)
     if not backend.published(campaign.central, site, label):
         raise HandoffError(
             f"Plan {label} is still being published by {campaign.central.name}'s instance (its "

@@ -86,6 +86,24 @@ def _latest(events: Iterable[Event]) -> dict[tuple[str, str], Event]:
     return latest
 
 
+def _carried_done(layout: Layout, latest: dict[tuple[str, str], Event]) -> dict[tuple[str, str], Event]:
+    """Drop the done events that say nothing without their step's marker.
+
+    A done event stands for its marker when another site's instance recorded it (its
+    marker is there, its event carried here by a hand-off) after the last move made
+    here that changed its chunk (that instance retires the chunk and runs it again).
+    This work directory's own steps are done by their markers only.
+    """
+    own = {path.stem for path in layout.events.glob("*.jsonl")}
+    moves = read_marker(layout.placement_marker).get("moves", []) if layout.placement_marker.is_file() else []
+    remade = {Layout.chunk_step(*chunk): move["at"] for move in moves for chunk in move.get("remade", [])}
+    return {
+        (step, site): event
+        for (step, site), event in latest.items()
+        if event.kind != EventKind.DONE or (event.instance not in own and event.time > remade.get(step, ""))
+    }
+
+
 def _state(layout: Layout, marker: Path, step: str, site: str, latest: dict) -> Cell | None:
     """State from the marker (done), or the last event (running, failed, waiting) and the heartbeat (dead).
 
@@ -97,10 +115,7 @@ def _state(layout: Layout, marker: Path, step: str, site: str, latest: dict) -> 
     event = latest.get((step, site))
     if event is None:
         return None
-    if event.kind == EventKind.DONE:
-        if (layout.events / f"{event.instance}.jsonl").exists():
-            return None  # this work directory's own step, its marker removed since
-        # Another site instance's step (its event carried by a hand-off): its marker is there.
+    if event.kind == EventKind.DONE:  # another instance's step: `_carried_done` kept only those
         return Cell(site, "", step, StepState.DONE, event.time, f"at {event.instance}'s instance")
     state = STATE_OF_EVENT[event.kind]
     log = event.details.get("log", "")
@@ -139,7 +154,7 @@ def campaign_status(
         Restrict to one site's view.
     """
     events = campaign_events(campaign) if events is None else events
-    latest = _latest(events)
+    latest = _carried_done(campaign.layout, _latest(events))
     layout = campaign.layout
     done_at: dict[str, str] = {}
     cells: list[Cell] = []

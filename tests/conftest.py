@@ -132,7 +132,7 @@ RSES = {
 
 
 JOINING_RSES = {"cam": "CAM_BUTLER_DISK"}
-"""The RSE of a facility that joins a campaign while it runs (test_per_chunk's fifth site)."""
+"""The RSE of a facility that joins a campaign while it runs (test_instances' fifth site)."""
 
 
 @pytest.fixture(scope="session")

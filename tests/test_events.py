@@ -6,11 +6,13 @@ import json
 import os
 import socket
 import time
+from dataclasses import replace
 
 import pytest
 
 from multisite.events import Event, EventLog, notify, read_events
 from multisite.layout import Layout, step_id
+from multisite.markers import write_marker
 
 from .conftest import Webhook
 
@@ -110,3 +112,15 @@ def test_another_instances_chunk_is_done_by_its_carried_event_and_this_ones_by_i
         cell = cells[("in2p3", "step1", unit)]
         assert (cell.state, cell.since, cell.detail) == ("done", carried.time, "at in2p3's instance")
     assert cells[("usdf", "step1", "t0p0")].state == "waiting"  # here, its marker says done
+
+    # A move made here after it changed the chunk: its instance retires it and runs it again.
+    move = {"at": "2026-12-04T06:00:00+00:00", "remade": [["in2p3", "step1", "c0000"]]}
+    write_marker(campaign.layout.placement_marker, {"moves": [move]})
+    cells = {(c.site, c.step, c.unit): c for c in campaign_status(campaign, [carried, own])}
+    assert cells[("in2p3", "step1", "t0p1")].state != "done"
+    again = replace(carried, time="2026-12-04T07:00:00+00:00")
+    cells = {(c.site, c.step, c.unit): c for c in campaign_status(campaign, [carried, own, again])}
+    assert (cells[("in2p3", "step1", "t0p1")].state, cells[("in2p3", "step1", "t0p1")].since) == (
+        "done",
+        again.time,
+    )

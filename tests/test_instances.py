@@ -31,17 +31,19 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 from lsst.daf.butler import Butler
 
 from multisite.config import load_campaign
 from multisite.demo.tasks import FAILURE_ENV
+from multisite.handoff import make_backend
 from multisite.markers import read_marker
 from multisite.plan_version import plan_version
 from multisite.rucio_backend import RucioBackend
 from multisite.status import campaign_status
 
-from .conftest import BIN, REPO, RSES, rucio_config, scheduled_jobs
+from .conftest import BIN, JOINING_RSES, REPO, RSES, rucio_config, scheduled_jobs
 
 SITES = ("usdf", "in2p3", "ral", "lancs")
 ENV = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
@@ -57,18 +59,41 @@ def rucio_client(rucio, scope: str):
 
 
 def instance_configs(
-    base: Path, rucio, storage: Path, scope: str, step1_units_per_chunk: int | None = None, **poll
+    base: Path,
+    rucio,
+    storage: Path,
+    scope: str,
+    step1_units_per_chunk: int | None = None,
+    backend: str = "rucio",
+    joining: tuple[str, ...] = (),
+    **poll,
 ) -> dict[str, Path]:
-    """One config per instance: its own work area, units table and repository only (at ``<RSE>/<scope>``).
+    """One config per instance: its own work area, units table and repository (at ``<RSE>/<scope>``).
 
-    Rucio datasets hold at most `MAX_FILES` files, so the larger hand-offs take several.
+    Through Rucio, Rucio datasets hold at most `MAX_FILES` files, so the larger hand-offs
+    take several, and an instance's config names only its own repository: the other
+    sites' are paths that lead nowhere. The ``butler`` backend reads the sender's
+    repository, on the filesystem the instances share. ``joining`` sites (their RSEs
+    in ``JOINING_RSES``) are config blocks with lancs's cores and no units, each with an
+    instance and a profile of its own (lancs's, its site changed).
     """
     template = yaml.safe_load(
         rucio_config(base, rucio, storage, max_files_per_dataset=MAX_FILES, scope=scope, **poll).read_text()
     )
+    if backend == "butler":
+        template["transfer"] = {"backend": "butler", "mode": "copy"}
+    else:
+        template["transfer"]["rucio"]["rses"] |= {site: JOINING_RSES[site] for site in joining}
     template["transfer"]["wait"] = {"timeout_s": 1800, "interval_s": 2}
+    registry = template["sites"]["lancs"]["registry"]
+    for site in joining:
+        template["sites"][site] = {
+            **template["sites"]["lancs"],
+            "repo": str(storage / site / scope),
+            "registry": dict(registry, namespace=registry["namespace"].removesuffix("lancs") + site),
+        }
     paths = {}
-    for site in SITES:
+    for site in (*SITES, *joining):
         directory = base / site
         directory.mkdir()
         config = copy.deepcopy(template)
@@ -79,9 +104,13 @@ def instance_configs(
         if step1_units_per_chunk:
             config["stages"][0]["units_per_chunk"] = step1_units_per_chunk
         for name, entry in config["sites"].items():
-            if name != site:
+            if name != site and backend == "rucio":
                 entry["repo"] = str(directory / "nowhere" / name)
             entry["create_repo"] = name == site
+        if site in joining:
+            profile = (REPO / "profiles" / "lancs" / "config.v8+.yaml").read_text()
+            (directory / "profile").mkdir()
+            (directory / "profile" / "config.v8+.yaml").write_text(profile.replace("=lancs", f"={site}"))
         paths[site] = directory / "config.yaml"
         paths[site].write_text(yaml.safe_dump(config, sort_keys=False))
     return paths
@@ -96,7 +125,7 @@ def command(site: str, config: Path) -> list[str]:
         "--snakefile",
         str(REPO / "Snakefile"),
         "--profile",
-        str(REPO / "profiles" / site),
+        str(config.parent / "profile" if site not in SITES else REPO / "profiles" / site),
         "--executor",
         "local",
         "--cores",
@@ -184,10 +213,12 @@ def check_campaign(configs: dict[str, Path]) -> Path:
     usdf = configs["usdf"].parent / "work"
     qa = read_marker(usdf / "markers" / "qa" / "qa.json")
     assert all(set(counts) == {"pass"} for counts in qa["summary"].values()), qa["summary"]
+    backend = load_campaign(configs["usdf"]).transfer_backend
     for marker in (usdf / "markers" / "handoff").glob("*/*/*.json"):
         content = read_marker(marker)
         if content["source"] != content["destination"]:
-            assert content["backend"] == "rucio" and content["backend_details"]["rucio"]["rule_id"]
+            assert content["backend"] == backend
+            assert backend != "rucio" or content["backend_details"]["rucio"]["rule_id"]
     return usdf
 
 
@@ -446,24 +477,34 @@ def test_a_site_instances_step1_chunk_runs_and_sends_its_fanin_before_the_next_c
     assert containers == {"multisite.demo.raws.in2p3.t0p1", "multisite.demo.fanin_step2.in2p3.t0p1"}
 
 
-def test_a_site_drained_in_the_middle_of_its_step1_between_site_instances_ends_like_one_instance(
-    local_rucio, tmp_path_factory
+@pytest.mark.parametrize("backend", ["butler", "rucio"])
+def test_a_site_drained_in_the_middle_of_its_step1_onto_a_new_site_and_another_between_instances(
+    backend, local_rucio, tmp_path_factory
 ):
-    """A site drained onto two others by a move at USDF's instance, the others learning it through Rucio.
+    """A site drained onto a fifth site and another by a move at USDF's instance, the others learning it.
 
-    One unit a step1 chunk, each facility with its own copy of the units table. ral's
-    instance ran both its step1 chunks and sent t0p2's fan-in, which USDF has not
-    received: the move sees it in Rucio (a move of t0p2 is refused, naming it), and the
-    drain keeps t0p2 at ral, moves t0p5 and publishes the plan. ral's instance, started
+    Through either transfer backend (the instances meet only through it). One unit a step1
+    chunk, each facility with its own copy of the units table, in which ral has three
+    units (t0p4 is ral's here) and cam, a fifth site, is a config block and a profile
+    with no units. ral's instance ran two of its three step1 chunks and sent t0p2's
+    fan-in, which USDF has not received: the move sees it in the backend (a move of t0p2
+    is refused, naming it), and the drain keeps t0p2 at ral and moves t0p4 (not begun) and
+    t0p5 (done, not sent) to cam and lancs, and publishes the plan. ral's instance, started
     before the move, refuses to send t0p5's fan-in; started again, each site's instance
-    adopts the plan (ral retires its t0p5 chunk) and stops, and the campaign then ends
-    with the QA equal to the single-site reference, nothing ral sent redone and no
-    dataset twice at USDF.
+    adopts the plan (ral retires its t0p5 chunk, cam's first start creates its repository)
+    and stops, and the campaign then ends with the QA equal to the single-site reference,
+    nothing ral sent redone and no dataset twice at USDF.
     """
     rucio, storage = local_rucio
-    scope = "drain"
-    configs = instance_configs(tmp_path_factory.mktemp("drain"), rucio, storage, scope, 1)
-    layout = {site: load_campaign(configs[site]).layout for site in SITES}
+    scope = f"drain{backend}"
+    sites = (*SITES, "cam")
+    configs = instance_configs(
+        tmp_path_factory.mktemp(f"drain_{backend}"), rucio, storage, scope, 1, backend, joining=("cam",)
+    )
+    for config in configs.values():
+        units = config.parent / "units.tsv"
+        units.write_text(units.read_text().replace("t0p4\t0\t4\tin2p3", "t0p4\t0\t4\tral"))
+    layout = {site: load_campaign(configs[site]).layout for site in sites}
     raws = [layout["usdf"].sent_marker("raws", "ral", chunk) for chunk in ("t0p2", "t0p5")]
     run_to("usdf", configs["usdf"], raws[0], str(raws[1].relative_to(configs["usdf"].parent)))
     fanin = layout["ral"].sent_marker("fanin_step2", "ral", "t0p2")
@@ -476,7 +517,7 @@ def test_a_site_drained_in_the_middle_of_its_step1_between_site_instances_ends_l
         command = [str(BIN / "multisite"), "move", str(configs[site]), *args]
         return subprocess.run(command, capture_output=True, text=True, check=False)
 
-    drain = ("--from", "ral", "--to", "in2p3,lancs")
+    drain = ("--from", "ral", "--to", "cam,lancs")
     elsewhere = move("ral", *drain)
     assert elsewhere.returncode == 1 and "a move is made at the central site's instance" in elsewhere.stderr
     refused = move("usdf", "--unit", "t0p2", "--to", "lancs")
@@ -488,8 +529,10 @@ def test_a_site_drained_in_the_middle_of_its_step1_between_site_instances_ends_l
     )
     moved = move("usdf", *drain)
     assert moved.returncode == 0, moved.stderr
-    (to,) = re.findall(r"move  t0p5: ral -> (\w+)", moved.stdout)
-    assert {f"published plan/{site}/m0001-" in moved.stdout for site in ("in2p3", "ral", "lancs")} == {True}
+    to = dict(re.findall(r"move  (t0p[45]): ral -> (\w+)", moved.stdout))
+    assert sorted(to.values()) == ["cam", "lancs"], moved.stdout
+    published = re.findall(r"published plan/(\w+)/m0001-", moved.stdout)
+    assert sorted(published) == ["cam", "in2p3", "lancs", "ral"], moved.stdout
 
     # ral's instance as it was when the move was made (started before it: no start hook) sends nothing.
     unsent = layout["ral"].sent_marker("fanin_step2", "ral", "t0p5").relative_to(configs["ral"].parent)
@@ -501,12 +544,13 @@ def test_a_site_drained_in_the_middle_of_its_step1_between_site_instances_ends_l
         check=False,
     )
     assert late.returncode != 0 and "nothing is sent on a plan that changed" in late.stdout + late.stderr
-    client = rucio_client(rucio, scope)
-    assert "multisite.demo.fanin_step2.ral.t0p5" not in rules_by_handoff(client, scope)
+    central = load_campaign(configs["usdf"])
+    transfers = make_backend(central)
+    assert transfers.begun_pieces(central.sites["ral"], "fanin_step2", "ral") == {"t0p2"}
 
     # Started again, each instance adopts the plan and stops; then the campaign runs to its end.
-    processes = {site: start(site, configs[site]) for site in SITES}
-    for site in ("in2p3", "ral", "lancs"):
+    processes = {site: start(site, configs[site]) for site in sites}
+    for site in ("in2p3", "ral", "lancs", "cam"):
         assert processes[site].wait(timeout=600) == 1
         log = (configs[site].parent / "snakemake.log").read_text()
         assert "This instance adopted the plan usdf's instance published" in log, log[-3000:]
@@ -516,12 +560,22 @@ def test_a_site_drained_in_the_middle_of_its_step1_between_site_instances_ends_l
 
     assert (layout["ral"].retired_dir(version) / begun.relative_to(layout["ral"].workdir)).is_file()
     assert fanin.stat().st_mtime_ns == sent_at
-    assert f"t0p5\t0\t5\t{to}\t1" in (configs["ral"].parent / "units.tsv").read_text()
-    assert read_marker(layout[to].chunk_marker(to, "step1", "t0p5"))["quanta_run"] > 0
-    rules = rules_by_handoff(client, scope)
-    assert f"multisite.demo.raws.{to}.t0p5" in rules and "multisite.demo.fanin_step2.ral.t0p5" not in rules
-    assert all(len(found) == 1 for found in rules.values()), rules
-    central = load_campaign(configs["usdf"])
+    units = (configs["ral"].parent / "units.tsv").read_text()
+    assert all(f"{unit}\t0\t{unit[-1]}\t{site}\t1" in units for unit, site in to.items()), units
+    for unit, site in to.items():
+        assert read_marker(layout[site].chunk_marker(site, "step1", unit))["quanta_run"] > 0
+        assert unit in transfers.begun_pieces(central.sites["usdf"], "raws", site)
+    # Nothing of the moved units left ral, and t0p4's raws never went there.
+    assert transfers.begun_pieces(central.sites["ral"], "fanin_step2", "ral") == {"t0p2"}
+    assert transfers.begun_pieces(central.sites["usdf"], "raws", "ral") == {"t0p2", "t0p5"}
+    if backend == "rucio":
+        client = rucio_client(rucio, scope)
+        rules = rules_by_handoff(client, scope)
+        assert all(len(found) == 1 for found in rules.values()), rules
+        # cam joined with its own RSE: its raws came in a dataset of their own, ruled there.
+        (to_cam,) = [unit for unit, site in to.items() if site == "cam"]
+        (rule,) = client.list_did_rules(scope, f"multisite.demo.raws.cam.{to_cam}")
+        assert rule["rse_expression"] == JOINING_RSES["cam"] and str(rule["state"]) == "OK", rule
     butler = Butler.from_config(central.central.repo)
     for dataset_type in ("single_visit_star", "deep_coadd"):
         refs = butler.query_datasets(
@@ -529,5 +583,6 @@ def test_a_site_drained_in_the_middle_of_its_step1_between_site_instances_ends_l
         )
         assert refs and len(refs) == len({ref.dataId for ref in refs}), dataset_type
     cells = {(cell.step, cell.unit): cell for cell in campaign_status(central)}
-    assert cells[("step1", "t0p5")].site == to and cells[("step1", "t0p5")].state == "done"
+    for unit, site in to.items():
+        assert (cells[("step1", unit)].site, cells[("step1", unit)].state) == (site, "done")
     assert cells[("step1", "t0p2")].site == "ral" and (usdf / "markers" / "qa" / "qa.json").is_file()

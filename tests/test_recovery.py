@@ -338,7 +338,7 @@ def test_a_crash_between_import_batches_loses_nothing_and_the_rerun_goes_on(tmp_
     assert import_export(campaign.sites[SITE], root, parts, "copy", batch=4) == 0
 
 
-def test_products_travel_in_zips_and_a_damaged_zip_is_refused_before_any_of_it_is_ingested(tmp_path):
+def test_products_travel_in_zips_and_a_damaged_zip_is_refused_before_any_of_it_is_ingested(tmp_path, caplog):
     """Processed datasets go in Butler zips of ``datasets_per_zip`` (raws as files), butler backend."""
     campaign = load_campaign(demo_config(tmp_path))
     for site in ("usdf", SITE):
@@ -369,6 +369,7 @@ def test_products_travel_in_zips_and_a_damaged_zip_is_refused_before_any_of_it_i
     # What a site instance's move sees of the send: the piece, from its export, manifest and zips.
     assert backend.begun_pieces(central, "zips", "ral") == {"all"}
     assert not backend.begun_pieces(central, "zips", "lancs")
+    assert not backend.begun_pieces(campaign.sites["lancs"], "zips", "usdf")  # its instance never started
     assert streamed.counts() == dict(Counter(ref.datasetType.name for ref in [*raws, *products, *truths]))
     zips = [root / f"handoff_exports/demo/zips/ral/all/{i:05d}.zip" for i in range(3)]
     assert all(path.is_file() for path in zips)
@@ -420,7 +421,9 @@ def test_products_travel_in_zips_and_a_damaged_zip_is_refused_before_any_of_it_i
         ]
     both = ButlerBackend(campaign.name, datasets_per_zip=10)
     both.send(central, ral, HandoffPayload([], [*products[:2], *more]), "zips/ral/more")
+    caplog.set_level("INFO", logger="multisite.backends")
     details, dataset_ids = both.receive(central, ral, "zips/ral/more")
+    assert "into ral: 2 datasets new, 2 there already." in caplog.text
     at_ral = Butler.from_config(ral.repo)
     assert len(at_ral.get_many_datasets(dataset_ids)) == 4, details
     assert [at_ral.get(ref) for ref in more] == [{"detector": 0}, {"detector": 1}]
