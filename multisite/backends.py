@@ -344,19 +344,14 @@ class ButlerBackend(TransferBackend):
         return manifest
 
     def published(self, source: Site, destination: Site, label: str) -> bool:
-        return (datastore_root(open_butler(source.repo)) / self.export_name(label)).exists()
+        root = _sent_root(source)
+        return root is not None and (root / self.export_name(label)).exists()
 
     def begun_pieces(self, source: Site, handoff: str, site: str) -> set[str]:
-        """Return the pieces with a file or zip directory in the source's export area.
-
-        A source whose repository does not exist yet (its instance has not started) has sent nothing.
-        """
-        if not ResourcePath(source.repo).exists():
-            return set()
-        folder = datastore_root(open_butler(source.repo)) / handoff_file_name(
-            self.campaign, handoff, f"/{site}"
-        )
-        if not folder.is_dir():
+        """Return the pieces with a file or zip directory in the source's export area."""
+        root = _sent_root(source)
+        folder = root / handoff_file_name(self.campaign, handoff, f"/{site}") if root else None
+        if folder is None or not folder.is_dir():
             return set()
         return {_PIECE_FILE.sub("", entry.name) for entry in folder.iterdir()}
 
@@ -473,6 +468,13 @@ def verify_received(destination: Site, manifest: Manifest, context: str) -> int:
     if damage := check_files(held):
         raise damaged_files(context, destination.name, damage, root)
     return len(held)
+
+
+def _sent_root(source: Site) -> Path | None:
+    """Return where a sending site's hand-offs are, or `None` before its instance created its repository."""
+    if not ResourcePath(source.repo).exists():
+        return None
+    return datastore_root(open_butler(source.repo))
 
 
 def datastore_root(butler: Butler) -> Path:

@@ -63,7 +63,8 @@ def compute_placement(
     previous : `pandas.DataFrame`, optional
         The placement the campaign ran with before its units moved: a raw keeps its
         owner while that site still needs it, so what the owner already delivered is
-        never sent by another site.
+        never sent by another site. A raw whose owner no longer needs it goes to the
+        site of the newest move's units that need it, if any.
 
     Returns
     -------
@@ -119,7 +120,9 @@ def place_raws(
     for (exposure, visit, detector), sites in sorted(needed.items()):
         owner = owners.get((exposure, detector))
         if owner not in sites:
-            owner = min(sites, key=order.__getitem__)
+            # Of the newest move's units first: the raw goes into a moved unit's new chunk, and the
+            # chunks that had begun at the sites needing it keep what they hold.
+            owner = min(sites, key=lambda site: (-campaign.units[sites[site]].move, order[site]))
         records += [
             (exposure, visit, detector, site, owner, campaign.units[sites[site]].name)
             for site in sorted(sites, key=order.__getitem__)

@@ -493,7 +493,8 @@ def test_a_site_drained_in_the_middle_of_its_step1_onto_a_new_site_and_another_b
     before the move, refuses to send t0p5's fan-in; started again, each site's instance
     adopts the plan (ral retires its t0p5 chunk, cam's first start creates its repository)
     and stops, and the campaign then ends with the QA equal to the single-site reference,
-    nothing ral sent redone and no dataset twice at USDF.
+    nothing ral sent redone and no dataset twice at USDF. Moving the delivered t0p2 then
+    changes nothing.
     """
     rucio, storage = local_rucio
     scope = f"drain{backend}"
@@ -531,6 +532,8 @@ def test_a_site_drained_in_the_middle_of_its_step1_onto_a_new_site_and_another_b
     assert moved.returncode == 0, moved.stderr
     to = dict(re.findall(r"move  (t0p[45]): ral -> (\w+)", moved.stdout))
     assert sorted(to.values()) == ["cam", "lancs"], moved.stdout
+    # The raws ral owned that lancs's t0p3 reads go with the moved units: t0p3 is not changed.
+    assert "t0p3" not in moved.stdout, moved.stdout
     published = re.findall(r"published plan/(\w+)/m0001-", moved.stdout)
     assert sorted(published) == ["cam", "in2p3", "lancs", "ral"], moved.stdout
 
@@ -586,3 +589,12 @@ def test_a_site_drained_in_the_middle_of_its_step1_onto_a_new_site_and_another_b
     for unit, site in to.items():
         assert (cells[("step1", unit)].site, cells[("step1", unit)].state) == (site, "done")
     assert cells[("step1", "t0p2")].site == "ral" and (usdf / "markers" / "qa" / "qa.json").is_file()
+
+    # Once delivered, a unit moved stays where it ran: nothing written, nothing left to do.
+    table = (configs["usdf"].parent / "units.tsv").read_text()
+    again = move("usdf", "--unit", "t0p2", "--to", "in2p3")
+    assert "stays t0p2: delivered (hand-off final/ral/t0p2 arrived)" in again.stdout, again
+    assert "nothing to move" in again.stdout and (configs["usdf"].parent / "units.tsv").read_text() == table
+    for site in ("usdf", "ral"):
+        idle = subprocess.run([*command(site, configs[site]), "-n"], capture_output=True, text=True, env=ENV)
+        assert "Nothing to be done" in idle.stdout + idle.stderr, (site, idle.stdout[-3000:])

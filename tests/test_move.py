@@ -96,9 +96,16 @@ def test_a_raw_keeps_its_owner_while_that_site_still_needs_it(tmp_path):
     kept = place_raws(ROWS, moved, previous=before)
     assert set(kept.query("exposure == 1 and detector == 1")["owner"]) == {"ral"}
     assert set(kept.query("exposure == 1 and detector == 1")["site"]) == {"ral", "in2p3"}
-    # A raw whose owner no longer needs it goes to the first site that does.
+    # A raw whose owner no longer needs it goes to the first site that does (a hand-edited table)...
     gone = _with_sites(campaign, t0p1="lancs")
     assert set(place_raws(ROWS, gone, previous=before).query("exposure == 3")["owner"]) == {"ral"}
+    # ... and, after a move, to the site of the moved unit that needs it: into its new chunk,
+    # leaving ral's chunk of t0p5, which may have begun, as it was.
+    units = tuple(
+        dataclasses.replace(u, site="lancs", move=1) if u.name == "t0p1" else u for u in campaign.units
+    )
+    moved = dataclasses.replace(campaign, units=units)
+    assert set(place_raws(ROWS, moved, previous=before).query("exposure == 3")["owner"]) == {"lancs"}
 
 
 def test_a_move_that_changes_data_that_left_its_site_is_refused_naming_it(tmp_path):

@@ -369,7 +369,9 @@ def test_products_travel_in_zips_and_a_damaged_zip_is_refused_before_any_of_it_i
     # What a site instance's move sees of the send: the piece, from its export, manifest and zips.
     assert backend.begun_pieces(central, "zips", "ral") == {"all"}
     assert not backend.begun_pieces(central, "zips", "lancs")
-    assert not backend.begun_pieces(campaign.sites["lancs"], "zips", "usdf")  # its instance never started
+    # A site whose instance has not created its repository yet has sent nothing: wait for it.
+    assert not backend.begun_pieces(campaign.sites["lancs"], "zips", "usdf")
+    assert not backend.published(campaign.sites["lancs"], central, "zips/usdf/all")
     assert streamed.counts() == dict(Counter(ref.datasetType.name for ref in [*raws, *products, *truths]))
     zips = [root / f"handoff_exports/demo/zips/ral/all/{i:05d}.zip" for i in range(3)]
     assert all(path.is_file() for path in zips)
