@@ -1,4 +1,4 @@
-"""Site instances: one Snakemake per facility, each in its own directory, meeting only through Rucio.
+"""Site instances: one Snakemake per facility, each in its own directory, meeting only through the backend.
 
 Four instances (usdf, in2p3, ral, lancs), started together with their site profiles
 (the executor set to local: the batch paths are proven in test_slurm and
@@ -16,7 +16,9 @@ nothing that was finished done again, every hand-off in one Rucio rule on its co
 of closed datasets of at most ``MAX_FILES`` files, and a forced rerun of the fan-in
 registers, rules and imports nothing. A second campaign, with one unit a step1 chunk,
 shows the per-chunk flow between instances: a chunk runs on its own raws piece and
-its fan-in leaves before the next chunk's raws are sent.
+its fan-in leaves before the next chunk's raws are sent. Two more drain ral in the
+middle of its step1 between five instances (cam, a fifth site, joins), once through
+Rucio and once with the ``butler`` backend, whose instances share a file system.
 """
 
 from __future__ import annotations
