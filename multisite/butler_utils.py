@@ -20,17 +20,31 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import sqlalchemy.exc
 from lsst.daf.butler import Butler, CollectionType, DatasetRef, MissingCollectionError
 
 _LOG = logging.getLogger(__name__)
 
 
 def open_butler(repo: str, writeable: bool = False) -> Butler:
-    """Open a repository, with an error that names it when it is not there."""
+    """Open a repository, with an error that names it when it is not there.
+
+    A process killed in the middle of a write to an SQLite registry leaves a
+    journal that only a writeable connection may roll back; until one does, every
+    read-only open fails with "attempt to write a readonly database". A read-only
+    open that meets one opens the repository writeable once, which rolls the
+    unfinished write back as any later writer would, and then opens it as asked.
+    """
     try:
         return Butler.from_config(repo, writeable=writeable)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"No Butler repository at {repo}: {err}") from None
+    except sqlalchemy.exc.OperationalError as err:
+        if writeable or "readonly database" not in str(err.orig):
+            raise
+    _LOG.warning("Rolling back a write to %s that a killed process left unfinished.", repo)
+    Butler.from_config(repo, writeable=True).close()
+    return Butler.from_config(repo, writeable=False)
 
 
 def stream_datasets(
