@@ -16,9 +16,9 @@ nothing that was finished done again, every hand-off in one Rucio rule on its co
 of closed datasets of at most ``MAX_FILES`` files, and a forced rerun of the fan-in
 registers, rules and imports nothing. A second campaign, with one unit a step1 chunk,
 shows the per-chunk flow between instances: a chunk runs on its own raws piece and
-its fan-in leaves before the next chunk's raws are sent. Two more drain ral in the
-middle of its step1 between five instances (cam, a fifth site, joins), once through
-Rucio and once with the ``butler`` backend, whose instances share a file system.
+its fan-in leaves before the next chunk's raws are sent. A third drains ral in the
+middle of its step1 between five instances (cam, a fifth site, joins). The same drain
+with one instance, through either backend, is test_per_chunk's.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import pytest
 import yaml
 from lsst.daf.butler import Butler
 
@@ -66,26 +65,21 @@ def instance_configs(
     storage: Path,
     scope: str,
     step1_units_per_chunk: int | None = None,
-    backend: str = "rucio",
     joining: tuple[str, ...] = (),
     **poll,
 ) -> dict[str, Path]:
     """One config per instance: its own work area, units table and repository (at ``<RSE>/<scope>``).
 
-    Through Rucio, Rucio datasets hold at most `MAX_FILES` files, so the larger hand-offs
-    take several, and an instance's config names only its own repository: the other
-    sites' are paths that lead nowhere. The ``butler`` backend reads the sender's
-    repository, on the filesystem the instances share. ``joining`` sites (their RSEs
+    Rucio datasets hold at most `MAX_FILES` files, so the larger hand-offs take several,
+    and an instance's config names only its own repository: the other sites' are paths
+    that lead nowhere. ``joining`` sites (their RSEs
     in ``JOINING_RSES``) are config blocks with lancs's cores and no units, each with an
     instance and a profile of its own (lancs's, its site changed).
     """
     template = yaml.safe_load(
         rucio_config(base, rucio, storage, max_files_per_dataset=MAX_FILES, scope=scope, **poll).read_text()
     )
-    if backend == "butler":
-        template["transfer"] = {"backend": "butler", "mode": "copy"}
-    else:
-        template["transfer"]["rucio"]["rses"] |= {site: JOINING_RSES[site] for site in joining}
+    template["transfer"]["rucio"]["rses"] |= {site: JOINING_RSES[site] for site in joining}
     template["transfer"]["wait"] = {"timeout_s": 1800, "interval_s": 2}
     registry = template["sites"]["lancs"]["registry"]
     for site in joining:
@@ -106,7 +100,7 @@ def instance_configs(
         if step1_units_per_chunk:
             config["stages"][0]["units_per_chunk"] = step1_units_per_chunk
         for name, entry in config["sites"].items():
-            if name != site and backend == "rucio":
+            if name != site:
                 entry["repo"] = str(directory / "nowhere" / name)
             entry["create_repo"] = name == site
         if site in joining:
@@ -215,12 +209,10 @@ def check_campaign(configs: dict[str, Path]) -> Path:
     usdf = configs["usdf"].parent / "work"
     qa = read_marker(usdf / "markers" / "qa" / "qa.json")
     assert all(set(counts) == {"pass"} for counts in qa["summary"].values()), qa["summary"]
-    backend = load_campaign(configs["usdf"]).transfer_backend
     for marker in (usdf / "markers" / "handoff").glob("*/*/*.json"):
         content = read_marker(marker)
         if content["source"] != content["destination"]:
-            assert content["backend"] == backend
-            assert backend != "rucio" or content["backend_details"]["rucio"]["rule_id"]
+            assert content["backend"] == "rucio" and content["backend_details"]["rucio"]["rule_id"]
     return usdf
 
 
@@ -479,31 +471,28 @@ def test_a_site_instances_step1_chunk_runs_and_sends_its_fanin_before_the_next_c
     assert containers == {"multisite.demo.raws.in2p3.t0p1", "multisite.demo.fanin_step2.in2p3.t0p1"}
 
 
-@pytest.mark.parametrize("backend", ["butler", "rucio"])
 def test_a_site_drained_in_the_middle_of_its_step1_onto_a_new_site_and_another_between_instances(
-    backend, local_rucio, tmp_path_factory
+    local_rucio, tmp_path_factory
 ):
     """A site drained onto a fifth site and another by a move at USDF's instance, the others learning it.
 
-    Through either transfer backend (the instances meet only through it). One unit a step1
-    chunk, each facility with its own copy of the units table, in which ral has three
-    units (t0p4 is ral's here) and cam, a fifth site, is a config block and a profile
-    with no units. ral's instance ran two of its three step1 chunks and sent t0p2's
-    fan-in, which USDF has not received: the move sees it in the backend (a move of t0p2
-    is refused, naming it), and the drain keeps t0p2 at ral and moves t0p4 (not begun) and
-    t0p5 (done, not sent) to cam and lancs, and publishes the plan. ral's instance, started
-    before the move, refuses to send t0p5's fan-in; started again, each site's instance
-    adopts the plan (ral retires its t0p5 chunk, cam's first start creates its repository)
-    and stops, and the campaign then ends with the QA equal to the single-site reference,
-    nothing ral sent redone and no dataset twice at USDF. Moving the delivered t0p2 then
-    changes nothing.
+    The instances meet only through Rucio. One unit a step1 chunk, each facility with
+    its own copy of the units table, in which ral has three units (t0p4 is ral's here)
+    and cam, a fifth site, is a config block and a profile with no units. ral's instance
+    ran two of its three step1 chunks and sent t0p2's fan-in, which USDF has not
+    received: the move sees it in the backend (a move of t0p2 is refused, naming it),
+    and the drain keeps t0p2 at ral and moves t0p4 (not begun) and t0p5 (done, not sent)
+    to cam and lancs, and publishes the plan. ral's instance, started before the move,
+    refuses to send t0p5's fan-in; started again, each site's instance adopts the plan
+    (ral retires its t0p5 chunk, cam's first start creates its repository) and stops,
+    and the campaign then ends with the QA equal to the single-site reference, nothing
+    ral sent redone and no dataset twice at USDF. Moving the delivered t0p2 then changes
+    nothing.
     """
     rucio, storage = local_rucio
-    scope = f"drain{backend}"
+    scope = "drain"
     sites = (*SITES, "cam")
-    configs = instance_configs(
-        tmp_path_factory.mktemp(f"drain_{backend}"), rucio, storage, scope, 1, backend, joining=("cam",)
-    )
+    configs = instance_configs(tmp_path_factory.mktemp("drain"), rucio, storage, scope, 1, joining=("cam",))
     for config in configs.values():
         units = config.parent / "units.tsv"
         units.write_text(units.read_text().replace("t0p4\t0\t4\tin2p3", "t0p4\t0\t4\tral"))
@@ -573,14 +562,13 @@ def test_a_site_drained_in_the_middle_of_its_step1_onto_a_new_site_and_another_b
     # Nothing of the moved units left ral, and t0p4's raws never went there.
     assert transfers.begun_pieces(central.sites["ral"], "fanin_step2", "ral") == {"t0p2"}
     assert transfers.begun_pieces(central.sites["usdf"], "raws", "ral") == {"t0p2", "t0p5"}
-    if backend == "rucio":
-        client = rucio_client(rucio, scope)
-        rules = rules_by_handoff(client, scope)
-        assert all(len(found) == 1 for found in rules.values()), rules
-        # cam joined with its own RSE: its raws came in a dataset of their own, ruled there.
-        (to_cam,) = [unit for unit, site in to.items() if site == "cam"]
-        (rule,) = client.list_did_rules(scope, f"multisite.demo.raws.cam.{to_cam}")
-        assert rule["rse_expression"] == JOINING_RSES["cam"] and str(rule["state"]) == "OK", rule
+    client = rucio_client(rucio, scope)
+    rules = rules_by_handoff(client, scope)
+    assert all(len(found) == 1 for found in rules.values()), rules
+    # cam joined with its own RSE: its raws came in a dataset of their own, ruled there.
+    (to_cam,) = [unit for unit, site in to.items() if site == "cam"]
+    (rule,) = client.list_did_rules(scope, f"multisite.demo.raws.cam.{to_cam}")
+    assert rule["rse_expression"] == JOINING_RSES["cam"] and str(rule["state"]) == "OK", rule
     butler = Butler.from_config(central.central.repo)
     for dataset_type in ("single_visit_star", "deep_coadd"):
         refs = butler.query_datasets(

@@ -7,7 +7,8 @@ second) brings only that chunk's raws, runs that chunk and sends its products; t
 other chunk's come when asked for, and nothing moves twice. Then ral runs both its
 step1 chunks, is drained with ``multisite move`` onto cam and lancs (both its chunks
 retired), and the campaign ends with the single-site reference's results; moving a
-delivered unit then changes nothing.
+delivered unit then changes nothing. The drain runs twice: on this campaign, and on the
+same campaign through the test Rucio (its own scope; cam with an RSE of its own).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from multisite.layout import Layout
 from multisite.markers import read_marker
 from multisite.placement import read_placement
 from multisite.plan_version import plan_version
+from multisite.rucio_backend import RucioBackend
 from multisite.status import campaign_status
 
-from .conftest import BIN, REPO, demo_config, snakemake
+from .conftest import BIN, JOINING_RSES, REPO, RSES, demo_config, rucio_config, snakemake
 
 
 def _raws_at(campaign, site: str) -> list[tuple[int, int]]:
@@ -39,17 +41,37 @@ def _raws_at(campaign, site: str) -> list[tuple[int, int]]:
     return sorted((ref.dataId["exposure"], ref.dataId["detector"]) for ref in found)
 
 
-@pytest.fixture(scope="module")
-def campaign_dir(tmp_path_factory) -> Path:
-    """Return the demo with one unit a step1 chunk, and cam: a fifth site (own repository, lancs's cores)."""
-    directory = tmp_path_factory.mktemp("per_chunk")
-    path = demo_config(directory)
+def _one_unit_a_chunk_and_cam(path: Path, cam: dict) -> Path:
+    """Give the demo config at ``path`` one unit a step1 chunk, and cam: a fifth site, with lancs's cores."""
     config = yaml.safe_load(path.read_text())
     config["stages"][0]["units_per_chunk"] = 1
-    repo = str(directory / "work" / "sites" / "cam" / "repo")
-    config["sites"]["cam"] = {"role": "remote", "repo": repo, "create_repo": True, "bps": {}, "cores": 1000}
+    config["sites"]["cam"] = {"role": "remote", "create_repo": True, "bps": {}, "cores": 1000, **cam}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return directory
+    return path.parent
+
+
+@pytest.fixture(scope="module")
+def campaign_dir(tmp_path_factory) -> Path:
+    """Return the demo (butler backend) with one unit a step1 chunk, and cam (own repository)."""
+    directory = tmp_path_factory.mktemp("per_chunk")
+    return _one_unit_a_chunk_and_cam(
+        demo_config(directory), {"repo": str(directory / "work" / "sites" / "cam" / "repo")}
+    )
+
+
+@pytest.fixture(scope="module")
+def rucio_campaign_dir(local_rucio, tmp_path_factory) -> Path:
+    """Return the same campaign through the test Rucio, in its own scope; cam has its own RSE."""
+    rucio, storage = local_rucio
+    directory = tmp_path_factory.mktemp("per_chunk_rucio")
+    scope = "move"
+    path = rucio_config(directory, rucio, storage, scope=scope)
+    config = yaml.safe_load(path.read_text())
+    config["transfer"]["rucio"]["rses"] |= JOINING_RSES
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    usdf_registry = config["sites"]["usdf"]["registry"]
+    registry = dict(usdf_registry, namespace=usdf_registry["namespace"].removesuffix("usdf") + "cam")
+    return _one_unit_a_chunk_and_cam(path, {"repo": str(storage / "cam" / scope), "registry": registry})
 
 
 def test_a_step1_chunk_runs_and_sends_its_fanin_before_the_other_chunks_raws_arrive(campaign_dir):
@@ -111,10 +133,14 @@ def _multisite(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.parametrize("backend", ["butler", "rucio"])
 def test_a_site_drained_in_the_middle_of_its_step1_onto_a_new_site_and_another_ends_like_the_reference(
-    campaign_dir,
+    backend, request
 ):
     """Drained in the middle of its step1, ral's units go to cam, a fifth site, and to lancs.
+
+    Through either backend: with Rucio, cam's pieces are new datasets and rules to its
+    own RSE, and no name ral used is used again.
 
     ral ran both its step1 chunks and sent nothing (a site that goes down). cam is a
     new site block (its own repository, as many cores as lancs) and nothing else: the
@@ -122,10 +148,10 @@ def test_a_site_drained_in_the_middle_of_its_step1_onto_a_new_site_and_another_e
     chunks (their RUNs out of every chain ral sends from), sends their raws from USDF,
     and the campaign's QA passes against the single-site reference, with the raws ral
     received left as they were and no dataset twice at USDF. Moving a unit once
-    delivered then changes nothing. With one instance a move reads only the work
-    directory's markers, whichever the backend: the same drain between site instances,
-    through Rucio and the butler backend, is test_instances'.
+    delivered then changes nothing. The same drain between site instances, through
+    Rucio, is test_instances'.
     """
+    campaign_dir = request.getfixturevalue({"butler": "campaign_dir", "rucio": "rucio_campaign_dir"}[backend])
     path = campaign_dir / "config.yaml"
     campaign = load_campaign(path)
     layout = campaign.layout
@@ -174,6 +200,8 @@ def test_a_site_drained_in_the_middle_of_its_step1_onto_a_new_site_and_another_e
     assert (cells[("step1", "t0p2")].site, cells[("step1", "t0p2")].state) == ("cam", "done")
     assert (cells[("step1", "t0p5")].site, cells[("step1", "t0p5")].state) == ("lancs", "done")
     assert not any(cell.site == "ral" for cell in cells.values())
+    if backend == "rucio":
+        _check_rucio_after_the_drain(campaign)
 
     # Once delivered, a unit moved stays where it ran: nothing written, nothing to do.
     table = (campaign_dir / "units.tsv").read_text()
@@ -182,6 +210,26 @@ def test_a_site_drained_in_the_middle_of_its_step1_onto_a_new_site_and_another_e
     assert (campaign_dir / "units.tsv").read_text() == table
     idle = snakemake(campaign_dir, "-n")
     assert "Nothing to be done" in idle.stdout + idle.stderr
+
+
+def _check_rucio_after_the_drain(campaign) -> None:
+    """Check that the moved units' pieces are datasets of their own, to their new sites' RSEs."""
+    client = RucioBackend(campaign.name, campaign.rucio).client
+    scope = campaign.rucio["scope"]
+    containers = sorted(client.list_dids(scope, {"name": "multisite.demo.*.*"}, did_type="container"))
+    rules = {name: list(client.list_did_rules(scope, name)) for name in containers}
+    (to_cam,) = rules["multisite.demo.raws.cam.t0p2"]
+    assert to_cam["rse_expression"] == JOINING_RSES["cam"] and to_cam["state"] == "OK"
+    (to_lancs,) = rules["multisite.demo.raws.lancs.t0p5"]
+    assert to_lancs["rse_expression"] == RSES["lancs"] and to_lancs["state"] == "OK"
+    # The raws ral received stay where they arrived, their datasets and rules untouched.
+    for unit in ("t0p2", "t0p5"):
+        (to_ral,) = rules[f"multisite.demo.raws.ral.{unit}"]
+        assert to_ral["rse_expression"] == RSES["ral"]
+    assert not [name for name in rules if name.split(".")[2] != "raws" and ".ral." in name]
+    for name in ("fanin_step2.cam.t0p2", "final.cam.t0p2", "fanin_step2.lancs.t0p5", "final.lancs.t0p5"):
+        assert f"multisite.demo.{name}" in rules
+    assert all(len(found) <= 1 for found in rules.values()), {n: len(r) for n, r in rules.items()}
 
 
 def test_chunks_per_handoff_coarsens_the_pieces(tmp_path):
