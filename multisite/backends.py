@@ -350,10 +350,10 @@ class ButlerBackend(TransferBackend):
     def begun_pieces(self, source: Site, handoff: str, site: str) -> set[str]:
         """Return the pieces with a file or zip directory in the source's export area."""
         root = _sent_root(source)
-        folder = root / handoff_file_name(self.campaign, handoff, f"/{site}") if root else None
-        if folder is None or not folder.is_dir():
+        if root is None:
             return set()
-        return {_PIECE_FILE.sub("", entry.name) for entry in folder.iterdir()}
+        folder = root / handoff_file_name(self.campaign, handoff, f"/{site}")
+        return {_PIECE_FILE.sub("", entry.name) for entry in folder.iterdir()} if folder.is_dir() else set()
 
     def receive(self, source: Site, destination: Site, label: str) -> tuple[dict[str, Any], list[str]]:
         root = datastore_root(open_butler(source.repo))

@@ -64,7 +64,7 @@ from .butler_utils import collection_exists, ensure_in_chain, open_butler, repo_
 from .config import Campaign, shell_unsafe
 from .errors import CampaignConfigError, HandoffError, StageFailed
 from .flow import stage_chunks, stage_dependencies
-from .markers import provenance, read_marker
+from .markers import provenance, read_marker, read_marker_if_written
 from .pipeline import PipelineFlow
 from .placement import chunk_data_ids, units_query
 
@@ -646,7 +646,7 @@ def _bytes_per_dataset(campaign: Campaign, stage: str) -> dict[str, float]:
     for runner in campaign.stage_sites(campaign.stage(stage)):
         for chunk in stage_chunks(campaign, runner.name, campaign.stage(stage)):
             path = campaign.layout.chunk_marker(runner.name, stage, chunk)
-            marker = read_marker(path) if path.exists() else {}
+            marker = read_marker_if_written(path)
             for name, nbytes in marker.get("output_bytes", {}).items():
                 if count := marker["datasets"].get(name, 0):
                     totals = sums.setdefault(name, [0.0, 0])

@@ -7,7 +7,7 @@ the product's provenance.
 
 from __future__ import annotations
 
-__all__ = ("read_marker", "write_marker", "provenance")
+__all__ = ("read_marker", "read_marker_if_written", "write_marker", "provenance")
 
 import getpass
 import json
@@ -76,3 +76,8 @@ def write_marker(path: str | Path, content: dict[str, Any]) -> None:
 def read_marker(path: str | Path) -> dict[str, Any]:
     """Read a marker written by `write_marker`."""
     return json.loads(Path(path).read_text())
+
+
+def read_marker_if_written(path: str | Path) -> dict[str, Any]:
+    """Read a marker, or return an empty one when it has not been written yet."""
+    return read_marker(path) if Path(path).is_file() else {}

@@ -57,7 +57,7 @@ from .flow import HandoffPiece, stage_chunks, workflow_pieces
 from .handoff import make_backend
 from .layout import Layout
 from .lock import InstanceHold
-from .markers import read_marker, write_marker
+from .markers import read_marker, read_marker_if_written, write_marker
 from .metadata import read_placement_share, read_plan_record
 from .placement import SiteSelection, compute_placement, read_placement, write_plan
 from .plan_channel import in_backend, newest_published_plan, plan_label, publish_plan, receive_plan
@@ -511,7 +511,7 @@ def apply_move(move: Move, adopted: str | None = None) -> None:
     for site, stage, chunk in move.remade:
         layout.submit_yaml(site, stage, chunk).unlink(missing_ok=True)
     _write_units_table(move)
-    marker = read_marker(layout.placement_marker) if layout.placement_marker.is_file() else {}
+    marker = read_marker_if_written(layout.placement_marker)
     record = write_plan(
         move.after,
         move.placement,

@@ -16,11 +16,11 @@ __all__ = ("check_plan_unchanged", "plan_record", "plan_version", "recorded_plan
 import dataclasses
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 from .config import Campaign, Unit
 from .errors import CampaignConfigError, PlanChangedError
+from .markers import read_marker_if_written
 
 
 def _shape(campaign: Campaign) -> dict[str, Any]:
@@ -118,9 +118,7 @@ def check_plan_unchanged(campaign: Campaign, source: str = "config") -> None:
             ],
         )
     marker = campaign.layout.placement_marker
-    if not marker.is_file():
-        return
-    recorded = json.loads(Path(marker).read_text()).get("plan")
+    recorded = read_marker_if_written(marker).get("plan")
     if recorded is None:
         return
     current = _shape(campaign)
@@ -137,8 +135,7 @@ def recorded_plan(campaign: Campaign) -> Campaign | None:
     to move units). `None` when there is no recorded plan, or when the table has other
     units or cells, or another field differs: that is no move.
     """
-    marker = campaign.layout.placement_marker
-    recorded = json.loads(Path(marker).read_text()).get("plan") if marker.is_file() else None
+    recorded = read_marker_if_written(campaign.layout.placement_marker).get("plan")
     if recorded is None:
         return None
     units = recorded_units(recorded)

@@ -21,7 +21,7 @@ from .events import Event, read_events
 from .flow import CENTRAL_CHUNK, HandoffPiece, stage_chunks, stage_dependencies
 from .layout import Layout
 from .lock import Owner, stale_heartbeat
-from .markers import read_marker
+from .markers import read_marker, read_marker_if_written
 from .metadata import carried_events
 from .states import LIVE_EVENT_KINDS, STATE_OF_EVENT, EventKind, StepState
 from .targets import Targets
@@ -95,7 +95,7 @@ def _carried_done(layout: Layout, latest: dict[tuple[str, str], Event]) -> dict[
     This work directory's own steps are done by their markers only.
     """
     own = {path.stem for path in layout.events.glob("*.jsonl")}
-    moves = read_marker(layout.placement_marker).get("moves", []) if layout.placement_marker.is_file() else []
+    moves = read_marker_if_written(layout.placement_marker).get("moves", [])
     remade = {Layout.chunk_step(*chunk): move["at"] for move in moves for chunk in move.get("remade", [])}
     return {
         (step, site): event
