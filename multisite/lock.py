@@ -30,6 +30,7 @@ __all__ = (
     "InstanceHold",
     "Owner",
     "StaleHeartbeat",
+    "live_steps",
     "stale_heartbeat",
     "write_heartbeat",
 )
@@ -439,3 +440,33 @@ def stale_heartbeat(path: Path, now: float | None = None) -> StaleHeartbeat | No
             f"(one every {interval:g} s expected)",
         )
     return None
+
+
+def live_steps(heartbeats: Path, now: float | None = None) -> list[tuple[str, Owner]]:
+    """Return the steps under ``heartbeats`` whose heartbeat says they still run, with their processes.
+
+    A batch job (Slurm, HTCondor) goes on after the Snakemake that submitted it was
+    killed, and its heartbeat with it, until the job ends or falls silent
+    (`stale_heartbeat`).
+
+    Parameters
+    ----------
+    heartbeats : `pathlib.Path`
+        A work directory's heartbeat files (`~multisite.layout.Layout.heartbeats`).
+    now : `float`, optional
+        POSIX time to judge at (default now).
+
+    Returns
+    -------
+    steps : `list` [`tuple` [`str`, `Owner`]]
+        Each live step as ``<instance>/<step file>``, and its process.
+    """
+    live = []
+    for path in sorted(heartbeats.glob("*/*")):
+        try:
+            owner = Owner.from_mapping(_read_json(path.read_text()))
+        except (OSError, UnicodeDecodeError):
+            continue  # ended while listed, or not a heartbeat
+        if owner is not None and stale_heartbeat(path, now) is None:
+            live.append((f"{path.parent.name}/{path.name}", owner))
+    return live

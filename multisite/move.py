@@ -56,7 +56,7 @@ from .errors import CampaignConfigError
 from .flow import HandoffPiece, stage_chunks, workflow_pieces
 from .handoff import make_backend
 from .layout import Layout
-from .lock import InstanceHold
+from .lock import InstanceHold, live_steps
 from .markers import read_marker, read_marker_if_written, write_marker
 from .metadata import read_placement_share, read_plan_record
 from .placement import SiteSelection, compute_placement, read_placement, write_plan
@@ -564,8 +564,9 @@ def move_units(
     ------
     MoveRefused
         Raised, with nothing written, for a campaign with no plan yet or at a site
-        instance other than the central site's, a running workflow, unknown units or
-        sites, or a move that would change work that has begun.
+        instance other than the central site's, a running workflow or job (a live
+        heartbeat), unknown units or sites, or a move that would change work that has
+        begun.
     PlanChangedError
         Raised when the units table has other units or cells than the recorded plan
         (one that differs only in its units' sites is rewritten from the plan).
@@ -625,6 +626,7 @@ def move_units(
     hold = InstanceHold(layout.instance_lock, config)
     hold.acquire("move")  # a running workflow holds it: refused
     try:
+        _refuse_while_steps_run(layout, config)
         move = plan_move(campaign, destinations, placement, place, stays, sent)
         move = dataclasses.replace(move, notes=notes)
         if not dry_run:
@@ -636,6 +638,22 @@ def move_units(
     finally:
         hold.release()
     return move
+
+
+def _refuse_while_steps_run(layout: Layout, where: str) -> None:
+    """Refuse to change the plan while a job of the work directory runs, its workflow gone or not.
+
+    A batch job outlives the Snakemake that submitted it: a chunk retired under it
+    would go on writing into its RUN, and its marker would come back for the chunk's
+    new form.
+    """
+    if live := live_steps(layout.heartbeats):
+        raise MoveRefused(
+            f"{where}: jobs of {layout.workdir} still run, their heartbeats fresh (a batch job goes on "
+            "after the workflow that submitted it was killed): "
+            + "; ".join(f"heartbeats/{step}: {owner}" for step, owner in live)
+            + ". Wait for them to end, or cancel them (scancel, condor_rm), then move again."
+        )
 
 
 def adopt_published_plan(campaign: Campaign) -> Move | None:
@@ -656,7 +674,8 @@ def adopt_published_plan(campaign: Campaign) -> Move | None:
     ------
     MoveRefused
         Raised when a piece this site has begun to send would change (the central
-        site moved units whose data had left this site), naming it.
+        site moved units whose data had left this site), naming it, or while a job
+        of this instance still runs (a live heartbeat).
     CampaignConfigError
         Raised when the published plan and this instance's config differ in more
         than their units' sites and order.
@@ -670,6 +689,7 @@ def adopt_published_plan(campaign: Campaign) -> Move | None:
     if newest is None or newest[1] == plan_version(before):
         return None
     piece, version = newest
+    _refuse_while_steps_run(campaign.layout, f"instance {site}")
     if not campaign.layout.repo_marker(site).exists():
         prepare_repo(campaign, site)  # an instance that had not begun: the plan arrives in its repository
     receive_plan(campaign, piece, backend)

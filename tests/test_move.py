@@ -18,8 +18,11 @@ import yaml
 from lsst.daf.butler import Butler
 
 from multisite.butler_utils import collection_exists, ensure_in_chain
+from multisite.cli import main
 from multisite.config import load_campaign
 from multisite.errors import CampaignConfigError, PlanChangedError
+from multisite.layout import step_id
+from multisite.lock import HEARTBEAT_MISSES, Owner, live_steps, write_heartbeat
 from multisite.markers import read_marker, write_marker
 from multisite.move import (
     MoveRefused,
@@ -318,3 +321,29 @@ def test_a_move_is_made_at_the_central_sites_instance_only(tmp_path):
     (layout.markers / "sent").mkdir()
     with pytest.raises(MoveRefused, match='add "instance": "<this instance\'s site>" to it'):
         move_units(campaign, "usdf.yaml", from_site="ral", to=["lancs"])
+
+
+def test_a_move_waits_for_jobs_that_outlived_their_workflow(tmp_path, capsys, monkeypatch):
+    """A batch job goes on after its Snakemake was killed: its live heartbeat refuses the move."""
+    campaign = _campaign(tmp_path)
+    _planned(campaign)
+    layout = campaign.layout
+    table = campaign.units_table.read_text()
+    heartbeat = layout.heartbeat(
+        "all", step_id("run_stage", {"site": "ral", "stage": "step1", "chunk": "c0000"})
+    )
+    job = Owner.this_process("all")  # alive, like a job still running on a batch node
+    write_heartbeat(heartbeat, job, 30)
+    monkeypatch.chdir(tmp_path)
+    assert main(["move", "config.yaml", "--unit", "t0p5", "--to", "lancs"]) == 1
+    refused = capsys.readouterr().err
+    assert refused.startswith("Nothing was moved: config.yaml: jobs of ") and "scancel, condor_rm" in refused
+    assert f"heartbeats/all/run_stage.ral.step1.c0000: process {job.pid} on {job.host}" in refused
+    assert campaign.units_table.read_text() == table
+    assert read_marker(layout.placement_marker)["plan_version"] == plan_version(campaign)
+
+    # Silent for longer than its beats allow, or its process gone: no longer running.
+    assert [step for step, _ in live_steps(layout.heartbeats)] == ["all/run_stage.ral.step1.c0000"]
+    assert not live_steps(layout.heartbeats, now=heartbeat.stat().st_mtime + 30 * (HEARTBEAT_MISSES + 1))
+    write_heartbeat(heartbeat, dataclasses.replace(job, pid=job.pid + 1_000_000), 30)
+    assert not live_steps(layout.heartbeats)
