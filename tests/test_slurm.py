@@ -9,15 +9,21 @@ missing piece fails loudly, it is never skipped. Snakemake runs with the profile
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import socket
+import subprocess
+import time
 from collections import Counter
 
 import pytest
 import yaml
 
+from multisite.config import load_campaign
+from multisite.layout import step_id
 from tests import slurm_harness
-from tests.conftest import REPO, demo_config, scheduled_jobs, snakemake
+from tests.conftest import BIN, REPO, demo_config, scheduled_jobs, snakemake, snakemake_command
 
 PROFILE = REPO / "tests" / "profiles" / "slurm"
 
@@ -98,3 +104,47 @@ def test_non_local_rules_run_as_slurm_jobs(slurm, slurm_run):
     assert dict(line.split() for line in queue.splitlines()) == dict.fromkeys(
         submitted.values(), "COMPLETED"
     ), queue
+
+
+def test_a_move_waits_for_a_slurm_job_that_outlived_its_killed_workflow(slurm, slurm_run):
+    """Killed while ral's input check runs in Slurm: the job goes on, and a move is refused until it ends.
+
+    The job is suspended once the workflow is killed, so it is still there when the move
+    looks (its heartbeat, written every 30 s, stays fresh for three of them).
+    """
+    directory, _, _ = slurm_run
+    config = directory / "config.yaml"
+    layout = load_campaign(config).layout
+    heartbeat = layout.heartbeat("all", step_id("verify_inputs", {"site": "ral", "piece": "c0000"}))
+    target = layout.inputs_marker("ral", "c0000").relative_to(directory)
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    workflow = subprocess.Popen(
+        snakemake_command(directory, "--profile", str(PROFILE), "--force", str(target)),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not heartbeat.exists():
+        assert workflow.poll() is None and time.monotonic() < deadline, "ral's input check never started"
+        time.sleep(0.1)
+    os.killpg(workflow.pid, signal.SIGKILL)
+    workflow.wait()
+    queue = slurm.run("squeue", "--noheader", "--states=RUNNING", "--format", "%i %k").stdout
+    (job,) = [line.split()[0] for line in queue.splitlines() if "rule_verify_inputs" in line]
+    slurm.run("scontrol", "suspend", job)
+
+    def move() -> subprocess.CompletedProcess:
+        command = [str(BIN / "multisite"), "move", str(config), "--unit", "t0p2", "--to", "lancs"]
+        return subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+
+    refused = move()
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert f"heartbeats/all/{heartbeat.name}: process " in refused.stderr and "scancel" in refused.stderr
+    slurm.run("scancel", job)
+    while slurm.job(job)["JobState"] != "CANCELLED":
+        assert time.monotonic() < deadline, slurm.job(job)
+        time.sleep(0.5)
+    moved = move()
+    assert moved.returncode == 0 and "move  t0p2: ral -> lancs" in moved.stdout, moved.stdout + moved.stderr
