@@ -643,9 +643,9 @@ def move_units(
 def _refuse_while_steps_run(layout: Layout, where: str) -> None:
     """Refuse to change the plan while a job of the work directory runs, its workflow gone or not.
 
-    A batch job outlives the Snakemake that submitted it: a chunk retired under it
-    would go on writing into its RUN, and its marker would come back for the chunk's
-    new form.
+    The batch job of a rule that is not local (a hand-off, an input check) outlives
+    the Snakemake that submitted it, and would end by writing its marker under the
+    new plan. (A stage's BPS workflow is not such a job: its rule is local.)
     """
     if live := live_steps(layout.heartbeats):
         raise MoveRefused(
