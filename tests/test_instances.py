@@ -39,6 +39,8 @@ from lsst.daf.butler import Butler
 from multisite.config import load_campaign
 from multisite.demo.tasks import FAILURE_ENV
 from multisite.handoff import make_backend
+from multisite.layout import step_id
+from multisite.lock import Owner, write_heartbeat
 from multisite.markers import read_marker
 from multisite.plan_version import plan_version
 from multisite.rucio_backend import RucioBackend
@@ -483,7 +485,8 @@ def test_a_site_drained_in_the_middle_of_its_step1_onto_a_new_site_and_another_b
     received: the move sees it in the backend (a move of t0p2 is refused, naming it),
     and the drain keeps t0p2 at ral and moves t0p4 (not begun) and t0p5 (done, not sent)
     to cam and lancs, and publishes the plan. ral's instance, started before the move,
-    refuses to send t0p5's fan-in; started again, each site's instance adopts the plan
+    refuses to send t0p5's fan-in; while a job of it still runs (its heartbeat fresh), it
+    does not adopt the plan either; started again, each site's instance adopts the plan
     (ral retires its t0p5 chunk, cam's first start creates its repository) and stops,
     and the campaign then ends with the QA equal to the single-site reference, nothing
     ral sent redone and no dataset twice at USDF. Moving the delivered t0p2 then changes
@@ -541,6 +544,18 @@ def test_a_site_drained_in_the_middle_of_its_step1_onto_a_new_site_and_another_b
     central = load_campaign(configs["usdf"])
     transfers = make_backend(central)
     assert transfers.begun_pieces(central.sites["ral"], "fanin_step2", "ral") == {"t0p2"}
+    units_before = (configs["ral"].parent / "units.tsv").read_text()
+
+    # A job of ral's killed instance still running in its batch system (its heartbeat, this
+    # process's): ral's instance does not adopt the plan under it, and says so.
+    job = layout["ral"].heartbeat("ral", step_id("verify_inputs", {"site": "ral", "piece": "t0p5"}))
+    write_heartbeat(job, Owner.this_process("ral"), 30)
+    refused = subprocess.run([*command("ral", configs["ral"])], capture_output=True, text=True, env=ENV)
+    assert refused.returncode == 1, refused.stdout[-3000:]
+    assert f"jobs of {layout['ral'].workdir} still run" in refused.stdout + refused.stderr
+    assert "heartbeats/ral/verify_inputs.ral.t0p5: process" in refused.stdout + refused.stderr
+    assert (configs["ral"].parent / "units.tsv").read_text() == units_before
+    job.unlink()  # the job ended
 
     # Started again, each instance adopts the plan and stops; then the campaign runs to its end.
     processes = {site: start(site, configs[site]) for site in sites}
