@@ -74,9 +74,9 @@ def instance_configs(
 
     Rucio datasets hold at most `MAX_FILES` files, so the larger hand-offs take several,
     and an instance's config names only its own repository: the other sites' are paths
-    that lead nowhere. ``joining`` sites (their RSEs
-    in ``JOINING_RSES``) are config blocks with lancs's cores and no units, each with an
-    instance and a profile of its own (lancs's, its site changed).
+    that lead nowhere. ``joining`` sites (their RSEs in ``JOINING_RSES``) are config
+    blocks with lancs's cores and no units, each with an instance and a profile of its
+    own (lancs's, its site changed).
     """
     template = yaml.safe_load(
         rucio_config(base, rucio, storage, max_files_per_dataset=MAX_FILES, scope=scope, **poll).read_text()
@@ -550,7 +550,7 @@ def test_a_site_drained_in_the_middle_of_its_step1_onto_a_new_site_and_another_b
     # process's): ral's instance does not adopt the plan under it, and says so.
     job = layout["ral"].heartbeat("ral", step_id("verify_inputs", {"site": "ral", "piece": "t0p5"}))
     write_heartbeat(job, Owner.this_process("ral"), 30)
-    refused = subprocess.run([*command("ral", configs["ral"])], capture_output=True, text=True, env=ENV)
+    refused = subprocess.run(command("ral", configs["ral"]), capture_output=True, text=True, env=ENV)
     assert refused.returncode == 1, refused.stdout[-3000:]
     assert f"jobs of {layout['ral'].workdir} still run" in refused.stdout + refused.stderr
     assert "heartbeats/ral/verify_inputs.ral.t0p5: process" in refused.stdout + refused.stderr
